@@ -1,0 +1,138 @@
+"""HF safetensors checkpoint -> stacked, sharded params. The name map of each family lives here."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Mapping
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from jaxcrit.convert.safetensors_io import Checkpoint
+from jaxcrit.errors import JaxcritError
+from jaxcrit.models.config import ModelConfig, from_hf_config
+from jaxcrit.models.params import param_table
+from jaxcrit.sharding import DEFAULT_RULES, make_mesh, named
+
+LAYER = "model.layers.{i}."
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+class Source:
+    """Where one param comes from: a HF tensor (per layer for stacked params), optionally a row
+    range of a fused tensor, transposed to [in, out] for kernels."""
+
+    def __init__(self, key: str, transpose: bool = False, rows: tuple[int, int] | None = None,
+                 fused_rows: int | None = None):
+        self.key, self.transpose, self.rows, self.fused_rows = key, transpose, rows, fused_rows
+
+    def take(self, t: np.ndarray) -> np.ndarray:
+        if self.rows is not None:
+            t = t[self.rows[0]:self.rows[1]]
+        return t.T if self.transpose else t
+
+    def raw_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """HF shape implied by config.json for a param slice of this shape."""
+        raw = shape[::-1] if self.transpose else shape
+        return (self.fused_rows, *raw[1:]) if self.fused_rows else tuple(raw)
+
+
+def name_map(cfg: ModelConfig) -> dict[str, Source]:
+    """param name -> Source, for every param of the table."""
+    Q, KV, F = cfg.q_dim, cfg.kv_dim, cfg.d_ff
+    m = {
+        "embed": Source("model.embed_tokens.weight"),
+        "final_norm": Source("model.norm.weight"),
+        "lm_head": Source("lm_head.weight"),
+        "input_norm": Source(LAYER + "input_layernorm.weight"),
+        "post_norm": Source(LAYER + "post_attention_layernorm.weight"),
+        "o_w": Source(LAYER + "self_attn.o_proj.weight", True),
+        "down_w": Source(LAYER + "mlp.down_proj.weight", True),
+        "q_b": Source(LAYER + "self_attn.q_proj.bias"),
+        "k_b": Source(LAYER + "self_attn.k_proj.bias"),
+        "v_b": Source(LAYER + "self_attn.v_proj.bias"),
+        "o_b": Source(LAYER + "self_attn.o_proj.bias"),
+        "q_norm": Source(LAYER + "self_attn.q_norm.weight"),
+        "k_norm": Source(LAYER + "self_attn.k_norm.weight"),
+    }
+    if cfg.family.fused:
+        qkv, gu = LAYER + "self_attn.qkv_proj.weight", LAYER + "mlp.gate_up_proj.weight"
+        m |= {
+            "q_w": Source(qkv, True, (0, Q), Q + 2 * KV),
+            "k_w": Source(qkv, True, (Q, Q + KV), Q + 2 * KV),
+            "v_w": Source(qkv, True, (Q + KV, Q + 2 * KV), Q + 2 * KV),
+            "gate_w": Source(gu, True, (0, F), 2 * F),
+            "up_w": Source(gu, True, (F, 2 * F), 2 * F),
+        }
+    else:
+        m |= {n + "_w": Source(LAYER + f"{mod}.{n}_proj.weight", True)
+              for n, mod in [("q", "self_attn"), ("k", "self_attn"), ("v", "self_attn"),
+                             ("gate", "mlp"), ("up", "mlp")]}
+    return {k: m[k] for k in param_table(cfg)}
+
+
+def read_config(directory: Path) -> ModelConfig:
+    d = Path(directory)
+    if not d.is_dir():
+        raise JaxcritError(f"{d}: no such checkpoint directory")
+    p = d / "config.json"
+    if not p.exists():
+        raise JaxcritError(f"{p}: missing; a Hugging Face checkpoint dir holds config.json and *.safetensors")
+    try:
+        raw = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise JaxcritError(f"{p}: not valid JSON ({e})") from None
+    return from_hf_config(raw, str(p))
+
+
+def place(cfg: ModelConfig, read: Mapping[str, callable], mesh: Mesh, rules, dtype) -> dict[str, jax.Array]:
+    """Builds every param of the table straight onto its devices.
+
+    read[name](layers) returns that param's host slab for the given layer indices (None for
+    unstacked params); each shard's callback reads only what that shard holds.
+    """
+    out = {}
+    for name, (shape, axes) in param_table(cfg).items():
+        stacked = axes[0] == "layers"
+
+        def cb(index, name=name, stacked=stacked):
+            if stacked:
+                layers = range(cfg.n_layers)[index[0]]
+                slab = np.stack([read[name](i)[index[1:]] for i in layers])
+            else:
+                slab = read[name](None)[index]
+            return np.ascontiguousarray(slab.astype(dtype))
+
+        out[name] = jax.make_array_from_callback(shape, named(axes, shape, mesh, rules), cb)
+    return out
+
+
+def load_hf(directory: str | Path, dtype=np.float32, mesh: Mesh | None = None,
+            rules=DEFAULT_RULES) -> tuple[ModelConfig, dict[str, jax.Array]]:
+    """Reads a HF checkpoint dir into (ModelConfig, params), params placed on `mesh`."""
+    d = Path(directory)
+    cfg = read_config(d)
+    ckpt = Checkpoint(d)
+    table, sources = param_table(cfg), name_map(cfg)
+    used = set()
+    for name, (shape, axes) in table.items():
+        src = sources[name]
+        per = shape[1:] if axes[0] == "layers" else shape
+        keys = [src.key.format(i=i) for i in range(cfg.n_layers)] if axes[0] == "layers" else [src.key]
+        for k in keys:
+            if k not in ckpt.where:
+                raise JaxcritError(f"{d}: tensor {k} is missing; the checkpoint does not match its "
+                                   f"config.json (model_type {cfg.model_type})")
+            if ckpt.shape(k) != src.raw_shape(per):
+                raise JaxcritError(f"{d}: tensor {k} has shape {ckpt.shape(k)} but config.json implies "
+                                   f"{src.raw_shape(per)}; the checkpoint and config.json disagree")
+        used.update(keys)
+    extra = sorted(k for k in ckpt.names() - used
+                   if not k.endswith(IGNORED_SUFFIXES) and not (k == "lm_head.weight" and cfg.tie_embeddings))
+    if extra:
+        raise JaxcritError(f"{d}: {len(extra)} checkpoint tensors have no place in a {cfg.model_type} model "
+                           f"(e.g. {', '.join(extra[:3])}); is model_type right?")
+    read = {name: (lambda i, s=sources[name]: s.take(ckpt.read(s.key.format(i=i))))
+            for name in table}
+    return cfg, place(cfg, read, mesh or make_mesh(), rules, dtype)

@@ -1,0 +1,238 @@
+"""The decoder: one pure forward for every family, plus the Flax NNX module that holds params.
+
+Perturbations are data: `masks[site]` is a [layers, channels] array multiplied into that site's
+output at every position (0 ablates), `values[site]` is added after it (mean-ablation style).
+Absent sites cost nothing. The forward is a function of arrays only, so `jax.vmap` over a batch
+of masks runs thousands of ablations in one XLA program.
+"""
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxcrit.models.config import ModelConfig, rope_inv_freq
+from jaxcrit.models.params import param_table
+
+Array = jax.Array
+Params = Mapping[str, Array]
+SiteArrays = Mapping[str, Array]
+
+RESID = "resid"  # capture key of the residual stream entering each layer [L, B, T, D]
+
+
+def rms_norm(x: Array, w: Array, eps: float, plus_one: bool) -> Array:
+    """RMSNorm in f32, cast back as transformers does (Gemma scales by 1 + w before the cast)."""
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    if plus_one:
+        return (xf * (1.0 + w.astype(jnp.float32))).astype(x.dtype)
+    return w * xf.astype(x.dtype)
+
+
+def _act(name: str, x: Array) -> Array:
+    if name == "gelu_tanh":
+        return jax.nn.gelu(x, approximate=True)
+    return jax.nn.silu(x)
+
+
+def rope_tables(cfg: ModelConfig, seq_len: int) -> tuple[Array, Array]:
+    """cos, sin [seq, head_dim] in f32, rotate-half layout."""
+    inv, scale = rope_inv_freq(cfg, seq_len)
+    ang = jnp.arange(seq_len, dtype=jnp.float32)[:, None] * jnp.asarray(inv)[None, :]
+    ang = jnp.concatenate([ang, ang], axis=-1)
+    return jnp.cos(ang) * scale, jnp.sin(ang) * scale
+
+
+def _rotate(x: Array, cos: Array, sin: Array) -> Array:
+    """x [B, T, H, hd]; rotate-half RoPE computed in x's dtype as transformers does."""
+    half = x.shape[-1] // 2
+    rot = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    c, s = cos[None, :, None, :].astype(x.dtype), sin[None, :, None, :].astype(x.dtype)
+    return x * c + rot * s
+
+
+def _edit(out: Array, name: str, masks: SiteArrays | None, values: SiteArrays | None) -> Array:
+    if masks is not None and name in masks:
+        out = out * masks[name].astype(out.dtype)
+    if values is not None and name in values:
+        out = out + values[name].astype(out.dtype)
+    return out
+
+
+def attention_bias(cfg: ModelConfig, valid: Array) -> Array:
+    """Additive mask [B, 1, 1, T, T]: causal, key padding, sliding window."""
+    T = valid.shape[1]
+    i = jnp.arange(T)[:, None]
+    j = jnp.arange(T)[None, :]
+    ok = j <= i
+    if cfg.sliding_window:
+        ok = ok & (i - j < cfg.sliding_window)
+    ok = ok[None] & valid[:, None, :]
+    return jnp.where(ok, 0.0, -jnp.inf)[:, None, None].astype(jnp.float32)
+
+
+def block(cfg: ModelConfig, p: Params, h: Array, bias: Array, cos: Array, sin: Array,
+          masks: SiteArrays | None, values: SiteArrays | None) -> tuple[Array, dict[str, Array]]:
+    """One decoder layer. p holds this layer's slice of the stacked params; h [B, T, D]."""
+    fam = cfg.family
+    B, T, _ = h.shape
+    sites: dict[str, Array] = {}
+
+    def site(name: str, out: Array) -> Array:
+        out = _edit(out, name, masks, values)
+        sites[name] = out
+        return out
+
+    x = rms_norm(h, p["input_norm"], cfg.norm_eps, fam.norm_plus_one)
+    q, k, v = x @ p["q_w"], x @ p["k_w"], x @ p["v_w"]
+    if "q_b" in p:
+        q, k, v = q + p["q_b"], k + p["k_b"], v + p["v_b"]
+    q, k, v = site("q_proj", q), site("k_proj", k), site("v_proj", v)
+    hd, KV = cfg.head_dim, cfg.n_kv_heads
+    G = cfg.n_heads // KV
+    q = q.reshape(B, T, cfg.n_heads, hd)
+    k = k.reshape(B, T, KV, hd)
+    v = v.reshape(B, T, KV, hd)
+    if fam.qk_norm:
+        q = rms_norm(q, p["q_norm"], cfg.norm_eps, False)
+        k = rms_norm(k, p["k_norm"], cfg.norm_eps, False)
+    q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+    q = q.reshape(B, T, KV, G, hd)
+    s = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    s = s * (1.0 / math.sqrt(hd)) + bias
+    a = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+    o = jnp.einsum("bkgts,bskd->btkgd", a, v).reshape(B, T, cfg.q_dim)
+    o = o @ p["o_w"]
+    if "o_b" in p:
+        o = o + p["o_b"]
+    h = h + site("o_proj", o)
+    x = site("post_attention_layernorm", rms_norm(h, p["post_norm"], cfg.norm_eps, fam.norm_plus_one))
+    g = site("gate_proj", x @ p["gate_w"])
+    u = site("up_proj", x @ p["up_w"])
+    a = site("act_fn", _act(fam.act, g))
+    d = site("down_proj", (a * u) @ p["down_w"])
+    return h + d, sites
+
+
+def embed(cfg: ModelConfig, params: Params, tokens: Array) -> Array:
+    """Token embeddings E(x) [B, T, D], before any model-internal scaling."""
+    return jnp.take(params["embed"], tokens, axis=0)
+
+
+def forward(cfg: ModelConfig, params: Params, embeds: Array, valid: Array | None = None, *,
+            masks: SiteArrays | None = None, values: SiteArrays | None = None,
+            capture: tuple[str, ...] = (), start: Array | int = 0) -> tuple[Array, dict[str, Array]]:
+    """Runs the layers on input embeddings.
+
+    embeds [B, T, D] are E(x) (noise is added to these); valid [B, T] marks real tokens (right
+    padding). masks/values: site -> [L, C]. capture: site names (and RESID) whose per-layer
+    outputs are returned stacked [L, B, T, C]. start: layers below it are skipped and `embeds`
+    is taken as the residual entering layer `start` (prefix sharing); it may be traced.
+    Returns the final-normed hidden state [B, T, D] and the captures.
+    """
+    B, T, _ = embeds.shape
+    if valid is None:
+        valid = jnp.ones((B, T), bool)
+    h = embeds
+    if cfg.family.embed_scale:
+        scaled = h * jnp.asarray(math.sqrt(cfg.d_model), h.dtype)
+        h = scaled if isinstance(start, int) and start == 0 else jnp.where(start == 0, scaled, h)
+    bias = attention_bias(cfg, valid)
+    cos, sin = rope_tables(cfg, T)
+    layer_p = {k: v for k, v in params.items() if k not in ("embed", "lm_head", "final_norm")}
+    xs = (jnp.arange(cfg.n_layers), layer_p, masks or {}, values or {})
+
+    shared_prefix = not (isinstance(start, int) and start == 0)
+    if shared_prefix and capture:
+        raise ValueError("capture needs start=0")
+
+    def step(h, x):
+        i, p, m, vals = x
+        run = lambda h: block(cfg, p, h, bias, cos, sin, m or None, vals or None)
+        if shared_prefix:
+            return jax.lax.cond(i < start, lambda h: h, lambda h: run(h)[0], h), {}
+        out, sites = run(h)
+        ys = {n: sites[n] for n in capture if n != RESID}
+        if RESID in capture:
+            ys[RESID] = h
+        return out, ys
+
+    h, ys = jax.lax.scan(step, h, xs)
+    h = rms_norm(h, params["final_norm"], cfg.norm_eps, cfg.family.norm_plus_one)
+    return h, ys
+
+
+def unembed(cfg: ModelConfig, params: Params) -> Array:
+    """The output matrix [V, D] (the embedding when tied)."""
+    return params["embed"] if cfg.tie_embeddings else params["lm_head"]
+
+
+def logits(cfg: ModelConfig, params: Params, h: Array) -> Array:
+    """Full logits [B, T, V] in f32: for parity checks and small models, not the engine's path."""
+    return jnp.einsum("btd,vd->btv", h, unembed(cfg, params), preferred_element_type=jnp.float32)
+
+
+def token_nll(cfg: ModelConfig, params: Params, h: Array, targets: Array, chunk: int = 16384) -> Array:
+    """-log p(target) [B, T] in f32, the vocabulary processed in chunks: no [B, T, V] array.
+
+    Online logsumexp over vocab chunks; the last chunk is shifted back to stay in range and its
+    already-counted columns are masked out, so no padded copy of the matrix is made.
+    """
+    W = unembed(cfg, params)
+    V = W.shape[0]
+    c = min(chunk, V)
+    n = -(-V // c)
+    tgt = jnp.einsum("btd,btd->bt", h, jnp.take(W, targets, axis=0), preferred_element_type=jnp.float32)
+
+    def body(carry, i):
+        m, s = carry
+        lo = jnp.minimum(i * c, V - c)
+        w = jax.lax.dynamic_slice_in_dim(W, lo, c, axis=0)
+        z = jnp.einsum("btd,vd->btv", h, w, preferred_element_type=jnp.float32)
+        col = lo + jnp.arange(c)
+        z = jnp.where(col >= i * c, z, -jnp.inf)
+        m2 = jnp.maximum(m, z.max(-1))
+        s = s * jnp.exp(m - m2) + jnp.exp(z - m2[..., None]).sum(-1)
+        return (m2, s), None
+
+    init = (jnp.full(h.shape[:2], -jnp.inf, jnp.float32), jnp.zeros(h.shape[:2], jnp.float32))
+    (m, s), _ = jax.lax.scan(body, init, jnp.arange(n))
+    return m + jnp.log(s) - tgt
+
+
+class Decoder(nnx.Module):
+    """Holds a checkpoint's params as nnx.Params; `params` gives the pytree the pure forward takes."""
+
+    def __init__(self, cfg: ModelConfig, arrays: Mapping[str, Array]):
+        self.cfg = cfg
+        self.names = tuple(sorted(arrays))
+        for k in self.names:
+            setattr(self, k, nnx.Param(arrays[k]))
+
+    @property
+    def params(self) -> dict[str, Array]:
+        return {k: getattr(self, k).value for k in self.names}
+
+    def __call__(self, tokens: Array, valid: Array | None = None) -> Array:
+        """Logits [B, T, V] in f32 of a clean forward."""
+        p = self.params
+        h, _ = forward(self.cfg, p, embed(self.cfg, p, tokens), valid)
+        return logits(self.cfg, p, h)
+
+
+def random_params(cfg: ModelConfig, key: Array, dtype=jnp.float32, scale: float = 0.02) -> dict[str, Array]:
+    """Random params from the table (norm weights near their identity); for tests and benchmarks."""
+    out = {}
+    for i, (name, (shape, _)) in enumerate(sorted(param_table(cfg).items())):
+        k = jax.random.fold_in(key, i)
+        if "norm" in name:
+            base = 0.0 if cfg.family.norm_plus_one else 1.0
+            out[name] = (base + 0.1 * jax.random.normal(k, shape)).astype(dtype)
+        else:
+            out[name] = (scale * jax.random.normal(k, shape)).astype(dtype)
+    return out
+

@@ -1,0 +1,61 @@
+"""Device mesh and the logical-axis -> mesh-axis rules: changing the parallelism is changing a table.
+
+Mesh axes: 'data' (perturbation rows, and params when FSDP is wanted) and 'model' (tensor
+parallel). Model code never names a mesh axis; it names logical axes (see models/sites.py).
+"""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jaxcrit.errors import JaxcritError
+
+# Tensor parallel over 'model', params replicated over 'data'. For models that do not fit one
+# device, map "embed" to "data" as well (FSDP): params are then gathered layer by layer.
+DEFAULT_RULES: dict[str, str | None] = {
+    "layers": None,
+    "vocab": "model",
+    "embed": None,
+    "heads": "model",
+    "kv": "model",
+    "mlp": "model",
+    "norm": None,
+    "rows": "data",
+}
+
+
+def make_mesh(shape: Sequence[int] = (-1, 1), devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A ('data', 'model') mesh over all devices; -1 in shape takes the rest."""
+    devices = list(devices if devices is not None else jax.devices())
+    data, model = shape
+    if data == -1:
+        if len(devices) % model:
+            raise JaxcritError(f"mesh model axis {model} does not divide {len(devices)} devices")
+        data = len(devices) // model
+    if data * model != len(devices):
+        raise JaxcritError(f"mesh {data}x{model} needs {data * model} devices, found {len(devices)}; "
+                           "set mesh_shape to (-1, model)")
+    return Mesh(np.asarray(devices).reshape(data, model), ("data", "model"))
+
+
+def spec(axes: Sequence[str], shape: Sequence[int], mesh: Mesh,
+         rules: Mapping[str, str | None] = DEFAULT_RULES) -> P:
+    """PartitionSpec for an array with these logical axes; a dim the mesh axis does not divide,
+    or a mesh axis already used by an earlier dim, stays replicated."""
+    out, used = [], set()
+    for ax, n in zip(axes, shape):
+        m = rules.get(ax)
+        if m is None or m in used or n % mesh.shape[m]:
+            out.append(None)
+        else:
+            out.append(m)
+            used.add(m)
+    return P(*out)
+
+
+def named(axes: Sequence[str], shape: Sequence[int], mesh: Mesh,
+          rules: Mapping[str, str | None] = DEFAULT_RULES) -> NamedSharding:
+    return NamedSharding(mesh, spec(axes, shape, mesh, rules))

@@ -1,0 +1,38 @@
+"""Tiny random transformers models of every supported family, saved with save_pretrained."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import transformers as tf
+
+COMMON = dict(vocab_size=211, hidden_size=64, intermediate_size=120, num_hidden_layers=3,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+
+CONFIGS = {
+    "llama": lambda: tf.LlamaConfig(**COMMON, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64}, rope_theta=500000.0, tie_word_embeddings=False),
+    "qwen2": lambda: tf.Qwen2Config(**COMMON, rope_theta=1e6, tie_word_embeddings=True),
+    "mistral": lambda: tf.MistralConfig(**COMMON, sliding_window=24, tie_word_embeddings=False),
+    "qwen3": lambda: tf.Qwen3Config(**COMMON, head_dim=24, tie_word_embeddings=True),
+    "gemma": lambda: tf.GemmaConfig(**{**COMMON, "num_key_value_heads": 1}, head_dim=32,
+                                    hidden_activation="gelu_pytorch_tanh"),
+    "phi3": lambda: tf.Phi3Config(**{**COMMON, "num_key_value_heads": 4}, pad_token_id=0,
+                                  rope_scaling={"type": "longrope", "short_factor": [1.0 + 0.1 * i for i in range(8)],
+                                                "long_factor": [2.0 + 0.1 * i for i in range(8)]},
+                                  original_max_position_embeddings=64, tie_word_embeddings=False),
+}
+
+
+def build(arch: str, directory: Path, seed: int = 0):
+    """Saves a random model of `arch` to directory; returns the torch model (f32, eval)."""
+    torch.manual_seed(seed)
+    cfg = CONFIGS[arch]()
+    model = tf.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+    with torch.no_grad():  # make norms and biases non-trivial so their mapping is checked
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(directory)
+    return model
