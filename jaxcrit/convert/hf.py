@@ -1,6 +1,7 @@
 """HF safetensors checkpoint -> stacked, sharded params. The name map of each family lives here."""
 from __future__ import annotations
 
+import gc
 import json
 from pathlib import Path
 from typing import Mapping
@@ -99,12 +100,21 @@ def place(cfg: ModelConfig, read: Mapping[str, callable], mesh: Mesh, rules, dty
         def cb(index, name=name, stacked=stacked):
             if stacked:
                 layers = range(cfg.n_layers)[index[0]]
-                slab = np.stack([read[name](i)[index[1:]] for i in layers])
+                slab = None  # filled layer by layer: one layer's read buffer alive at a time
+                for j, i in enumerate(layers):
+                    part = read[name](i)[index[1:]]
+                    if slab is None:
+                        slab = np.empty((len(layers), *part.shape), dtype)
+                    slab[j] = part
             else:
                 slab = read[name](None)[index]
-            return np.ascontiguousarray(slab.astype(dtype))
+            return np.ascontiguousarray(slab.astype(dtype, copy=False))  # slab is already a fresh array
 
         out[name] = jax.make_array_from_callback(shape, named(axes, shape, mesh, rules), cb)
+        # jax drops its reference to a transferred host slab only from a gc callback: wait for the
+        # transfer, then run it, so at most one host slab is alive beyond the placed params
+        out[name].block_until_ready()
+        gc.collect(0)
     return out
 
 

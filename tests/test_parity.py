@@ -1,0 +1,165 @@
+"""Logits parity with transformers (float32) for every family, clean and with masked sites.
+
+Reference: the transformers model built by hf_models.build (eager attention), run on the same
+token ids, with attention_mask for right padding. Site masking is compared with the same
+zeroing done by PyTorch forward hooks on the HF modules the sites are named after.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import hf_models
+from jaxcrit.convert.hf import load_hf
+from jaxcrit.models import decoder as dec
+from jaxcrit.models.config import rope_inv_freq
+from jaxcrit.models.sites import SITE_NAMES, site, width
+
+TOL = 1e-5
+BATCH = 2
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def jax_logits(cfg, params, tokens, valid, masks):
+    h, _ = dec.forward(cfg, params, dec.embed(cfg, params, tokens), valid, masks=masks)
+    return dec.logits(cfg, params, h)
+
+
+def rel_err(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def inputs(vocab: int, T: int, pad: int = 0, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids [2, T] and valid [2, T]; the second row right-padded by `pad` positions."""
+    ids = np.random.default_rng(seed).integers(0, vocab, (BATCH, T))
+    valid = np.ones((BATCH, T), bool)
+    if pad:
+        valid[1, T - pad:] = False
+        ids[1, T - pad:] = 0
+    return ids, valid
+
+
+def torch_logits(model, ids: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        out = model(torch.tensor(ids), attention_mask=torch.tensor(valid.astype(np.int64)))
+    return out.logits.float().numpy()
+
+
+class Loaded:
+    def __init__(self, arch, directory):
+        self.torch = hf_models.build(arch, directory)
+        self.cfg, self.params = load_hf(directory, np.float32)
+
+    def ones(self):
+        return {n: jnp.ones((self.cfg.n_layers, width(self.cfg, n)), jnp.float32) for n in SITE_NAMES}
+
+    def jax(self, ids, valid, masks=None):
+        return np.asarray(jax_logits(self.cfg, self.params, jnp.asarray(ids), jnp.asarray(valid),
+                                     masks or self.ones()))
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    cache: dict[str, Loaded] = {}
+
+    def get(arch: str) -> Loaded:
+        if arch not in cache:
+            cache[arch] = Loaded(arch, tmp_path_factory.mktemp(arch))
+        return cache[arch]
+    return get
+
+
+CASES = [(37, 0), (45, 11)]  # (sequence length, right padding of row 1)
+
+
+@pytest.mark.parametrize("arch", sorted(hf_models.CONFIGS))
+def test_logits_parity(models, arch):
+    m = models(arch)
+    cases = CASES + ([(97, 13)] if arch == "phi3" else [])
+    for T, pad in cases:
+        ids, valid = inputs(m.cfg.vocab_size, T, pad, seed=T)
+        a, b = m.jax(ids, valid), torch_logits(m.torch, ids, valid)
+        err = rel_err(a[valid], b[valid])
+        assert err <= TOL, f"{arch} T={T} pad={pad}: relative error {err:.2e}"
+
+
+def test_phi3_long_rope_is_exercised(models):
+    """Past original_max_position_embeddings (64) transformers switches to long_factor for the whole
+    sequence (seq_len = max position + 1, right padding included) and scales cos/sin by
+    sqrt(1 + ln(factor)/ln(original_max)), factor = max_position_embeddings / original_max."""
+    m = models("phi3")
+    cfg = m.cfg
+    assert cfg.rope_type == "longrope" and cfg.rope_original_max == 64
+    short, s_scale = rope_inv_freq(cfg, 64)
+    long, l_scale = rope_inv_freq(cfg, 65)
+    assert not np.allclose(short, long) and s_scale == l_scale > 1.0
+    np.testing.assert_allclose(l_scale, np.sqrt(1 + np.log(256 / 64) / np.log(64)), rtol=1e-12)
+    hf_rope = m.torch.model.rotary_emb
+    assert hf_rope.attention_scaling == pytest.approx(l_scale)
+
+    ids, valid = inputs(cfg.vocab_size, 97, 13, seed=97)
+    b = torch_logits(m.torch, ids, valid)
+    np.testing.assert_allclose(hf_rope.inv_freq.numpy(), long, rtol=1e-6)  # torch used long factors
+    # The same model with the short factors in place of the long ones must miss by far.
+    wrong = dataclasses.replace(cfg, rope_long_factor=cfg.rope_short_factor)
+    a = np.asarray(jax_logits(wrong, m.params, jnp.asarray(ids), jnp.asarray(valid), m.ones()))
+    assert rel_err(a[valid], b[valid]) > 100 * TOL
+
+
+def hf_site(model, arch: str, cfg, name: str, layer: int) -> tuple[torch.nn.Module, int]:
+    """The HF module whose output holds a site, and the column offset of the site in it."""
+    Q, KV, F = cfg.q_dim, cfg.kv_dim, cfg.d_ff
+    module, offset = site(name).module, 0
+    if arch == "phi3":
+        fused = {"q_proj": ("self_attn.qkv_proj", 0), "k_proj": ("self_attn.qkv_proj", Q),
+                 "v_proj": ("self_attn.qkv_proj", Q + KV), "gate_proj": ("mlp.gate_up_proj", 0),
+                 "up_proj": ("mlp.gate_up_proj", F), "act_fn": ("mlp.activation_fn", 0)}
+        module, offset = fused.get(name, (module, 0))
+    return model.get_submodule(f"model.layers.{layer}.{module}"), offset
+
+
+def zero_hook(cols: list[int]):
+    def hook(mod, args, out):
+        out = out.clone()
+        out[..., cols] = 0.0
+        return out
+    return hook
+
+
+def placements(cfg) -> dict[str, tuple[int, int]]:
+    """site -> (layer, channel): a different layer for consecutive sites, channels near the end."""
+    return {n: (i % cfg.n_layers, width(cfg, n) - 1 - i) for i, n in enumerate(SITE_NAMES)}
+
+
+@pytest.mark.parametrize("arch", ["llama", "phi3"])
+def test_masked_site_parity(models, arch):
+    m = models(arch)
+    cfg = m.cfg
+    ids, valid = inputs(cfg.vocab_size, 37, 7, seed=1)
+    clean = torch_logits(m.torch, ids, valid)
+    where = placements(cfg)
+    # each site alone, then all nine at once
+    for chosen in [[n] for n in SITE_NAMES] + [list(SITE_NAMES)]:
+        masks = m.ones()
+        cols: dict[torch.nn.Module, list[int]] = {}
+        for n in chosen:
+            layer, ch = where[n]
+            masks[n] = masks[n].at[layer, ch].set(0.0)
+            mod, off = hf_site(m.torch, arch, cfg, n, layer)
+            cols.setdefault(mod, []).append(off + ch)
+        handles = [mod.register_forward_hook(zero_hook(c)) for mod, c in cols.items()]
+        try:
+            b = torch_logits(m.torch, ids, valid)
+        finally:
+            for h in handles:
+                h.remove()
+        a = m.jax(ids, valid, masks)
+        assert rel_err(b[valid], clean[valid]) > 10 * TOL, f"{arch} {chosen}: the zeroing did nothing"
+        err = rel_err(a[valid], b[valid])
+        assert err <= TOL, f"{arch} {chosen} at {[where[n] for n in chosen]}: relative error {err:.2e}"
