@@ -1,0 +1,1 @@
+"""Text -> token ids, the way transformers tokenizes for the same checkpoint."""

@@ -1,0 +1,35 @@
+"""Loading a checkpoint's tokenizer and encoding text with its special tokens, as transformers does."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+from jaxcrit.data.gguf_tokenizer import gguf_tokenizer
+from jaxcrit.errors import JaxcritError
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """The tokenizer of a HF checkpoint dir (its tokenizer.json) or of a .gguf file.
+
+    A dir's tokenizer.json is used as is: transformers v5 ignores tokenizer_config.json's
+    add_bos_token/add_eos_token when tokenizer.json exists, so its post-processor decides BOS/EOS.
+    """
+    p = Path(path)
+    if p.is_file() and p.suffix == ".gguf":
+        return gguf_tokenizer(p)
+    if not p.is_dir():
+        raise JaxcritError(f"{p}: no such tokenizer directory or .gguf file")
+    f = p / "tokenizer.json"
+    if not f.is_file():
+        raise JaxcritError(f"{f}: missing; the checkpoint needs a fast tokenizer file "
+                           "(write one with transformers' tokenizer.save_pretrained)")
+    try:
+        return Tokenizer.from_file(str(f))
+    except Exception as e:  # tokenizers raises a bare Exception on a malformed file
+        raise JaxcritError(f"{f}: not a valid tokenizers file ({e})") from None
+
+
+def encode(tok: Tokenizer, text: str) -> list[int]:
+    """Token ids of text with the checkpoint's special tokens (BOS/EOS) added, as transformers adds them."""
+    return tok.encode(text, add_special_tokens=True).ids
