@@ -146,6 +146,8 @@ def _reader(cfg: ModelConfig, name: str, tensors: dict[int | None, Any]) -> Call
     def read(i: int | None) -> np.ndarray:
         t = tensors[i]
         w = gguf.quants.dequantize(t.data, t.tensor_type).reshape(tuple(int(n) for n in t.shape[::-1]))
+        if np.shares_memory(w, t.data):  # F32 comes back as a view of the file's mmap: own the params
+            w = w.copy()
         if heads:
             w = unpermute(w, heads)
         return w.T if name.endswith("_w") else w
