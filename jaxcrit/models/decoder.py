@@ -21,7 +21,7 @@ Array = jax.Array
 Params = Mapping[str, Array]
 SiteArrays = Mapping[str, Array]
 
-RESID = "resid"  # capture key of the residual stream entering each layer [L, B, T, D]
+RESID = "resid"  # capture key of the residual stream entering each layer, and the last output [L+1, B, T, D]
 
 
 def rms_norm(x: Array, w: Array, eps: float, plus_one: bool) -> Array:
@@ -125,35 +125,33 @@ def embed(cfg: ModelConfig, params: Params, tokens: Array) -> Array:
 
 def forward(cfg: ModelConfig, params: Params, embeds: Array, valid: Array | None = None, *,
             masks: SiteArrays | None = None, values: SiteArrays | None = None,
-            capture: tuple[str, ...] = (), start: Array | int = 0) -> tuple[Array, dict[str, Array]]:
-    """Runs the layers on input embeddings.
+            capture: tuple[str, ...] = (), start: Array | None = None) -> tuple[Array, dict[str, Array]]:
+    """Runs the layers.
 
     embeds [B, T, D] are E(x) (noise is added to these); valid [B, T] marks real tokens (right
-    padding). masks/values: site -> [L, C]. capture: site names (and RESID) whose per-layer
-    outputs are returned stacked [L, B, T, C]. start: layers below it are skipped and `embeds`
-    is taken as the residual entering layer `start` (prefix sharing); it may be traced.
+    padding). masks/values: site -> [L, C]. capture: site names (and RESID, the residual entering
+    each layer) whose per-layer values are returned stacked [L, B, T, C].
+    start (prefix sharing; may be traced): layers below it are skipped and `embeds` is taken as
+    the residual stream entering layer `start`, already scaled; capture is then unavailable.
     Returns the final-normed hidden state [B, T, D] and the captures.
     """
     B, T, _ = embeds.shape
     if valid is None:
         valid = jnp.ones((B, T), bool)
     h = embeds
-    if cfg.family.embed_scale:
-        scaled = h * jnp.asarray(math.sqrt(cfg.d_model), h.dtype)
-        h = scaled if isinstance(start, int) and start == 0 else jnp.where(start == 0, scaled, h)
+    if start is None and cfg.family.embed_scale:
+        h = h * jnp.asarray(math.sqrt(cfg.d_model), h.dtype)
+    if start is not None and capture:
+        raise ValueError("capture needs start=None")
     bias = attention_bias(cfg, valid)
     cos, sin = rope_tables(cfg, T)
     layer_p = {k: v for k, v in params.items() if k not in ("embed", "lm_head", "final_norm")}
     xs = (jnp.arange(cfg.n_layers), layer_p, masks or {}, values or {})
 
-    shared_prefix = not (isinstance(start, int) and start == 0)
-    if shared_prefix and capture:
-        raise ValueError("capture needs start=0")
-
     def step(h, x):
         i, p, m, vals = x
         run = lambda h: block(cfg, p, h, bias, cos, sin, m or None, vals or None)
-        if shared_prefix:
+        if start is not None:
             return jax.lax.cond(i < start, lambda h: h, lambda h: run(h)[0], h), {}
         out, sites = run(h)
         ys = {n: sites[n] for n in capture if n != RESID}
@@ -162,6 +160,8 @@ def forward(cfg: ModelConfig, params: Params, embeds: Array, valid: Array | None
         return out, ys
 
     h, ys = jax.lax.scan(step, h, xs)
+    if RESID in capture:
+        ys[RESID] = jnp.concatenate([ys[RESID], h[None]])
     h = rms_norm(h, params["final_norm"], cfg.norm_eps, cfg.family.norm_plus_one)
     return h, ys
 

@@ -1,0 +1,259 @@
+"""The batched perturbation engine: many ablations as one compiled, sharded XLA program.
+
+A batch of perturbations is data (`Ablations`): row r multiplies channel `channel[r, k]` of
+site `site[r, k]` in layer `layer[r, k]` by `scale[r, k]` and adds `value[r, k]` (entries with
+scale 1 and value 0 are padding). Each chunk of rows becomes dense per-site masks inside the
+jitted program and runs as `vmap(forward)`; the loss is computed in vocabulary chunks, so the
+[rows, batch, seq, vocab] logits never exist.
+
+Prefix sharing: a chunk whose rows touch only layers >= S starts from the clean residual
+stream entering layer S (computed once), and its layers < S are skipped by a `lax.cond` on a
+traced S, so every S shares one compiled program. Rows are sorted by their first layer so
+chunks share S; results come back in the caller's order.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from functools import partial
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jaxcrit.errors import JaxcritError
+from jaxcrit.models import decoder
+from jaxcrit.models.config import ModelConfig
+from jaxcrit.models.sites import SITE_INDEX, SITE_NAMES, site as site_info, width
+from jaxcrit.progress import Progress
+from jaxcrit.sharding import make_mesh
+
+LN10 = math.log(10.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Ablations:
+    """rows x entries of (site index, layer, channel, scale, value); numpy, built on the host."""
+    site: np.ndarray     # [R, K] int32, index into SITE_NAMES
+    layer: np.ndarray    # [R, K] int32
+    channel: np.ndarray  # [R, K] int32
+    scale: np.ndarray    # [R, K] float32: 0 ablates, 1 leaves the channel as it is
+    value: np.ndarray    # [R, K] float32: added after the scale (mean-ablation style)
+
+    @property
+    def rows(self) -> int:
+        return self.site.shape[0]
+
+    @property
+    def active(self) -> np.ndarray:
+        return (self.scale != 1) | (self.value != 0)
+
+    def take(self, idx: np.ndarray) -> "Ablations":
+        return Ablations(*(getattr(self, f.name)[idx] for f in dataclasses.fields(self)))
+
+    def sites(self) -> tuple[str, ...]:
+        """Sites any active entry touches: only these get masks in the compiled program."""
+        return tuple(SITE_NAMES[i] for i in sorted(set(self.site[self.active].tolist())))
+
+    def first_layer(self) -> np.ndarray:
+        """[R] the lowest layer each row touches (n_layers-free rows get a large value)."""
+        return np.where(self.active, self.layer, np.iinfo(np.int32).max).min(axis=1)
+
+
+def make(site, layer, channel, scale=0.0, value=0.0, *, cfg: ModelConfig) -> Ablations:
+    """Ablations from broadcastable [R, K] (or [R]) arrays; checks every index against cfg.
+
+    site may hold names or indices. Raises JaxcritError on an unknown site, a layer or channel
+    out of range, or an empty batch.
+    """
+    s = np.asarray(site)
+    if s.dtype.kind in "US":
+        for n in np.unique(s):
+            site_info(str(n))
+        s = np.vectorize(SITE_INDEX.__getitem__, otypes=[np.int32])(s)
+    arrs = np.broadcast_arrays(s, np.asarray(layer), np.asarray(channel), np.asarray(scale), np.asarray(value))
+    arrs = [a.reshape(a.shape[0], -1) if a.ndim else a.reshape(1, 1) for a in arrs]
+    s, l, c, sc, v = (np.ascontiguousarray(a, dt) for a, dt in
+                      zip(arrs, (np.int32, np.int32, np.int32, np.float32, np.float32)))
+    if s.size == 0:
+        raise JaxcritError("empty perturbation batch: give at least one neuron")
+    if s.min() < 0 or s.max() >= len(SITE_NAMES):
+        raise JaxcritError(f"site index out of range 0..{len(SITE_NAMES) - 1}")
+    if l.min() < 0 or l.max() >= cfg.n_layers:
+        bad = l[(l < 0) | (l >= cfg.n_layers)][0]
+        raise JaxcritError(f"layer {bad} out of range: the model has layers 0..{cfg.n_layers - 1}")
+    widths = np.array([width(cfg, n) for n in SITE_NAMES])
+    over = (c < 0) | (c >= widths[s])
+    if over.any():
+        r = np.argwhere(over)[0]
+        name = SITE_NAMES[s[tuple(r)]]
+        raise JaxcritError(f"channel {c[tuple(r)]} out of range for {name}: it has channels "
+                           f"0..{width(cfg, name) - 1}")
+    return Ablations(s, l, c, sc, v)
+
+
+def single(cfg: ModelConfig, site: str, layers: Sequence[int] | None = None,
+           channels: Sequence[int] | None = None, scale: float = 0.0) -> Ablations:
+    """One row per (layer, channel) of one site: the exhaustive single-neuron scan by default."""
+    layers = np.arange(cfg.n_layers) if layers is None else np.asarray(layers)
+    channels = np.arange(width(cfg, site)) if channels is None else np.asarray(channels)
+    l, c = np.meshgrid(layers, channels, indexing="ij")
+    return make(np.full(l.size, site), l.reshape(-1, 1), c.reshape(-1, 1), scale, cfg=cfg)
+
+
+def prefixes(cfg: ModelConfig, site, layer, channel, ns: Sequence[int]) -> Ablations:
+    """Row i zeroes the first ns[i] entries of a ranking (the paper's Stage 2 sets)."""
+    site, layer, channel = (np.asarray(a) for a in (site, layer, channel))
+    ns = np.asarray(ns)
+    K = int(ns.max())
+    keep = np.arange(K)[None, :] < ns[:, None]
+    return make(np.broadcast_to(site[None, :K], keep.shape), layer[None, :K], channel[None, :K],
+                np.where(keep, 0.0, 1.0), cfg=cfg)
+
+
+def random_sets(cfg: ModelConfig, sites: Sequence[str], n_rows: int, k: int, seed: int) -> Ablations:
+    """n_rows random sets of k distinct (site, layer, channel) neurons, uniform over the given sites."""
+    rng = np.random.default_rng(seed)
+    sizes = np.array([cfg.n_layers * width(cfg, s) for s in sites])
+    total = sizes.sum()
+    flat = np.stack([rng.choice(total, size=k, replace=False) for _ in range(n_rows)])
+    which = np.searchsorted(np.cumsum(sizes), flat, side="right")
+    off = flat - np.concatenate([[0], np.cumsum(sizes)])[which]
+    w = np.array([width(cfg, s) for s in sites])[which]
+    names = np.array(sites)[which]
+    return make(names, off // w, off % w, cfg=cfg)
+
+
+@dataclasses.dataclass(frozen=True)
+class Texts:
+    """A right-padded batch of token sequences and what the loss is taken over."""
+    tokens: np.ndarray   # [B, T] int32
+    valid: np.ndarray    # [B, T] bool
+
+    @staticmethod
+    def from_ids(seqs: Sequence[Sequence[int]]) -> "Texts":
+        if not seqs:
+            raise JaxcritError("no text given")
+        short = [len(s) for s in seqs if len(s) < 2]
+        if short:
+            raise JaxcritError(f"a text has {short[0]} token(s); the loss needs at least 2 tokens per text")
+        T = max(len(s) for s in seqs)
+        tok = np.zeros((len(seqs), T), np.int32)
+        val = np.zeros((len(seqs), T), bool)
+        for i, s in enumerate(seqs):
+            tok[i, :len(s)] = s
+            val[i, :len(s)] = True
+        return Texts(tok, val)
+
+    @property
+    def n_tokens(self) -> int:
+        """Predicted tokens (each text's first token is context only)."""
+        return int((self.valid[:, 1:] & self.valid[:, :-1]).sum())
+
+
+def _masks(cfg: ModelConfig, sites: tuple[str, ...], row: dict, with_values: bool):
+    """Dense per-site [L, C] masks (and values) of one row."""
+    masks, values = {}, {}
+    for s in sites:
+        mine = row["site"] == SITE_INDEX[s]
+        shape = (cfg.n_layers, width(cfg, s))
+        idx = (row["layer"], row["channel"])
+        masks[s] = jnp.ones(shape, jnp.float32).at[idx].multiply(
+            jnp.where(mine, row["scale"], 1.0), mode="drop")
+        if with_values:
+            values[s] = jnp.zeros(shape, jnp.float32).at[idx].add(
+                jnp.where(mine, row["value"], 0.0), mode="drop")
+    return masks, (values or None)
+
+
+@partial(jax.jit, static_argnames=("cfg", "sites", "with_values", "share", "per_token", "vocab_chunk"))
+def _chunk_nll(params, resid, valid, targets, tmask, rows, *, cfg: ModelConfig, sites: tuple[str, ...],
+               with_values: bool, share: bool, per_token: bool, vocab_chunk: int):
+    """Loss of each row of one chunk: [R] mean NLL (or [R, B, T-1] per-token NLL)."""
+    active = (rows["scale"] != 1) | (rows["value"] != 0)
+    if share:
+        start = jnp.min(jnp.where(active, rows["layer"], cfg.n_layers))
+        h0 = jax.lax.dynamic_index_in_dim(resid, start, keepdims=False)
+    else:
+        start, h0 = jnp.int32(0), resid[0]
+
+    def one(row):
+        masks, values = _masks(cfg, sites, row, with_values)
+        h, _ = decoder.forward(cfg, params, h0, valid, masks=masks, values=values, start=start)
+        nll = decoder.token_nll(cfg, params, h[:, :-1], targets, vocab_chunk) * tmask
+        return nll if per_token else nll.sum() / tmask.sum()
+
+    return jax.vmap(one)(rows)
+
+
+class Engine:
+    """Scores perturbation batches against a fixed set of texts on a device mesh.
+
+    chunk: rows per compiled call (one compile per distinct site set); rows are padded to it.
+    """
+
+    def __init__(self, cfg: ModelConfig, params: dict, texts: Texts, *, mesh: Mesh | None = None,
+                 chunk: int = 64, prefix_sharing: bool = True, vocab_chunk: int = 16384,
+                 progress: bool = True):
+        self.cfg, self.params, self.texts = cfg, params, texts
+        self.mesh = mesh or make_mesh()
+        data = self.mesh.shape["data"]
+        self.chunk = max(data, -(-chunk // data) * data)
+        self.prefix_sharing, self.vocab_chunk, self.progress = prefix_sharing, vocab_chunk, progress
+        rep = NamedSharding(self.mesh, P())
+        self.valid = jax.device_put(texts.valid, rep)
+        self.targets = jax.device_put(texts.tokens[:, 1:], rep)
+        self.tmask = jax.device_put((texts.valid[:, 1:] & texts.valid[:, :-1]).astype(np.float32), rep)
+        self.rows_sharding = NamedSharding(self.mesh, P("data"))
+        tokens = jax.device_put(texts.tokens, rep)
+        self.resid = _clean_resid(cfg, params, tokens, self.valid)
+        self.base_loss = float(self.losses(None)[0])
+
+    def losses(self, abl: Ablations | None, per_token: bool = False, desc: str = "ablations") -> np.ndarray:
+        """[R] mean token NLL per row (f32), or [R, B, T-1] per-token NLL; abl None: the clean run."""
+        if abl is None:
+            abl = Ablations(*(np.zeros((1, 1), dt) for dt in (np.int32,) * 3),
+                            np.ones((1, 1), np.float32), np.zeros((1, 1), np.float32))
+        order = np.argsort(-abl.first_layer(), kind="stable") if self.prefix_sharing else np.arange(abl.rows)
+        srt = abl.take(order)
+        sites = srt.sites()
+        with_values = bool((srt.value != 0).any())
+        R, C = srt.rows, self.chunk
+        pad = (-R) % C
+        cols = {f.name: getattr(srt, f.name) for f in dataclasses.fields(srt)}
+        if pad:
+            fill = {"site": 0, "layer": 0, "channel": 0, "scale": 1.0, "value": 0.0}
+            cols = {k: np.concatenate([v, np.full((pad, v.shape[1]), fill[k], v.dtype)]) for k, v in cols.items()}
+        bar = Progress(R, desc, enabled=self.progress and R > C)
+        outs, pending = [], []
+        for lo in range(0, R + pad, C):
+            rows = {k: jax.device_put(v[lo:lo + C], self.rows_sharding) for k, v in cols.items()}
+            out = _chunk_nll(self.params, self.resid, self.valid, self.targets, self.tmask, rows,
+                             cfg=self.cfg, sites=sites, with_values=with_values,
+                             share=self.prefix_sharing, per_token=per_token, vocab_chunk=self.vocab_chunk)
+            outs.append(out)
+            pending.append((out, min(C, R - lo)))
+            if len(pending) > 2:  # keep two chunks in flight; wait (no transfer) to report progress
+                done, n = pending.pop(0)
+                done.block_until_ready()
+                bar.update(n)
+        for done, n in pending:
+            done.block_until_ready()
+            bar.update(n)
+        res = np.asarray(jnp.concatenate(outs))[:R]
+        out = np.empty_like(res)
+        out[order] = res
+        return out
+
+    def deltas(self, abl: Ablations, desc: str = "ablations") -> np.ndarray:
+        """[R] delta = log10(PPL_masked / PPL_base) = (loss - base) / ln 10."""
+        return (self.losses(abl, desc=desc) - self.base_loss) / LN10
+
+
+@partial(jax.jit, static_argnames=("cfg",))
+def _clean_resid(cfg: ModelConfig, params, tokens, valid):
+    """The clean residual stream entering each layer, and the last layer's output: [L+1, B, T, D]."""
+    _, ys = decoder.forward(cfg, params, decoder.embed(cfg, params, tokens), valid, capture=(decoder.RESID,))
+    return ys[decoder.RESID]
