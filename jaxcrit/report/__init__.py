@@ -1,0 +1,14 @@
+"""Reporting: atomic file writers, run manifests, plots and text summaries.
+
+Pure Python / numpy / matplotlib (Agg); jax is imported only by `io.manifest`, lazily.
+"""
+from jaxcrit.report.io import (manifest, read_json, write_csv, write_json, write_png,
+                               write_text)
+from jaxcrit.report.plots import phase_curve, scan_distribution, site_heatmap
+from jaxcrit.report.summary import fmt_ppl_log10, summary_markdown, terminal_table
+
+__all__ = [
+    "write_json", "write_csv", "write_text", "write_png", "read_json", "manifest",
+    "phase_curve", "site_heatmap", "scan_distribution",
+    "summary_markdown", "terminal_table", "fmt_ppl_log10",
+]
