@@ -73,8 +73,8 @@ def make(site, layer, channel, scale=0.0, value=0.0, *, cfg: ModelConfig) -> Abl
         for n in np.unique(s):
             site_info(str(n))
         s = np.vectorize(SITE_INDEX.__getitem__, otypes=[np.int32])(s)
-    arrs = np.broadcast_arrays(s, np.asarray(layer), np.asarray(channel), np.asarray(scale), np.asarray(value))
-    arrs = [a.reshape(a.shape[0], -1) if a.ndim else a.reshape(1, 1) for a in arrs]
+    as2d = lambda a: np.asarray(a).reshape(-1, 1) if np.ndim(a) == 1 else np.atleast_2d(a)
+    arrs = np.broadcast_arrays(*map(as2d, (s, layer, channel, scale, value)))
     s, l, c, sc, v = (np.ascontiguousarray(a, dt) for a, dt in
                       zip(arrs, (np.int32, np.int32, np.int32, np.float32, np.float32)))
     if s.size == 0:
@@ -100,7 +100,7 @@ def single(cfg: ModelConfig, site: str, layers: Sequence[int] | None = None,
     layers = np.arange(cfg.n_layers) if layers is None else np.asarray(layers)
     channels = np.arange(width(cfg, site)) if channels is None else np.asarray(channels)
     l, c = np.meshgrid(layers, channels, indexing="ij")
-    return make(np.full(l.size, site), l.reshape(-1, 1), c.reshape(-1, 1), scale, cfg=cfg)
+    return make(np.full(l.size, site), l.ravel(), c.ravel(), scale, cfg=cfg)
 
 
 def prefixes(cfg: ModelConfig, site, layer, channel, ns: Sequence[int]) -> Ablations:
@@ -168,10 +168,17 @@ def _masks(cfg: ModelConfig, sites: tuple[str, ...], row: dict, with_values: boo
     return masks, (values or None)
 
 
-@partial(jax.jit, static_argnames=("cfg", "sites", "with_values", "share", "per_token", "vocab_chunk"))
-def _chunk_nll(params, resid, valid, targets, tmask, rows, *, cfg: ModelConfig, sites: tuple[str, ...],
-               with_values: bool, share: bool, per_token: bool, vocab_chunk: int):
-    """Loss of each row of one chunk: [R] mean NLL (or [R, B, T-1] per-token NLL)."""
+@partial(jax.jit, static_argnames=("cfg", "sites", "with_values", "share", "per_token", "vocab_chunk",
+                                   "attn_impl"))
+def _chunk_nll(params, resid, valid, targets, tmask, shift, rows, *, cfg: ModelConfig,
+               sites: tuple[str, ...], with_values: bool, share: bool, per_token: bool, vocab_chunk: int,
+               attn_impl: str):
+    """Loss of each row of one chunk: [R] mean NLL (or [R, B, T-1] per-token NLL).
+
+    The logsumexp takes one pass over the logits, shifted by the clean run's max logit; if any
+    row over- or underflows there, the whole chunk is redone with the exact two-pass form (a
+    cond outside the vmap, so the fast path does not pay for it).
+    """
     active = (rows["scale"] != 1) | (rows["value"] != 0)
     if share:
         start = jnp.min(jnp.where(active, rows["layer"], cfg.n_layers))
@@ -179,24 +186,31 @@ def _chunk_nll(params, resid, valid, targets, tmask, rows, *, cfg: ModelConfig, 
     else:
         start, h0 = jnp.int32(0), resid[0]
 
-    def one(row):
+    def hidden(row):
         masks, values = _masks(cfg, sites, row, with_values)
-        h, _ = decoder.forward(cfg, params, h0, valid, masks=masks, values=values, start=start)
-        nll = decoder.token_nll(cfg, params, h[:, :-1], targets, vocab_chunk) * tmask
-        return nll if per_token else nll.sum() / tmask.sum()
+        h, _ = decoder.forward(cfg, params, h0, valid, masks=masks, values=values, start=start,
+                               attn_impl=attn_impl)
+        return h[:, :-1]
 
-    return jax.vmap(one)(rows)
+    hs = jax.vmap(hidden)(rows)
+    lse_of = lambda sh: jax.vmap(lambda h: decoder.logsumexp_vocab(cfg, params, h, vocab_chunk, sh)[0])(hs)
+    lse = lse_of(shift)
+    lse = jax.lax.cond(jnp.isnan(lse).any(), lambda: lse_of(None), lambda: lse)
+    nll = (lse - jax.vmap(lambda h: decoder.target_logit(cfg, params, h, targets))(hs)) * tmask
+    return nll if per_token else nll.sum((1, 2)) / tmask.sum()
 
 
 class Engine:
     """Scores perturbation batches against a fixed set of texts on a device mesh.
 
     chunk: rows per compiled call (one compile per distinct site set); rows are padded to it.
+    attention: "xla" (exact f32 softmax), "cudnn" (fused flash attention, GPU with bf16/fp16), or
+    "auto" (cudnn where it applies).
     """
 
     def __init__(self, cfg: ModelConfig, params: dict, texts: Texts, *, mesh: Mesh | None = None,
                  chunk: int = 64, prefix_sharing: bool = True, vocab_chunk: int = 16384,
-                 progress: bool = True):
+                 attention: str = "auto", progress: bool = True):
         self.cfg, self.params, self.texts = cfg, params, texts
         self.mesh = mesh or make_mesh()
         data = self.mesh.shape["data"]
@@ -208,7 +222,13 @@ class Engine:
         self.tmask = jax.device_put((texts.valid[:, 1:] & texts.valid[:, :-1]).astype(np.float32), rep)
         self.rows_sharding = NamedSharding(self.mesh, P("data"))
         tokens = jax.device_put(texts.tokens, rep)
-        self.resid = _clean_resid(cfg, params, tokens, self.valid)
+        self.resid, self.shift = _clean_pass(cfg, params, tokens, self.valid, vocab_chunk)
+        half = params["embed"].dtype in (jnp.bfloat16, jnp.float16)
+        if attention == "auto":
+            attention = "cudnn" if half and jax.default_backend() == "gpu" else "xla"
+        if attention not in ("xla", "cudnn"):
+            raise JaxcritError(f"attention '{attention}' unknown: use auto, xla or cudnn")
+        self.attention = attention
         self.base_loss = float(self.losses(None)[0])
 
     def losses(self, abl: Ablations | None, per_token: bool = False, desc: str = "ablations") -> np.ndarray:
@@ -230,9 +250,9 @@ class Engine:
         outs, pending = [], []
         for lo in range(0, R + pad, C):
             rows = {k: jax.device_put(v[lo:lo + C], self.rows_sharding) for k, v in cols.items()}
-            out = _chunk_nll(self.params, self.resid, self.valid, self.targets, self.tmask, rows,
-                             cfg=self.cfg, sites=sites, with_values=with_values,
-                             share=self.prefix_sharing, per_token=per_token, vocab_chunk=self.vocab_chunk)
+            out = _chunk_nll(self.params, self.resid, self.valid, self.targets, self.tmask, self.shift, rows,
+                             cfg=self.cfg, sites=sites, with_values=with_values, share=self.prefix_sharing,
+                             per_token=per_token, vocab_chunk=self.vocab_chunk, attn_impl=self.attention)
             outs.append(out)
             pending.append((out, min(C, R - lo)))
             if len(pending) > 2:  # keep two chunks in flight; wait (no transfer) to report progress
@@ -252,8 +272,10 @@ class Engine:
         return (self.losses(abl, desc=desc) - self.base_loss) / LN10
 
 
-@partial(jax.jit, static_argnames=("cfg",))
-def _clean_resid(cfg: ModelConfig, params, tokens, valid):
-    """The clean residual stream entering each layer, and the last layer's output: [L+1, B, T, D]."""
-    _, ys = decoder.forward(cfg, params, decoder.embed(cfg, params, tokens), valid, capture=(decoder.RESID,))
-    return ys[decoder.RESID]
+@partial(jax.jit, static_argnames=("cfg", "vocab_chunk"))
+def _clean_pass(cfg: ModelConfig, params, tokens, valid, vocab_chunk: int):
+    """The clean residual stream entering each layer and leaving the last [L+1, B, T, D], and
+    the clean max logit per predicting position [B, T-1] (the loss's shift)."""
+    h, ys = decoder.forward(cfg, params, decoder.embed(cfg, params, tokens), valid, capture=(decoder.RESID,))
+    _, m = decoder.logsumexp_vocab(cfg, params, h[:, :-1], vocab_chunk)
+    return ys[decoder.RESID], m

@@ -37,17 +37,21 @@ def main():
     res = {"device": jax.devices()[0].device_kind, "rows": R, "seq": T}
     h = jax.random.normal(jax.random.key(2), (R, 1, T, cfg.d_model), jnp.bfloat16)
     tg = jnp.asarray(tokens[None, 1:])
-    for name, vc in [("loss_f32_16k", 16384), ("loss_f32_32k", 32768)]:
+    for name, vc in [("loss_twopass_16k", 16384), ("loss_twopass_32k", 32768)]:
         f = jax.jit(jax.vmap(lambda h, vc=vc: decoder.token_nll(cfg, p, h[:, :-1], tg, vc).sum()))
         res[name + "_ms"] = 1e3 * timeit(f, h)
+    shift = jnp.zeros((1, T - 1), jnp.float32)
+    f = jax.jit(jax.vmap(lambda h: decoder.logsumexp_vocab(cfg, p, h[:, :-1], 16384, shift)[0].sum()))
+    res["loss_onepass_16k_ms"] = 1e3 * timeit(f, h)
     lp = {k: v[0] for k, v in p.items() if k not in ("embed", "final_norm")}
-    bias = decoder.attention_bias(cfg, jnp.ones((1, T), bool))
+    valid = jnp.ones((1, T), bool)
     cos, sin = decoder.rope_tables(cfg, T)
-    f = jax.jit(jax.vmap(lambda h: decoder.block(cfg, lp, h, bias, cos, sin, None, None)[0]))
-    res["layer_ms"] = 1e3 * timeit(f, h)
-    res["layer_tflops"] = R * layer_flops(cfg, T) / res["layer_ms"] * 1e-9
+    for impl in ("xla", "cudnn") if jax.default_backend() == "gpu" else ("xla",):
+        f = jax.jit(jax.vmap(lambda h: decoder.block(cfg, lp, h, valid, cos, sin, None, None, impl)[0]))
+        res[f"layer_{impl}_ms"] = 1e3 * timeit(f, h)
+        res[f"layer_{impl}_tflops"] = R * layer_flops(cfg, T) / res[f"layer_{impl}_ms"] * 1e-9
     m = {"down_proj": jnp.ones((R, cfg.d_model), jnp.float32)}
-    f = jax.jit(jax.vmap(lambda h, m: decoder.block(cfg, lp, h, bias, cos, sin, {"down_proj": m}, None)[0]))
+    f = jax.jit(jax.vmap(lambda h, m: decoder.block(cfg, lp, h, valid, cos, sin, {"down_proj": m}, None, "xla")[0]))
     res["layer_masked_ms"] = 1e3 * timeit(f, h, m["down_proj"])
     try:
         def att(q, k, v):
@@ -68,6 +72,10 @@ def main():
     abl = E.single(cfg, "act_fn", layers=[12], channels=range(R))
     eng.losses(abl)
     t = time.perf_counter(); eng.losses(abl); res["chunk_act_L12_ms"] = 1e3 * (time.perf_counter() - t)
+    if jax.default_backend() == "gpu":
+        xla = E.Engine(cfg, p, E.Texts.from_ids([tokens.tolist()]), chunk=R, progress=False, attention="xla")
+        abl = E.single(cfg, "down_proj", layers=[12], channels=range(R))
+        res["cudnn_vs_xla_max_abs_loss_diff"] = float(np.abs(xla.losses(abl) - eng.losses(abl)).max())
     print(json.dumps(res, indent=1))
 
 

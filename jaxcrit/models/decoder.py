@@ -75,8 +75,30 @@ def attention_bias(cfg: ModelConfig, valid: Array) -> Array:
     return jnp.where(ok, 0.0, -jnp.inf)[:, None, None].astype(jnp.float32)
 
 
-def block(cfg: ModelConfig, p: Params, h: Array, bias: Array, cos: Array, sin: Array,
-          masks: SiteArrays | None, values: SiteArrays | None) -> tuple[Array, dict[str, Array]]:
+def attend(cfg: ModelConfig, q: Array, k: Array, v: Array, valid: Array, impl: str) -> Array:
+    """Causal GQA attention. q [B, T, H, hd], k/v [B, T, KV, hd] -> [B, T, H, hd].
+
+    impl "xla": einsum with an f32 softmax (exact reference path); "cudnn": the fused
+    flash-attention kernel (GPU, bf16/fp16), which never materialises the [T, T] scores.
+    """
+    B, T, H, hd = q.shape
+    KV = k.shape[2]
+    if impl == "cudnn":
+        lengths = valid.sum(-1).astype(jnp.int32)
+        window = (cfg.sliding_window - 1, 0) if cfg.sliding_window else None
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, query_seq_lengths=lengths,
+                                            key_value_seq_lengths=lengths, local_window_size=window,
+                                            implementation="cudnn")
+    q = q.reshape(B, T, KV, H // KV, hd)
+    s = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    s = s * (1.0 / math.sqrt(hd)) + attention_bias(cfg, valid)
+    a = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgts,bskd->btkgd", a, v)
+
+
+def block(cfg: ModelConfig, p: Params, h: Array, valid: Array, cos: Array, sin: Array,
+          masks: SiteArrays | None, values: SiteArrays | None, attn_impl: str = "xla"
+          ) -> tuple[Array, dict[str, Array]]:
     """One decoder layer. p holds this layer's slice of the stacked params; h [B, T, D]."""
     fam = cfg.family
     B, T, _ = h.shape
@@ -93,7 +115,6 @@ def block(cfg: ModelConfig, p: Params, h: Array, bias: Array, cos: Array, sin: A
         q, k, v = q + p["q_b"], k + p["k_b"], v + p["v_b"]
     q, k, v = site("q_proj", q), site("k_proj", k), site("v_proj", v)
     hd, KV = cfg.head_dim, cfg.n_kv_heads
-    G = cfg.n_heads // KV
     q = q.reshape(B, T, cfg.n_heads, hd)
     k = k.reshape(B, T, KV, hd)
     v = v.reshape(B, T, KV, hd)
@@ -101,11 +122,7 @@ def block(cfg: ModelConfig, p: Params, h: Array, bias: Array, cos: Array, sin: A
         q = rms_norm(q, p["q_norm"], cfg.norm_eps, False)
         k = rms_norm(k, p["k_norm"], cfg.norm_eps, False)
     q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-    q = q.reshape(B, T, KV, G, hd)
-    s = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-    s = s * (1.0 / math.sqrt(hd)) + bias
-    a = jax.nn.softmax(s, axis=-1).astype(v.dtype)
-    o = jnp.einsum("bkgts,bskd->btkgd", a, v).reshape(B, T, cfg.q_dim)
+    o = attend(cfg, q, k, v, valid, attn_impl).reshape(B, T, cfg.q_dim)
     o = o @ p["o_w"]
     if "o_b" in p:
         o = o + p["o_b"]
@@ -125,7 +142,8 @@ def embed(cfg: ModelConfig, params: Params, tokens: Array) -> Array:
 
 def forward(cfg: ModelConfig, params: Params, embeds: Array, valid: Array | None = None, *,
             masks: SiteArrays | None = None, values: SiteArrays | None = None,
-            capture: tuple[str, ...] = (), start: Array | None = None) -> tuple[Array, dict[str, Array]]:
+            capture: tuple[str, ...] = (), start: Array | None = None,
+            attn_impl: str = "xla") -> tuple[Array, dict[str, Array]]:
     """Runs the layers.
 
     embeds [B, T, D] are E(x) (noise is added to these); valid [B, T] marks real tokens (right
@@ -143,14 +161,13 @@ def forward(cfg: ModelConfig, params: Params, embeds: Array, valid: Array | None
         h = h * jnp.asarray(math.sqrt(cfg.d_model), h.dtype)
     if start is not None and capture:
         raise ValueError("capture needs start=None")
-    bias = attention_bias(cfg, valid)
     cos, sin = rope_tables(cfg, T)
     layer_p = {k: v for k, v in params.items() if k not in ("embed", "lm_head", "final_norm")}
     xs = (jnp.arange(cfg.n_layers), layer_p, masks or {}, values or {})
 
     def step(h, x):
         i, p, m, vals = x
-        run = lambda h: block(cfg, p, h, bias, cos, sin, m or None, vals or None)
+        run = lambda h: block(cfg, p, h, valid, cos, sin, m or None, vals or None, attn_impl)
         if start is not None:
             return jax.lax.cond(i < start, lambda h: h, lambda h: run(h)[0], h), {}
         out, sites = run(h)
@@ -176,32 +193,62 @@ def logits(cfg: ModelConfig, params: Params, h: Array) -> Array:
     return jnp.einsum("btd,vd->btv", h, unembed(cfg, params), preferred_element_type=jnp.float32)
 
 
-def token_nll(cfg: ModelConfig, params: Params, h: Array, targets: Array, chunk: int = 16384) -> Array:
-    """-log p(target) [B, T] in f32, the vocabulary processed in chunks: no [B, T, V] array.
+def vocab_split(V: int, chunk: int) -> tuple[int, int]:
+    """(chunk size, count) covering V; an exact divisor near `chunk` when there is one."""
+    n0 = -(-V // chunk)
+    for n in range(n0, 2 * n0 + 1):
+        if V % n == 0:
+            return V // n, n
+    return -(-V // n0), n0
 
-    Online logsumexp over vocab chunks; the last chunk is shifted back to stay in range and its
-    already-counted columns are masked out, so no padded copy of the matrix is made.
+
+def logsumexp_vocab(cfg: ModelConfig, params: Params, h: Array, chunk: int = 16384,
+                    shift: Array | None = None) -> tuple[Array, Array]:
+    """(logsumexp, max) of the logits [B, T], f32, the vocabulary processed in chunks.
+
+    Never builds [B, T, V]. Without `shift`: online logsumexp (two passes over each chunk).
+    With `shift` [B, T] (e.g. the clean run's max logit): one pass, exp(z - shift) summed;
+    positions where that over- or underflows come back NaN so the caller can redo them exactly.
+    The last chunk is shifted back to stay in range and its already-counted columns masked.
     """
     W = unembed(cfg, params)
     V = W.shape[0]
-    c = min(chunk, V)
-    n = -(-V // c)
-    tgt = jnp.einsum("btd,btd->bt", h, jnp.take(W, targets, axis=0), preferred_element_type=jnp.float32)
+    c, n = vocab_split(V, chunk)
+    exact = c * n == V
 
-    def body(carry, i):
-        m, s = carry
+    def chunk_logits(i):
         lo = jnp.minimum(i * c, V - c)
-        w = jax.lax.dynamic_slice_in_dim(W, lo, c, axis=0)
-        z = jnp.einsum("btd,vd->btv", h, w, preferred_element_type=jnp.float32)
-        col = lo + jnp.arange(c)
-        z = jnp.where(col >= i * c, z, -jnp.inf)
-        m2 = jnp.maximum(m, z.max(-1))
-        s = s * jnp.exp(m - m2) + jnp.exp(z - m2[..., None]).sum(-1)
-        return (m2, s), None
+        z = jnp.einsum("btd,vd->btv", h, jax.lax.dynamic_slice_in_dim(W, lo, c, axis=0),
+                       preferred_element_type=jnp.float32)
+        return z if exact else jnp.where(lo + jnp.arange(c) >= i * c, z, -jnp.inf)
 
-    init = (jnp.full(h.shape[:2], -jnp.inf, jnp.float32), jnp.zeros(h.shape[:2], jnp.float32))
-    (m, s), _ = jax.lax.scan(body, init, jnp.arange(n))
-    return m + jnp.log(s) - tgt
+    zeros = jnp.zeros(h.shape[:2], jnp.float32)
+    if shift is not None:
+        def one_pass(s, i):
+            return s + jnp.exp(chunk_logits(i) - shift[..., None]).sum(-1), None
+        s, _ = jax.lax.scan(one_pass, zeros, jnp.arange(n))
+        ok = jnp.isfinite(s) & (s > 1e-30)
+        return jnp.where(ok, shift + jnp.log(s), jnp.nan), shift
+
+    def online(carry, i):
+        m, s = carry
+        z = chunk_logits(i)
+        m2 = jnp.maximum(m, z.max(-1))
+        return (m2, s * jnp.exp(m - m2) + jnp.exp(z - m2[..., None]).sum(-1)), None
+
+    (m, s), _ = jax.lax.scan(online, (zeros - jnp.inf, zeros), jnp.arange(n))
+    return m + jnp.log(s), m
+
+
+def target_logit(cfg: ModelConfig, params: Params, h: Array, targets: Array) -> Array:
+    """logit of each target token [B, T], f32."""
+    W = unembed(cfg, params)
+    return jnp.einsum("btd,btd->bt", h, jnp.take(W, targets, axis=0), preferred_element_type=jnp.float32)
+
+
+def token_nll(cfg: ModelConfig, params: Params, h: Array, targets: Array, chunk: int = 16384) -> Array:
+    """-log p(target) [B, T] in f32, without materialising the logits."""
+    return logsumexp_vocab(cfg, params, h, chunk)[0] - target_logit(cfg, params, h, targets)
 
 
 class Decoder(nnx.Module):
