@@ -1,0 +1,59 @@
+"""The defaults every config starts from: the paper's method (shared/docs/method.md) as fields.
+
+Each field's comment says what it turns. Configs for a family override `model` and what differs.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+from jaxcrit.data.texts import BOOKENDS
+
+
+def base(model: str) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.model = model                 # embedded name (smollm2), HF checkpoint dir, .gguf file, or converted dir
+    c.dtype = "float32"             # params and activations: float32 | bfloat16 | float16 (norms, softmax, loss in f32)
+    c.text = BOOKENDS               # the text Stage 1 perturbs and Stage 2 scores (>= 10 tokens)
+    c.max_tokens = 512              # texts are cut to this many tokens
+    c.seed = 42                     # noise and random-baseline seed
+    c.overwrite = False             # reuse a workdir that holds results of a different config
+    c.progress = True               # progress bars on stderr
+
+    c.stage1 = ml_collections.ConfigDict()
+    c.stage1.alpha = 5.0            # noise scale on the input embeddings
+    c.stage1.samples = 100          # K, noisy passes
+    c.stage1.batch = 8              # noisy passes per compiled (vmapped) batch
+    c.stage1.top_n = 10000          # ranked entries kept
+    c.stage1.threshold = 1e-6       # scores <= this are dropped
+    c.stage1.ranking = "channel"    # channel: (site, layer, channel), max over positions; position: the reference's list
+
+    c.stage2 = ml_collections.ConfigDict()
+    c.stage2.epsilon = 1.0          # collapse threshold on delta = log10(PPL_masked / PPL_base)
+    c.stage2.max_steps = 1000       # largest prefix n tried
+    c.stage2.full_curve = False     # evaluate every n up to max_steps instead of stopping at epsilon
+
+    c.scan = ml_collections.ConfigDict()
+    c.scan.sites = ("down_proj",)   # sites scanned neuron by neuron (empty: no scan)
+    c.scan.layers = ()              # layers scanned; empty: the layers of the critical set
+    c.scan.max_layers = 0           # with layers empty, scan at most this many of them (0: all)
+    c.scan.greedy_steps = 8         # greedy search on measured deltas: at most this many steps (0: off)
+    c.scan.greedy_pool = 32         # candidates of the greedy search: the scan's top single neurons
+
+    c.baselines = ml_collections.ConfigDict()
+    c.baselines.names = ("random", "activation", "gradient", "massive")  # baselines grown like Stage 2
+    c.baselines.random_repeats = 10                # seeded repeats of the random baseline
+    c.baselines.ns = (1, 3, 10, 30, 100, 300, 1000)  # set sizes the baselines are scored at
+
+    c.evaluate = ml_collections.ConfigDict()
+    c.evaluate.file = ""            # text file evaluated before/after masking (rows > 50 chars); empty: c.text only
+    c.evaluate.limit = 0            # evaluate only the first N rows of the file (0: all)
+
+    c.engine = ml_collections.ConfigDict()
+    c.engine.chunk = 64             # ablations per compiled call (memory grows with it)
+    c.engine.vocab_chunk = 16384    # vocabulary columns per loss step
+    c.engine.prefix_sharing = True  # run layers below a chunk's first perturbed layer once, clean
+    c.engine.attention = "auto"     # auto | xla | cudnn (fused, GPU with bf16/fp16)
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.shape = (-1, 1)          # (data, model) device mesh; -1 takes the remaining devices
+    return c

@@ -1,0 +1,14 @@
+"""gemma family checkpoints (a HF dir), bf16 on a GPU.
+
+    python -m jaxcrit.main --config=configs/gemma.py:/path/to/checkpoint --workdir=runs/gemma
+"""
+from configs.common import base
+
+
+def get_config(arg=None):
+    if not arg:
+        raise ValueError("give the checkpoint dir: --config=configs/gemma.py:/path/to/checkpoint")
+    c = base(arg)
+    c.dtype = "bfloat16"
+    c.engine.chunk = 128
+    return c

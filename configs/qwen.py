@@ -1,0 +1,13 @@
+"""Qwen2 / Qwen2.5 / DeepSeek-R1-Distill-Qwen checkpoints (a HF dir), bf16 on a GPU.
+
+    python -m jaxcrit.main --config=configs/qwen.py:/path/to/Qwen2.5-0.5B-Instruct --workdir=runs/qwen
+"""
+from configs.common import base
+
+
+def get_config(arg=None):
+    c = base(arg or "Qwen2.5-0.5B-Instruct")
+    c.dtype = "bfloat16"
+    c.engine.chunk = 256
+    c.stage1.batch = 16
+    return c

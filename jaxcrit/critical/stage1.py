@@ -1,0 +1,145 @@
+"""Stage 1: importance by input perturbation, batched over noise samples on device.
+
+importance(site, pos, channel) = mean_k |A_clean - A_noisy_k|, with A_noisy_k the site outputs
+when alpha * N(0, I) is added to the input embeddings E(x). Noise sample k is drawn from
+fold_in(key(seed), k), so results do not depend on the chunking and a resumed run is identical.
+"""
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxcrit.models import decoder
+from jaxcrit.models.config import ModelConfig
+from jaxcrit.models.sites import SITE_NAMES, module_path, width
+from jaxcrit.progress import Progress
+
+
+@dataclasses.dataclass
+class Importance:
+    """Per-site running sums and the number of samples they hold; scores = sums / k."""
+    sums: dict[str, np.ndarray]  # site -> [L, T, C] f32
+    k: int
+
+    def scores(self) -> dict[str, np.ndarray]:
+        return {s: v / max(self.k, 1) for s, v in self.sums.items()}
+
+
+def noise(key: jax.Array, ks: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """Standard normal noise of samples ks [n] -> [n, *shape], f32; sample k depends on k alone."""
+    return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(key, k), shape, jnp.float32))(ks)
+
+
+@partial(jax.jit, static_argnames=("cfg",))
+def _clean(cfg: ModelConfig, params, tokens):
+    _, acts = decoder.forward(cfg, params, decoder.embed(cfg, params, tokens), capture=SITE_NAMES)
+    return {s: a[:, 0].astype(jnp.float32) for s, a in acts.items()}   # [L, T, C]
+
+
+@partial(jax.jit, static_argnames=("cfg",), donate_argnames=("sums",))
+def _accumulate(cfg: ModelConfig, params, tokens, clean, sums, eps, alpha):
+    """Adds sum over the chunk's samples of |A_clean - A_noisy| to sums. eps: [n, T, D] f32."""
+    e = decoder.embed(cfg, params, tokens)[0]
+
+    def one(z):
+        x = (e.astype(jnp.float32) + alpha * z).astype(e.dtype)[None]
+        _, acts = decoder.forward(cfg, params, x, capture=SITE_NAMES)
+        return {s: jnp.abs(clean[s] - a[:, 0].astype(jnp.float32)) for s, a in acts.items()}
+
+    d = jax.vmap(one)(eps)
+    return {s: sums[s] + d[s].sum(0) for s in sums}
+
+
+def importance(cfg: ModelConfig, params: dict, tokens: np.ndarray, *, alpha: float, samples: int,
+               seed: int, chunk: int = 8, noise_array: np.ndarray | None = None,
+               state: Importance | None = None, on_chunk: Callable[[Importance], None] | None = None,
+               progress: bool = True) -> Importance:
+    """Mean |A_clean - A_noisy| per (site, layer, position, channel) over `samples` noise draws.
+
+    tokens [T]. noise_array [samples, T, D] replaces the seeded noise (to compare with another
+    implementation on identical draws). state resumes a partial run; on_chunk is called after
+    every chunk with the state so far (for checkpointing). chunk: samples per vmapped batch.
+    """
+    tok = jnp.asarray(np.asarray(tokens)[None], jnp.int32)
+    clean = _clean(cfg, params, tok)
+    T = tok.shape[1]
+    if state is None:
+        state = Importance({s: np.zeros((cfg.n_layers, T, width(cfg, s)), np.float32) for s in SITE_NAMES}, 0)
+    sums = {s: jnp.asarray(v) for s, v in state.sums.items()}
+    key = jax.random.key(seed)
+    bar = Progress(samples, "stage 1 noisy passes", unit="pass", enabled=progress)
+    bar.update(state.k)
+    k = state.k
+    while k < samples:
+        n = min(chunk, samples - k)
+        if noise_array is not None:
+            eps = jnp.asarray(noise_array[k:k + n], jnp.float32)
+        else:
+            eps = noise(key, jnp.arange(k, k + n), (T, cfg.d_model))
+        sums = _accumulate(cfg, params, tok, clean, sums, eps, jnp.float32(alpha))
+        k += n
+        bar.update(n)
+        if on_chunk is not None:
+            on_chunk(Importance({s: np.asarray(v) for s, v in sums.items()}, k))
+    return Importance({s: np.asarray(v) for s, v in sums.items()}, k)
+
+
+@dataclasses.dataclass(frozen=True)
+class Ranking:
+    """A ranked list of neurons; seq is -1 for channel-level entries."""
+    site: np.ndarray     # [N] site names
+    layer: np.ndarray    # [N] int
+    seq: np.ndarray      # [N] int
+    channel: np.ndarray  # [N] int
+    score: np.ndarray    # [N] f32
+
+    def __len__(self) -> int:
+        return len(self.score)
+
+    def records(self) -> list[dict]:
+        """The reference's importance.json fields, plus site and layer."""
+        return [{"layer_name": module_path(s, int(l)), "site": str(s), "layer": int(l), "seq_idx": int(q),
+                 "hidden_idx": int(c), "activation_diff": float(v)}
+                for s, l, q, c, v in zip(self.site, self.layer, self.seq, self.channel, self.score)]
+
+
+def rank(scores: dict[str, np.ndarray], top_n: int, threshold: float, per_position: bool) -> Ranking:
+    """Top-N entries above threshold, descending.
+
+    per_position: entries are (site, layer, position, channel), the reference's list (a channel
+    can appear at several positions). Otherwise (site, layer, channel) scored by the max over
+    positions, which is what masking acts on. Ties keep layer-major, then site, position and
+    channel order (the reference's insertion order).
+    """
+    blocks, meta = [], []
+    for s in SITE_NAMES:
+        v = scores[s]                       # [L, T, C]
+        if not per_position:
+            v = v.max(axis=1, keepdims=True)
+        blocks.append(v.reshape(v.shape[0], -1))
+        meta.append((s, v.shape[1], v.shape[2]))
+    flat = np.concatenate(blocks, axis=1)   # [L, sum_s T_s * C_s], layer-major
+    per_layer = flat.shape[1]
+    flat = flat.reshape(-1)
+    keep = np.flatnonzero(flat > threshold)
+    vals = flat[keep]
+    if len(keep) > top_n:
+        part = np.argpartition(-vals, top_n - 1)[:top_n]
+        keep, vals = keep[part], vals[part]
+    order = np.lexsort((keep, -vals))
+    keep, vals = keep[order], vals[order]
+    layer, off = np.divmod(keep, per_layer)
+    bounds = np.cumsum([0] + [t * c for _, t, c in meta])
+    which = np.searchsorted(bounds, off, side="right") - 1
+    off = off - bounds[which]
+    Cs = np.array([c for _, _, c in meta])[which]
+    seq, ch = np.divmod(off, Cs)
+    if not per_position:
+        seq = np.full_like(seq, -1)
+    names = np.array([m[0] for m in meta])[which]
+    return Ranking(names, layer, seq, ch, vals.astype(np.float32))

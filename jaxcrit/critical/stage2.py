@@ -1,0 +1,43 @@
+"""Stage 2: grow the critical set along a ranking, every prefix scored through the engine."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from jaxcrit import engine as E
+from jaxcrit.critical.stage1 import Ranking
+
+
+@dataclasses.dataclass
+class Growth:
+    """delta for each evaluated prefix size n, and the first n with delta >= epsilon (None: never)."""
+    ns: np.ndarray       # [M] int
+    deltas: np.ndarray   # [M] f32
+    critical_n: int | None
+
+    def curve(self) -> list[dict]:
+        return [{"n": int(n), "delta": float(d)} for n, d in zip(self.ns, self.deltas)]
+
+
+def grow(engine: E.Engine, ranking: Ranking, *, epsilon: float, max_steps: int, full_curve: bool,
+         ns: np.ndarray | None = None, desc: str = "stage 2 prefixes") -> Growth:
+    """Scores prefixes n = 1..min(max_steps, len(ranking)) (or the given ns) in engine-sized blocks.
+
+    Stops after the block holding the first n with delta >= epsilon unless full_curve.
+    """
+    n_max = min(max_steps, len(ranking))
+    todo = np.arange(1, n_max + 1) if ns is None else np.asarray([n for n in ns if 1 <= n <= n_max])
+    block = max(engine.chunk, 1)
+    got_n, got_d = [], []
+    for lo in range(0, len(todo), block):
+        part = todo[lo:lo + block]
+        abl = E.prefixes(engine.cfg, ranking.site, ranking.layer, ranking.channel, part)
+        got_n.append(part)
+        got_d.append(engine.deltas(abl, desc=desc))
+        if not full_curve and (got_d[-1] >= epsilon).any():
+            break
+    ns_done = np.concatenate(got_n) if got_n else np.zeros(0, int)
+    deltas = np.concatenate(got_d) if got_d else np.zeros(0, np.float32)
+    hit = np.flatnonzero(deltas >= epsilon)
+    return Growth(ns_done, deltas, int(ns_done[hit[0]]) if len(hit) else None)
