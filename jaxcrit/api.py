@@ -86,10 +86,10 @@ def grow(model: Model, ranking: stage1.Ranking, text: str, *, epsilon: float = 1
 
 
 def scan(model: Model, text: str, sites: Sequence[str] = ("down_proj",), layers: Sequence[int] | None = None,
-         max_tokens: int = 512, **engine_kw) -> list[dict]:
-    """Exhaustive single-neuron deltas of the given sites and layers (all layers by default)."""
+         channels: Sequence[int] | None = None, max_tokens: int = 512, **engine_kw) -> list[dict]:
+    """Single-neuron deltas of the given sites, layers and channels (default: all of them)."""
     eng = engine_for(model, text, max_tokens, **engine_kw)
-    abl = scan_mod.scan_rows(model.cfg, sites, range(model.cfg.n_layers) if layers is None else layers)
+    abl = scan_mod.scan_rows(model.cfg, sites, range(model.cfg.n_layers) if layers is None else layers, channels)
     return scan_mod.scan_records(abl, scan_mod.scan(eng, abl, block=max(abl.rows, 1)))
 
 

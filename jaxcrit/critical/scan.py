@@ -9,9 +9,10 @@ from jaxcrit import engine as E
 from jaxcrit.models.sites import SITE_INDEX, SITE_NAMES, width
 
 
-def scan_rows(cfg, sites: Sequence[str], layers: Sequence[int]) -> E.Ablations:
-    """One row per (site, layer, channel), deepest layers first (so chunks share the prefix)."""
-    parts = [E.single(cfg, s, layers=sorted(layers, reverse=True)) for s in sites]
+def scan_rows(cfg, sites: Sequence[str], layers: Sequence[int], channels: Sequence[int] | None = None) -> E.Ablations:
+    """One row per (site, layer, channel), deepest layers first (so chunks share the prefix);
+    channels None: every channel of each site."""
+    parts = [E.single(cfg, s, layers=sorted(layers, reverse=True), channels=channels) for s in sites]
     cat = lambda f: np.concatenate([getattr(p, f) for p in parts])
     return E.Ablations(cat("site"), cat("layer"), cat("channel"), cat("scale"), cat("value"))
 
