@@ -141,6 +141,9 @@ def run(c: ConfigDict, workdir: Path) -> dict:
                                 seed=c.seed, chunk=c.stage1.batch, state=resume, progress=c.progress,
                                 on_chunk=lambda s: _save_npz(ck, {**s.sums, "_k": np.asarray(s.k)}))
         ranking = stage1.rank(imp.scores(), c.stage1.top_n, c.stage1.threshold, c.stage1.ranking == "position")
+        if not len(ranking):
+            raise JaxcritError(f"stage 1 ranked no neuron: no importance score is above stage1.threshold "
+                               f"({c.stage1.threshold}); lower stage1.threshold or raise stage1.alpha")
         io.write_json(imp_path, {"ranking": c.stage1.ranking, "alpha": c.stage1.alpha, "samples": c.stage1.samples,
                                  "tokens": int(len(tok)), "neurons": ranking.records()})
     timings["stage1"] = time.perf_counter() - t

@@ -1,0 +1,264 @@
+"""Stage 1 and Stage 2 against straightforward, unbatched references.
+
+Stage 1 reference: the transformers PyTorch model (eager attention), one forward per noise
+sample, forward hooks on the nine sites of every layer (q_proj, k_proj, v_proj, o_proj,
+gate_proj, up_proj, mlp.act_fn's output, down_proj, post_attention_layernorm), inputs_embeds =
+embed_tokens(ids) + alpha * noise with the SAME noise array jaxcrit gets through `noise_array`;
+importance = mean_k |clean - noisy|, then the ranked list built the reference way: a Python
+list of (layer_name, seq_idx, hidden_idx, diff) for every entry with diff > threshold, sorted
+descending (stable), top N. The channel ranking is that list reduced by max over positions.
+
+Tie rule for comparing rankings: two implementations in f32 can order entries whose scores
+differ by less than their rounding differently. The reference list is cut into groups of
+consecutive entries whose scores are within TIE = 1e-5 (relative) of their neighbour; each group lying wholly inside the top N must hold the same entries (as a
+set) at the same positions of jaxcrit's list, and the group straddling the cut at N must
+contain the entries jaxcrit put there. Entries with a clear gap on both sides are thus
+compared position by position.
+
+Stage 2 reference: for n = 1..N, decoder.forward with dense [layers, channels] masks zeroing the
+top-n (site, layer, channel) of the ranking, full logits, float64 log-softmax in numpy, mean
+NLL; delta = (loss - base) / ln 10. grow() must give the same deltas (1e-5) and the same first
+n with delta >= epsilon, in both ranking modes; full_curve=True returns every n.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers as tf
+
+import hf_models
+from jaxcrit.convert.hf import load_hf
+from jaxcrit.critical import stage1, stage2
+from jaxcrit.engine import Engine, Texts
+from jaxcrit.models import decoder as dec
+from jaxcrit.models.sites import SITE_NAMES, module_path, width
+
+ALPHA = 5.0
+K = 4          # noise samples
+T = 12         # tokens
+CHUNK = 3      # stage 1 samples per vmapped batch: 4 = 3 + 1, a partial last chunk
+TOP_N = 200
+N_GROW = 20    # stage 2 prefixes
+TIE = 1e-5
+
+
+def build_llama(directory, layers: int = 2, seed: int = 0):
+    """hf_models' tiny llama with `layers` layers and initializer_range 0.2 (so single channels
+    move the loss visibly), norms perturbed; saved to directory. Returns the torch model."""
+    torch.manual_seed(seed)
+    cfg = hf_models.CONFIGS["llama"]()
+    cfg.num_hidden_layers = layers
+    cfg.initializer_range = 0.2
+    model = tf.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(directory)
+    return model
+
+
+# ----------------------------------------------------------------------------- references
+
+def ref_importance(model, ids: np.ndarray, noise: np.ndarray, alpha: float) -> dict[str, np.ndarray]:
+    """{hf module path: [T, C] mean |clean - noisy|}, one unbatched torch forward per sample."""
+    names = [module_path(s, i) for i in range(model.config.num_hidden_layers) for s in SITE_NAMES]
+    mods = dict(model.named_modules())
+    cur: dict[str, np.ndarray] = {}
+    hooks = [mods[n].register_forward_hook(
+        (lambda n: lambda m, a, out: cur.__setitem__(n, out[0].detach().double().numpy()))(n)) for n in names]
+    try:
+        with torch.no_grad():
+            emb = model.model.embed_tokens(torch.tensor(ids[None], dtype=torch.long))
+            model(inputs_embeds=emb)
+            clean = dict(cur)
+            acc = {n: np.zeros_like(v) for n, v in clean.items()}
+            for k in range(len(noise)):
+                model(inputs_embeds=emb + alpha * torch.tensor(noise[k][None]))
+                for n in names:
+                    acc[n] += np.abs(clean[n] - cur[n])
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: v / len(noise) for n, v in acc.items()}
+
+
+def ref_ranked(scores: dict[str, np.ndarray], threshold: float) -> list[tuple[str, int, int, float]]:
+    """The reference's list: every (layer_name, seq_idx, hidden_idx, diff) with diff > threshold,
+    sorted descending (stable, insertion order layer-major). Not cut at N (the tie rule needs the
+    entries after the cut)."""
+    out = []
+    for name, v in scores.items():
+        for q in range(v.shape[0]):
+            for h in range(v.shape[1]):
+                d = float(v[q, h])
+                if d > threshold:
+                    out.append((name, q, h, d))
+    out.sort(key=lambda r: -r[3])
+    return out
+
+
+def ref_channels(scores: dict[str, np.ndarray], threshold: float) -> list[tuple[str, int, int, float]]:
+    """The reference list reduced by max over positions (seq_idx -1)."""
+    best: dict[tuple[str, int], float] = {}
+    for name, q, h, d in ref_ranked(scores, threshold):
+        best[(name, h)] = max(best.get((name, h), -math.inf), d)
+    out = [(name, -1, h, d) for (name, h), d in best.items()]
+    out.sort(key=lambda r: -r[3])
+    return out
+
+
+def assert_same_ranking(got: stage1.Ranking, ref: list[tuple[str, int, int, float]], top_n: int) -> None:
+    """got equals ref[:top_n] up to ties (module docstring): scores to 1e-4, entries by group."""
+    n = min(top_n, len(ref))
+    assert len(got) == n
+    recs = got.records()
+    keys = [(r["layer_name"], r["seq_idx"], r["hidden_idx"]) for r in recs]
+    ref_scores = np.array([r[3] for r in ref])
+    np.testing.assert_allclose(got.score, ref_scores[:n], rtol=1e-4, atol=1e-6 * ref_scores.max())
+    lo, compared = 0, 0
+    while lo < n:
+        hi = lo + 1
+        while hi < len(ref) and ref_scores[hi - 1] - ref_scores[hi] <= TIE * ref_scores[hi - 1]:
+            hi += 1
+        group = {r[:3] for r in ref[lo:hi]}
+        mine = set(keys[lo:min(hi, n)])
+        if hi <= n:
+            assert mine == group, f"ranks {lo}..{hi - 1}: {sorted(mine)} != {sorted(group)}"
+        else:
+            assert mine <= group, f"ranks {lo}..{n - 1} (cut at N): {sorted(mine - group)} not in the tied group"
+        compared += hi - lo == 1
+        lo = hi
+    assert compared >= n // 4, "too many ties for the comparison to mean anything"
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _masked_logits(cfg, params, tokens, masks):
+    h, _ = dec.forward(cfg, params, dec.embed(cfg, params, tokens), masks=masks)
+    return dec.logits(cfg, params, h)
+
+
+def ref_loss(cfg, params, ids: np.ndarray, zeroed: list[tuple[str, int, int]]) -> float:
+    """Mean next-token NLL with the given (site, layer, channel) zeroed: dense masks, full logits,
+    float64 log-softmax."""
+    masks = {s: np.ones((cfg.n_layers, width(cfg, s)), np.float32) for s in SITE_NAMES}
+    for s, l, c in zeroed:
+        masks[s][l, c] = 0.0
+    z = np.asarray(_masked_logits(cfg, params, jnp.asarray(ids[None]), masks), np.float64)[0, :-1]
+    m = z.max(-1, keepdims=True)
+    logp = z - m - np.log(np.exp(z - m).sum(-1, keepdims=True))
+    return float(-logp[np.arange(len(ids) - 1), ids[1:]].mean())
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+class Setup:
+    def __init__(self, directory):
+        self.torch = build_llama(directory)
+        self.cfg, self.params = load_hf(directory, np.float32)
+        self.ids = np.random.default_rng(3).integers(0, self.cfg.vocab_size, T).astype(np.int32)
+        self.noise = np.random.default_rng(4).standard_normal((K, T, self.cfg.d_model)).astype(np.float32)
+        self.imp = stage1.importance(self.cfg, self.params, self.ids, alpha=ALPHA, samples=K, seed=0,
+                                     chunk=CHUNK, noise_array=self.noise, progress=False)
+        self.ref = ref_importance(self.torch, self.ids, self.noise, ALPHA)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    return Setup(tmp_path_factory.mktemp("llama"))
+
+
+# ----------------------------------------------------------------------------- Stage 1
+
+def test_importance_scores_match_reference(setup):
+    assert setup.imp.k == K
+    scores = setup.imp.scores()
+    top = max(v.max() for v in setup.ref.values())
+    for s in SITE_NAMES:
+        assert scores[s].shape == (setup.cfg.n_layers, T, width(setup.cfg, s))
+        for l in range(setup.cfg.n_layers):
+            np.testing.assert_allclose(scores[s][l], setup.ref[module_path(s, l)], rtol=1e-4, atol=1e-6 * top,
+                                       err_msg=f"{s} layer {l}")
+
+
+def test_importance_chunking_and_resume_do_not_change_scores(setup):
+    """Other chunk sizes, and a run resumed from a partial state, give the same sums."""
+    kw = dict(alpha=ALPHA, samples=K, seed=0, noise_array=setup.noise, progress=False)
+    whole = stage1.importance(setup.cfg, setup.params, setup.ids, chunk=K, **kw)
+    seen = []
+    stage1.importance(setup.cfg, setup.params, setup.ids, chunk=1, on_chunk=seen.append, **kw)
+    assert [s.k for s in seen] == [1, 2, 3, 4]
+    resumed = stage1.importance(setup.cfg, setup.params, setup.ids, chunk=1, state=seen[1], **kw)
+    for s in SITE_NAMES:
+        np.testing.assert_allclose(whole.sums[s], setup.imp.sums[s], rtol=1e-6, atol=1e-6)
+        np.testing.assert_array_equal(resumed.sums[s], seen[-1].sums[s])
+
+
+@pytest.mark.parametrize("top_n,threshold", [(TOP_N, 1e-6), (10 ** 7, None)])
+def test_position_ranking_matches_reference(setup, top_n, threshold):
+    """threshold None: the median score, so the threshold (not N) decides the list's end."""
+    if threshold is None:
+        threshold = float(np.median(np.concatenate([v.ravel() for v in setup.ref.values()])))
+    ref = ref_ranked(setup.ref, threshold)
+    got = stage1.rank(setup.imp.scores(), top_n, threshold, per_position=True)
+    assert_same_ranking(got, ref, top_n)
+
+
+@pytest.mark.parametrize("top_n,threshold", [(TOP_N, 1e-6), (10 ** 7, None)])
+def test_channel_ranking_is_reference_max_over_positions(setup, top_n, threshold):
+    if threshold is None:
+        threshold = float(np.median(np.concatenate([v.max(0) for v in setup.ref.values()])))
+    ref = ref_channels(setup.ref, threshold)
+    got = stage1.rank(setup.imp.scores(), top_n, threshold, per_position=False)
+    assert (got.seq == -1).all()
+    assert_same_ranking(got, ref, top_n)
+
+
+# ----------------------------------------------------------------------------- Stage 2
+
+@pytest.fixture(scope="module")
+def engine(setup):
+    return Engine(setup.cfg, setup.params, Texts.from_ids([setup.ids.tolist()]), chunk=4, vocab_chunk=50,
+                  progress=False)
+
+
+@pytest.mark.parametrize("per_position", [False, True], ids=["channel", "position"])
+def test_grow_matches_reference(setup, engine, per_position):
+    rk = stage1.rank(setup.imp.scores(), TOP_N, 1e-6, per_position=per_position)
+    base = ref_loss(setup.cfg, setup.params, setup.ids, [])
+    assert abs(engine.base_loss - base) < 1e-5
+    entries = list(zip(rk.site.tolist(), rk.layer.tolist(), rk.channel.tolist()))
+    ref = np.array([(ref_loss(setup.cfg, setup.params, setup.ids, entries[:n]) - base) / math.log(10)
+                    for n in range(1, N_GROW + 1)])
+
+    full = stage2.grow(engine, rk, epsilon=1e9, max_steps=N_GROW, full_curve=True)
+    np.testing.assert_array_equal(full.ns, np.arange(1, N_GROW + 1))
+    np.testing.assert_allclose(full.deltas, ref, rtol=0, atol=1e-5)
+    assert full.critical_n is None
+
+    # epsilon: half the largest delta, moved to the middle of a clear gap between deltas
+    assert ref.max() > 1e-3, f"ranking {per_position}: the prefixes barely move the loss ({ref.max()})"
+    vals = np.unique(ref)
+    cand = [(a + b) / 2 for a, b in zip(vals[:-1], vals[1:]) if b - a > 1e-3 and (a + b) / 2 > 0]
+    eps = min(cand, key=lambda e: abs(e - ref.max() / 2))
+    first = int(np.flatnonzero(ref >= eps)[0]) + 1
+    g = stage2.grow(engine, rk, epsilon=eps, max_steps=N_GROW, full_curve=False)
+    assert g.critical_n == first
+    stop = min(-(-first // engine.chunk) * engine.chunk, N_GROW)   # the end of the block holding n*
+    np.testing.assert_array_equal(g.ns, np.arange(1, stop + 1))
+    np.testing.assert_allclose(g.deltas, ref[:stop], rtol=0, atol=1e-5)
+
+    g = stage2.grow(engine, rk, epsilon=eps, max_steps=N_GROW, full_curve=True)
+    np.testing.assert_array_equal(g.ns, np.arange(1, N_GROW + 1))
+    assert g.critical_n == first
+
+    # given ns (the baselines' way), out-of-range ones dropped
+    g = stage2.grow(engine, rk, epsilon=1e9, max_steps=N_GROW, full_curve=True, ns=np.array([1, 3, 7, N_GROW + 5]))
+    np.testing.assert_array_equal(g.ns, [1, 3, 7])
+    np.testing.assert_allclose(g.deltas, ref[[0, 2, 6]], rtol=0, atol=1e-5)
