@@ -49,7 +49,7 @@ def base(model: str) -> ml_collections.ConfigDict:
     c.evaluate.limit = 0            # evaluate only the first N rows of the file (0: all)
 
     c.engine = ml_collections.ConfigDict()
-    c.engine.chunk = 64             # ablations per compiled call (memory grows with it)
+    c.engine.chunk = 64             # ablations per compiled call; 0: the largest that fits free device memory
     c.engine.vocab_chunk = 16384    # vocabulary columns per loss step
     c.engine.prefix_sharing = True  # run layers below a chunk's first perturbed layer once, clean
     c.engine.attention = "auto"     # auto | xla | cudnn (fused, GPU with bf16/fp16)

@@ -10,5 +10,5 @@ def get_config(arg=None):
         raise ValueError("give the checkpoint dir: --config=configs/gemma.py:/path/to/checkpoint")
     c = base(arg)
     c.dtype = "bfloat16"
-    c.engine.chunk = 128
+    c.engine.chunk = 0
     return c

@@ -8,6 +8,6 @@ from configs.common import base
 def get_config(arg=None):
     c = base(arg or "Qwen2.5-0.5B-Instruct")
     c.dtype = "bfloat16"
-    c.engine.chunk = 256
+    c.engine.chunk = 0
     c.stage1.batch = 16
     return c

@@ -11,4 +11,6 @@ def get_config(arg=None):
     c = base("smollm2")
     c.engine.chunk = 16
     c.scan.max_layers = 1
+    c.scan.greedy_steps = 4
+    c.scan.greedy_pool = 8
     return c

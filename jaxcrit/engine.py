@@ -204,17 +204,18 @@ class Engine:
     """Scores perturbation batches against a fixed set of texts on a device mesh.
 
     chunk: rows per compiled call (one compile per distinct site set); rows are padded to it.
+    0 plans it from memory: XLA's memory analysis of two small compiled chunks gives the bytes
+    per row, and the chunk fills `memory_fraction` of the free device memory (host memory on CPU).
     attention: "xla" (exact f32 softmax), "cudnn" (fused flash attention, GPU with bf16/fp16), or
     "auto" (cudnn where it applies).
     """
 
     def __init__(self, cfg: ModelConfig, params: dict, texts: Texts, *, mesh: Mesh | None = None,
                  chunk: int = 64, prefix_sharing: bool = True, vocab_chunk: int = 16384,
-                 attention: str = "auto", progress: bool = True):
+                 attention: str = "auto", memory_fraction: float = 0.7, progress: bool = True):
         self.cfg, self.params, self.texts = cfg, params, texts
         self.mesh = mesh or make_mesh()
         data = self.mesh.shape["data"]
-        self.chunk = max(data, -(-chunk // data) * data)
         self.prefix_sharing, self.vocab_chunk, self.progress = prefix_sharing, vocab_chunk, progress
         rep = NamedSharding(self.mesh, P())
         self.valid = jax.device_put(texts.valid, rep)
@@ -229,7 +230,39 @@ class Engine:
         if attention not in ("xla", "cudnn"):
             raise JaxcritError(f"attention '{attention}' unknown: use auto, xla or cudnn")
         self.attention = attention
+        if chunk == 0:
+            chunk = self.plan_chunk(memory_fraction)
+        self.chunk = max(data, -(-chunk // data) * data)
         self.base_loss = float(self.losses(None)[0])
+
+    def _chunk_bytes(self, rows: int) -> int:
+        """Device bytes one chunk of `rows` single-entry rows over all nine sites needs (XLA's plan)."""
+        spec = {k: jax.ShapeDtypeStruct((rows, 1), dt, sharding=self.rows_sharding) for k, dt in
+                [("site", jnp.int32), ("layer", jnp.int32), ("channel", jnp.int32),
+                 ("scale", jnp.float32), ("value", jnp.float32)]}
+        m = _chunk_nll.lower(self.params, self.resid, self.valid, self.targets, self.tmask, self.shift, spec,
+                             cfg=self.cfg, sites=SITE_NAMES, with_values=False, share=self.prefix_sharing,
+                             per_token=False, vocab_chunk=self.vocab_chunk,
+                             attn_impl=self.attention).compile().memory_analysis()
+        return int(m.temp_size_in_bytes + m.output_size_in_bytes)
+
+    def plan_chunk(self, fraction: float, cap: int = 1024) -> int:
+        """The largest chunk (a multiple of 8 per device) whose program fits the free memory."""
+        data = self.mesh.shape["data"]
+        a, b = 8 * data, 16 * data
+        ma, mb = self._chunk_bytes(a), self._chunk_bytes(b)
+        per_row = max((mb - ma) / (b - a), 1.0)
+        stats = self.mesh.devices.flat[0].memory_stats()
+        if stats and "bytes_limit" in stats:
+            free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+        else:
+            import os
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        rows = int((fraction * free - (ma - a * per_row)) / per_row) // (8 * data) * (8 * data)
+        if rows < data:
+            raise JaxcritError(f"out of device memory: one chunk of {data} rows needs {per_row * data / 2**30:.1f} GiB "
+                               "more than is free; use fewer tokens, a smaller vocab_chunk, or more devices")
+        return min(rows, cap * data)
 
     def losses(self, abl: Ablations | None, per_token: bool = False, desc: str = "ablations") -> np.ndarray:
         """[R] mean token NLL per row (f32), or [R, B, T-1] per-token NLL; abl None: the clean run."""

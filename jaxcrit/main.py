@@ -41,7 +41,7 @@ def validate(c: ConfigDict) -> None:
         (c.stage1.ranking in ("channel", "position"), f"stage1.ranking must be channel or position (got '{c.stage1.ranking}')"),
         (c.stage2.max_steps >= 1, f"stage2.max_steps must be >= 1 (got {c.stage2.max_steps})"),
         (c.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)} (got '{c.dtype}')"),
-        (c.engine.chunk >= 1, f"engine.chunk must be >= 1 (got {c.engine.chunk})"),
+        (c.engine.chunk >= 0, f"engine.chunk must be >= 0 (0: planned from memory; got {c.engine.chunk})"),
         (c.engine.attention in ("auto", "xla", "cudnn"), f"engine.attention must be auto, xla or cudnn (got '{c.engine.attention}')"),
         (c.max_tokens >= 10, f"max_tokens must be >= 10 (got {c.max_tokens})"),
         (all(b in BASELINES for b in c.baselines.names), f"baselines.names: each one of {', '.join(BASELINES)}"),
@@ -103,7 +103,14 @@ def run(c: ConfigDict, workdir: Path) -> dict:
     validate(c)
     prepare_workdir(workdir, c)
     state = workdir / "state"
-    timings: dict[str, float] = {}
+    tpath = state / "timings.json"
+    timings: dict[str, float] = io.read_json(tpath) if tpath.exists() else {}
+
+    def took(stage: str, t0: float, ran: bool) -> None:
+        """Records a stage's wall time when it ran (a resumed stage keeps its first time)."""
+        if ran or stage not in timings:
+            timings[stage] = time.perf_counter() - t0
+            io.write_json(tpath, timings)
     say = lambda m: print(f"[jaxcrit] {m}", file=sys.stderr, flush=True)
 
     # --- mesh and model
@@ -114,7 +121,7 @@ def run(c: ConfigDict, workdir: Path) -> dict:
     model = api.load(c.model, c.dtype, mesh)
     cfg = model.cfg
     tok = model.tokens(c.text, c.max_tokens, min_tokens=10)
-    timings["load"] = time.perf_counter() - t
+    took("load", t, True)
     say(f"{model.source}: {cfg.model_type}, {cfg.n_layers} layers, {len(tok)} tokens, {c.dtype}, mesh {dict(mesh.shape)}")
     io.write_json(workdir / "manifest.json", io.manifest(c.to_dict()))
     ekw = dict(chunk=c.engine.chunk, vocab_chunk=c.engine.vocab_chunk, prefix_sharing=c.engine.prefix_sharing,
@@ -125,7 +132,8 @@ def run(c: ConfigDict, workdir: Path) -> dict:
     # --- Stage 1: importance, checkpointed after every batch of noisy passes
     t = time.perf_counter()
     imp_path = workdir / "importance.json"
-    if imp_path.exists():
+    ran = not imp_path.exists()
+    if not ran:
         records = io.read_json(imp_path)["neurons"]
         ranking = stage1.Ranking(*(np.array([r[k] for r in records]) for k in
                                    ("site", "layer", "seq_idx", "hidden_idx", "activation_diff")))
@@ -146,12 +154,13 @@ def run(c: ConfigDict, workdir: Path) -> dict:
                                f"({c.stage1.threshold}); lower stage1.threshold or raise stage1.alpha")
         io.write_json(imp_path, {"ranking": c.stage1.ranking, "alpha": c.stage1.alpha, "samples": c.stage1.samples,
                                  "tokens": int(len(tok)), "neurons": ranking.records()})
-    timings["stage1"] = time.perf_counter() - t
+    took("stage1", t, ran)
 
     # --- Stage 2: prefixes of the ranking
     t = time.perf_counter()
     crit_path = workdir / "critical.json"
-    if crit_path.exists():
+    ran = not crit_path.exists()
+    if not ran:
         crit = io.read_json(crit_path)
         curve = [{"n": int(r["n"]), "delta": float(r["delta"])} for r in _read_csv(workdir / "curve.csv")]
     else:
@@ -169,13 +178,14 @@ def run(c: ConfigDict, workdir: Path) -> dict:
                             for r in top]}
         io.write_csv(workdir / "curve.csv", [{"n": r["n"], "delta": r["delta"]} for r in curve], ["n", "delta"])
         io.write_json(crit_path, crit)
-    timings["stage2"] = time.perf_counter() - t
+    took("stage2", t, ran)
     say(f"stage 2: critical n = {crit['n']} (delta {crit['delta']:.3f} at epsilon {c.stage2.epsilon})")
 
     # --- baselines, grown at fixed set sizes
     t = time.perf_counter()
     base_path = workdir / "baselines.json"
-    if base_path.exists():
+    ran = not base_path.exists()
+    if not ran:
         base = io.read_json(base_path)
     else:
         base = {}
@@ -189,12 +199,13 @@ def run(c: ConfigDict, workdir: Path) -> dict:
                 curves.append(g.curve())
             base[name] = curves
         io.write_json(base_path, base)
-    timings["baselines"] = time.perf_counter() - t
+    took("baselines", t, ran)
 
     # --- scan: exhaustive single neurons, then greedy on measured deltas
     t = time.perf_counter()
     scan_top, greedy_path = None, []
     scan_rows: list[dict] = []
+    ran = not (workdir / "scan.csv").exists()
     if c.scan.sites:
         layers = list(c.scan.layers) or sorted({int(x["layer"]) for x in crit["neurons"]}, key=lambda l: [
             int(x["layer"]) for x in crit["neurons"]].index(l))
@@ -216,7 +227,7 @@ def run(c: ConfigDict, workdir: Path) -> dict:
                                        steps=c.scan.greedy_steps, epsilon=c.stage2.epsilon)
                 io.write_json(gpath, greedy_path)
         scan_top = sorted(scan_rows, key=lambda r: -r["delta"])[:5]
-    timings["scan"] = time.perf_counter() - t
+    took("scan", t, ran)
 
     # --- evaluation of the found set
     t = time.perf_counter()
@@ -226,7 +237,7 @@ def run(c: ConfigDict, workdir: Path) -> dict:
                  np.array([x["channel"] for x in neurons])[None], cfg=cfg)
     ev = evaluate(cfg, model.params, [model.tokens(x, c.max_tokens) for x in texts], texts, abl, **ekw)
     io.write_json(workdir / "evaluation.json", ev)
-    timings["evaluate"] = time.perf_counter() - t
+    took("evaluate", t, True)
 
     # --- plots and summary
     name = Path(str(c.model)).name
