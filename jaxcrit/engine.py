@@ -106,8 +106,12 @@ def single(cfg: ModelConfig, site: str, layers: Sequence[int] | None = None,
 def prefixes(cfg: ModelConfig, site, layer, channel, ns: Sequence[int]) -> Ablations:
     """Row i zeroes the first ns[i] entries of a ranking (the paper's Stage 2 sets)."""
     site, layer, channel = (np.asarray(a) for a in (site, layer, channel))
-    ns = np.asarray(ns)
+    ns = np.asarray(ns, int)
+    if ns.size == 0:
+        raise JaxcritError("empty perturbation batch: give at least one prefix size")
     K = int(ns.max())
+    if K > len(site) or ns.min() < 0:
+        raise JaxcritError(f"prefix sizes must lie in 0..{len(site)} (the ranking's length); got {ns.min()}..{K}")
     keep = np.arange(K)[None, :] < ns[:, None]
     return make(np.broadcast_to(site[None, :K], keep.shape), layer[None, :K], channel[None, :K],
                 np.where(keep, 0.0, 1.0), cfg=cfg)
@@ -115,6 +119,8 @@ def prefixes(cfg: ModelConfig, site, layer, channel, ns: Sequence[int]) -> Ablat
 
 def random_sets(cfg: ModelConfig, sites: Sequence[str], n_rows: int, k: int, seed: int) -> Ablations:
     """n_rows random sets of k distinct (site, layer, channel) neurons, uniform over the given sites."""
+    if n_rows < 1 or k < 1:
+        raise JaxcritError(f"empty perturbation batch: random_sets needs n_rows >= 1 and k >= 1 (got {n_rows}, {k})")
     rng = np.random.default_rng(seed)
     sizes = np.array([cfg.n_layers * width(cfg, s) for s in sites])
     total = sizes.sum()
@@ -269,6 +275,8 @@ class Engine:
         if abl is None:
             abl = Ablations(*(np.zeros((1, 1), dt) for dt in (np.int32,) * 3),
                             np.ones((1, 1), np.float32), np.zeros((1, 1), np.float32))
+        if abl.rows == 0:
+            raise JaxcritError("empty perturbation batch: give at least one row")
         order = np.argsort(-abl.first_layer(), kind="stable") if self.prefix_sharing else np.arange(abl.rows)
         srt = abl.take(order)
         sites = srt.sites()
