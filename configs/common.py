@@ -56,4 +56,5 @@ def base(model: str) -> ml_collections.ConfigDict:
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.shape = (-1, 1)          # (data, model) device mesh; -1 takes the remaining devices
+    c.mesh.distributed = False      # call jax.distributed.initialize() first (one process per host)
     return c

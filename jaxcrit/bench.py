@@ -61,18 +61,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--chunk", type=int, default=256)
+    ap.add_argument("--vocab-chunk", type=int, default=16384)
     ap.add_argument("--sites", default="down_proj,act_fn")
     ap.add_argument("--layers", type=int, default=0, help="scan only the first N layers (0: all)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     cfg = QWEN_05B
     res = {"device": jax.devices()[0].device_kind, "n_devices": jax.device_count(), "jax": jax.__version__,
-           "seq": args.seq, "chunk": args.chunk, "dtype": "bfloat16"}
+           "seq": args.seq, "chunk": args.chunk, "vocab_chunk": args.vocab_chunk, "dtype": "bfloat16"}
     res["matmul_peak_tflops"] = matmul_peak()
     params = decoder.random_params(cfg, jax.random.key(1), jnp.bfloat16)
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, args.seq)
     t = time.perf_counter()
-    eng = E.Engine(cfg, params, E.Texts.from_ids([tokens.tolist()]), chunk=args.chunk, progress=False)
+    eng = E.Engine(cfg, params, E.Texts.from_ids([tokens.tolist()]), chunk=args.chunk,
+                   vocab_chunk=args.vocab_chunk, progress=False)
     res["setup_s"] = time.perf_counter() - t
     layers = range(args.layers or cfg.n_layers)
     for site in args.sites.split(","):

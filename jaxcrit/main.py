@@ -115,6 +115,8 @@ def run(c: ConfigDict, workdir: Path) -> dict:
 
     # --- mesh and model
     t = time.perf_counter()
+    if c.mesh.distributed:
+        jax.distributed.initialize()
     if jax.process_count() > 1:
         say(f"process {jax.process_index()} of {jax.process_count()}")
     mesh = make_mesh(tuple(c.mesh.shape))

@@ -306,3 +306,25 @@ def test_cli_unknown_key_fails(model_dir, tmp_path):
     assert p.returncode != 0
     assert "nosuch" in p.stderr
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("how", ["missing_dir", "corrupt_header", "unknown_type"])
+def test_cli_bad_checkpoint_is_one_error_line(model_dir, tmp_path, how):
+    """A bad checkpoint reaches the user as one line and a non-zero exit, with no result file."""
+    import json
+    import shutil
+    bad = tmp_path / "ckpt"
+    if how != "missing_dir":
+        shutil.copytree(model_dir, bad)
+    if how == "corrupt_header":
+        with open(bad / "model.safetensors", "r+b") as f:
+            f.write(b"\xff" * 16)
+    if how == "unknown_type":
+        cfg = json.loads((bad / "config.json").read_text())
+        (bad / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt_neox"}))
+    p = _cli(bad, tmp_path)
+    lines = [l for l in p.stderr.splitlines() if l.strip()]
+    assert p.returncode != 0
+    assert "Traceback" not in p.stderr
+    assert len(lines) == 1 and lines[0].startswith("jaxcrit: error:"), p.stderr
+    assert not (tmp_path / "run" / "importance.json").exists()
