@@ -24,6 +24,16 @@ SiteArrays = Mapping[str, Array]
 RESID = "resid"  # capture key of the residual stream entering each layer, and the last output [L+1, B, T, D]
 
 
+def precision(dtype) -> jax.lax.Precision | None:
+    """f32 models get true f32 matmuls (no TF32 on GPUs): parity with transformers is the point."""
+    return jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
+
+
+def mm(x: Array, w: Array) -> Array:
+    """x @ w at the precision the dtype asks for."""
+    return jnp.matmul(x, w, precision=precision(x.dtype))
+
+
 def rms_norm(x: Array, w: Array, eps: float, plus_one: bool) -> Array:
     """RMSNorm in f32, cast back as transformers does (Gemma scales by 1 + w before the cast)."""
     xf = x.astype(jnp.float32)
@@ -90,10 +100,10 @@ def attend(cfg: ModelConfig, q: Array, k: Array, v: Array, valid: Array, impl: s
                                             key_value_seq_lengths=lengths, local_window_size=window,
                                             implementation="cudnn")
     q = q.reshape(B, T, KV, H // KV, hd)
-    s = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    s = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32, precision=precision(q.dtype))
     s = s * (1.0 / math.sqrt(hd)) + attention_bias(cfg, valid)
     a = jax.nn.softmax(s, axis=-1).astype(v.dtype)
-    return jnp.einsum("bkgts,bskd->btkgd", a, v)
+    return jnp.einsum("bkgts,bskd->btkgd", a, v, precision=precision(v.dtype))
 
 
 def block(cfg: ModelConfig, p: Params, h: Array, valid: Array, cos: Array, sin: Array,
@@ -110,7 +120,7 @@ def block(cfg: ModelConfig, p: Params, h: Array, valid: Array, cos: Array, sin: 
         return out
 
     x = rms_norm(h, p["input_norm"], cfg.norm_eps, fam.norm_plus_one)
-    q, k, v = x @ p["q_w"], x @ p["k_w"], x @ p["v_w"]
+    q, k, v = mm(x, p["q_w"]), mm(x, p["k_w"]), mm(x, p["v_w"])
     if "q_b" in p:
         q, k, v = q + p["q_b"], k + p["k_b"], v + p["v_b"]
     q, k, v = site("q_proj", q), site("k_proj", k), site("v_proj", v)
@@ -123,15 +133,15 @@ def block(cfg: ModelConfig, p: Params, h: Array, valid: Array, cos: Array, sin: 
         k = rms_norm(k, p["k_norm"], cfg.norm_eps, False)
     q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
     o = attend(cfg, q, k, v, valid, attn_impl).reshape(B, T, cfg.q_dim)
-    o = o @ p["o_w"]
+    o = mm(o, p["o_w"])
     if "o_b" in p:
         o = o + p["o_b"]
     h = h + site("o_proj", o)
     x = site("post_attention_layernorm", rms_norm(h, p["post_norm"], cfg.norm_eps, fam.norm_plus_one))
-    g = site("gate_proj", x @ p["gate_w"])
-    u = site("up_proj", x @ p["up_w"])
+    g = site("gate_proj", mm(x, p["gate_w"]))
+    u = site("up_proj", mm(x, p["up_w"]))
     a = site("act_fn", _act(fam.act, g))
-    d = site("down_proj", (a * u) @ p["down_w"])
+    d = site("down_proj", mm(a * u, p["down_w"]))
     return h + d, sites
 
 
@@ -190,7 +200,8 @@ def unembed(cfg: ModelConfig, params: Params) -> Array:
 
 def logits(cfg: ModelConfig, params: Params, h: Array) -> Array:
     """Full logits [B, T, V] in f32: for parity checks and small models, not the engine's path."""
-    return jnp.einsum("btd,vd->btv", h, unembed(cfg, params), preferred_element_type=jnp.float32)
+    return jnp.einsum("btd,vd->btv", h, unembed(cfg, params), preferred_element_type=jnp.float32,
+                      precision=precision(h.dtype))
 
 
 def vocab_split(V: int, chunk: int) -> tuple[int, int]:
@@ -219,7 +230,7 @@ def logsumexp_vocab(cfg: ModelConfig, params: Params, h: Array, chunk: int = 163
     def chunk_logits(i):
         lo = jnp.minimum(i * c, V - c)
         z = jnp.einsum("btd,vd->btv", h, jax.lax.dynamic_slice_in_dim(W, lo, c, axis=0),
-                       preferred_element_type=jnp.float32)
+                       preferred_element_type=jnp.float32, precision=precision(h.dtype))
         return z if exact else jnp.where(lo + jnp.arange(c) >= i * c, z, -jnp.inf)
 
     zeros = jnp.zeros(h.shape[:2], jnp.float32)
@@ -243,7 +254,8 @@ def logsumexp_vocab(cfg: ModelConfig, params: Params, h: Array, chunk: int = 163
 def target_logit(cfg: ModelConfig, params: Params, h: Array, targets: Array) -> Array:
     """logit of each target token [B, T], f32."""
     W = unembed(cfg, params)
-    return jnp.einsum("btd,btd->bt", h, jnp.take(W, targets, axis=0), preferred_element_type=jnp.float32)
+    return jnp.einsum("btd,btd->bt", h, jnp.take(W, targets, axis=0), preferred_element_type=jnp.float32,
+                      precision=precision(h.dtype))
 
 
 def token_nll(cfg: ModelConfig, params: Params, h: Array, targets: Array, chunk: int = 16384) -> Array:
