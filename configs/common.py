@@ -58,3 +58,13 @@ def base(model: str) -> ml_collections.ConfigDict:
     c.mesh.shape = (-1, 1)          # (data, model) device mesh; -1 takes the remaining devices
     c.mesh.distributed = False      # call jax.distributed.initialize() first (one process per host)
     return c
+
+
+def checkpoint(arg: str | None, family: str) -> ml_collections.ConfigDict:
+    """A HF checkpoint dir given after the colon, run bf16 with the chunk planned from memory."""
+    if not arg:
+        raise ValueError(f"give the checkpoint dir: --config=configs/{family}.py:/path/to/checkpoint")
+    c = base(arg)
+    c.dtype = "bfloat16"
+    c.engine.chunk = 0
+    return c

@@ -2,13 +2,8 @@
 
     python -m jaxcrit.main --config=configs/gemma.py:/path/to/checkpoint --workdir=runs/gemma
 """
-from configs.common import base
+from configs.common import checkpoint
 
 
 def get_config(arg=None):
-    if not arg:
-        raise ValueError("give the checkpoint dir: --config=configs/gemma.py:/path/to/checkpoint")
-    c = base(arg)
-    c.dtype = "bfloat16"
-    c.engine.chunk = 0
-    return c
+    return checkpoint(arg, "gemma")

@@ -2,12 +2,10 @@
 
     python -m jaxcrit.main --config=configs/qwen.py:/path/to/Qwen2.5-0.5B-Instruct --workdir=runs/qwen
 """
-from configs.common import base
+from configs.common import checkpoint
 
 
 def get_config(arg=None):
-    c = base(arg or "Qwen2.5-0.5B-Instruct")
-    c.dtype = "bfloat16"
-    c.engine.chunk = 0
+    c = checkpoint(arg, "qwen")
     c.stage1.batch = 16
     return c

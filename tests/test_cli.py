@@ -20,8 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-import transformers as tf
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 import hf_models
@@ -41,18 +39,9 @@ COMPARED = ("importance.json", "critical.json", "curve.csv", "scan.csv", "baseli
 def build_model(directory: Path, layers: int = 2, seed: int = 0) -> Path:
     """A tiny llama (hf_models' config, `layers` layers, initializer_range 0.2) saved with
     save_pretrained, plus a WordLevel tokenizer.json (words w0..w59, ids 1..60; [UNK] 0)."""
-    torch.manual_seed(seed)
-    cfg = hf_models.CONFIGS["llama"]()
-    cfg.num_hidden_layers = layers
-    cfg.initializer_range = 0.2
-    model = tf.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(0.1 * torch.randn_like(p))
-    model.save_pretrained(directory)
+    model = hf_models.build("llama", directory, seed, layers=layers, initializer_range=0.2)
     vocab = {"[UNK]": 0, **{f"w{i}": i + 1 for i in range(WORDS)}}
-    assert len(vocab) <= cfg.vocab_size
+    assert len(vocab) <= model.config.vocab_size
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.save(str(directory / "tokenizer.json"))

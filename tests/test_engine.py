@@ -25,7 +25,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-import transformers as tf
 
 import hf_models
 from jaxcrit.convert.hf import load_hf
@@ -91,17 +90,7 @@ def edit_hook(edits: list[tuple[int, float, float]]):
 
 
 def build_model(arch: str, directory, seed: int = 0):
-    """hf_models' config of `arch` with initializer_range 0.2, norms and biases perturbed."""
-    torch.manual_seed(seed)
-    cfg = hf_models.CONFIGS[arch]()
-    cfg.initializer_range = 0.2
-    model = tf.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name or name.endswith("bias"):
-                p.add_(0.1 * torch.randn_like(p))
-    model.save_pretrained(directory)
-    return model
+    return hf_models.build(arch, directory, seed, initializer_range=0.2)
 
 
 class Setup:

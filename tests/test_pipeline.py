@@ -30,7 +30,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-import transformers as tf
 
 import hf_models
 from jaxcrit.convert.hf import load_hf
@@ -49,19 +48,7 @@ TIE = 1e-5
 
 
 def build_llama(directory, layers: int = 2, seed: int = 0):
-    """hf_models' tiny llama with `layers` layers and initializer_range 0.2 (so single channels
-    move the loss visibly), norms perturbed; saved to directory. Returns the torch model."""
-    torch.manual_seed(seed)
-    cfg = hf_models.CONFIGS["llama"]()
-    cfg.num_hidden_layers = layers
-    cfg.initializer_range = 0.2
-    model = tf.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name or name.endswith("bias"):
-                p.add_(0.1 * torch.randn_like(p))
-    model.save_pretrained(directory)
-    return model
+    return hf_models.build("llama", directory, seed, layers=layers, initializer_range=0.2)
 
 
 # ----------------------------------------------------------------------------- references

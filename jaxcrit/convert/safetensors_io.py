@@ -6,7 +6,6 @@ and lets a corrupt or truncated file fail with a message that names it.
 from __future__ import annotations
 
 import json
-import os
 import struct
 from pathlib import Path
 
