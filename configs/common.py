@@ -53,6 +53,7 @@ def base(model: str) -> ml_collections.ConfigDict:
     c.engine.vocab_chunk = 16384    # vocabulary columns per loss step
     c.engine.prefix_sharing = True  # run layers below a chunk's first perturbed layer once, clean
     c.engine.attention = "auto"     # auto | xla | cudnn (fused, GPU with bf16/fp16)
+    c.engine.loss = "auto"          # auto | xla | pallas (fused matmul + exp-sum kernel, one GPU, bf16/fp16)
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.shape = (-1, 1)          # (data, model) device mesh; -1 takes the remaining devices

@@ -62,6 +62,7 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--chunk", type=int, default=256)
     ap.add_argument("--vocab-chunk", type=int, default=16384)
+    ap.add_argument("--loss", default="auto", help="auto | xla | pallas")
     ap.add_argument("--sites", default="down_proj,act_fn")
     ap.add_argument("--layers", type=int, default=0, help="scan only the first N layers (0: all)")
     ap.add_argument("--out", default=None)
@@ -74,7 +75,8 @@ def main() -> None:
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, args.seq)
     t = time.perf_counter()
     eng = E.Engine(cfg, params, E.Texts.from_ids([tokens.tolist()]), chunk=args.chunk,
-                   vocab_chunk=args.vocab_chunk, progress=False)
+                   vocab_chunk=args.vocab_chunk, loss=args.loss, progress=False)
+    res["attention"], res["loss"] = eng.attention, eng.loss
     res["setup_s"] = time.perf_counter() - t
     layers = range(args.layers or cfg.n_layers)
     for site in args.sites.split(","):

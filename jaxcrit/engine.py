@@ -24,7 +24,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxcrit.errors import JaxcritError
-from jaxcrit.models import decoder
+from jaxcrit.models import decoder, fused_loss
 from jaxcrit.models.config import ModelConfig
 from jaxcrit.models.sites import SITE_INDEX, SITE_NAMES, site as site_info, width
 from jaxcrit.progress import Progress
@@ -175,10 +175,10 @@ def _masks(cfg: ModelConfig, sites: tuple[str, ...], row: dict, with_values: boo
 
 
 @partial(jax.jit, static_argnames=("cfg", "sites", "with_values", "share", "per_token", "vocab_chunk",
-                                   "attn_impl"))
+                                   "attn_impl", "loss_impl"))
 def _chunk_nll(params, resid, valid, targets, tmask, shift, rows, *, cfg: ModelConfig,
                sites: tuple[str, ...], with_values: bool, share: bool, per_token: bool, vocab_chunk: int,
-               attn_impl: str):
+               attn_impl: str, loss_impl: str):
     """Loss of each row of one chunk: [R] mean NLL (or [R, B, T-1] per-token NLL).
 
     The logsumexp takes one pass over the logits, shifted by the clean run's max logit; if any
@@ -200,7 +200,13 @@ def _chunk_nll(params, resid, valid, targets, tmask, shift, rows, *, cfg: ModelC
 
     hs = jax.vmap(hidden)(rows)
     lse_of = lambda sh: jax.vmap(lambda h: decoder.logsumexp_vocab(cfg, params, h, vocab_chunk, sh)[0])(hs)
-    lse = lse_of(shift)
+    if loss_impl == "pallas":
+        sh = jnp.broadcast_to(shift, hs.shape[:-1])
+        s = fused_loss.shifted_expsum(hs.reshape(-1, cfg.d_model), decoder.unembed(cfg, params),
+                                      sh.reshape(-1)).reshape(sh.shape)
+        lse = jnp.where(jnp.isfinite(s) & (s > 1e-30), sh + jnp.log(s), jnp.nan)
+    else:
+        lse = lse_of(shift)
     lse = jax.lax.cond(jnp.isnan(lse).any(), lambda: lse_of(None), lambda: lse)
     nll = (lse - jax.vmap(lambda h: decoder.target_logit(cfg, params, h, targets))(hs)) * tmask
     return nll if per_token else nll.sum((1, 2)) / tmask.sum()
@@ -214,11 +220,14 @@ class Engine:
     per row, and the chunk fills `memory_fraction` of the free device memory (host memory on CPU).
     attention: "xla" (exact f32 softmax), "cudnn" (fused flash attention, GPU with bf16/fp16), or
     "auto" (cudnn where it applies).
+    loss: "xla" (vocabulary-chunked einsum + logsumexp), "pallas" (the fused kernel of
+    models/fused_loss.py: GPU, bf16/fp16, one device), or "auto" (pallas where it applies).
     """
 
     def __init__(self, cfg: ModelConfig, params: dict, texts: Texts, *, mesh: Mesh | None = None,
                  chunk: int = 64, prefix_sharing: bool = True, vocab_chunk: int = 16384,
-                 attention: str = "auto", memory_fraction: float = 0.7, progress: bool = True):
+                 attention: str = "auto", loss: str = "auto", memory_fraction: float = 0.7,
+                 progress: bool = True):
         self.cfg, self.params, self.texts = cfg, params, texts
         self.mesh = mesh or make_mesh()
         data = self.mesh.shape["data"]
@@ -236,6 +245,13 @@ class Engine:
         if attention not in ("xla", "cudnn"):
             raise JaxcritError(f"attention '{attention}' unknown: use auto, xla or cudnn")
         self.attention = attention
+        fits = fused_loss.supported(cfg.d_model, params["embed"].dtype) and self.mesh.size == 1
+        if loss == "auto":
+            loss = "pallas" if fits else "xla"
+        if loss not in ("xla", "pallas") or (loss == "pallas" and not fits):
+            raise JaxcritError(f"loss '{loss}' not available here: use auto or xla (pallas needs one GPU, "
+                               f"bf16/fp16 and d_model a multiple of {fused_loss.BK})")
+        self.loss = loss
         if chunk == 0:
             chunk = self.plan_chunk(memory_fraction)
         self.chunk = max(data, -(-chunk // data) * data)
@@ -248,8 +264,8 @@ class Engine:
                  ("scale", jnp.float32), ("value", jnp.float32)]}
         m = _chunk_nll.lower(self.params, self.resid, self.valid, self.targets, self.tmask, self.shift, spec,
                              cfg=self.cfg, sites=SITE_NAMES, with_values=False, share=self.prefix_sharing,
-                             per_token=False, vocab_chunk=self.vocab_chunk,
-                             attn_impl=self.attention).compile().memory_analysis()
+                             per_token=False, vocab_chunk=self.vocab_chunk, attn_impl=self.attention,
+                             loss_impl=self.loss).compile().memory_analysis()
         return int(m.temp_size_in_bytes + m.output_size_in_bytes)
 
     def plan_chunk(self, fraction: float, cap: int = 1024) -> int:
@@ -293,7 +309,8 @@ class Engine:
             rows = {k: jax.device_put(v[lo:lo + C], self.rows_sharding) for k, v in cols.items()}
             out = _chunk_nll(self.params, self.resid, self.valid, self.targets, self.tmask, self.shift, rows,
                              cfg=self.cfg, sites=sites, with_values=with_values, share=self.prefix_sharing,
-                             per_token=per_token, vocab_chunk=self.vocab_chunk, attn_impl=self.attention)
+                             per_token=per_token, vocab_chunk=self.vocab_chunk, attn_impl=self.attention,
+                             loss_impl=self.loss)
             outs.append(out)
             pending.append((out, min(C, R - lo)))
             if len(pending) > 2:  # keep two chunks in flight; wait (no transfer) to report progress

@@ -43,6 +43,7 @@ def validate(c: ConfigDict) -> None:
         (c.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)} (got '{c.dtype}')"),
         (c.engine.chunk >= 0, f"engine.chunk must be >= 0 (0: planned from memory; got {c.engine.chunk})"),
         (c.engine.attention in ("auto", "xla", "cudnn"), f"engine.attention must be auto, xla or cudnn (got '{c.engine.attention}')"),
+        (c.engine.loss in ("auto", "xla", "pallas"), f"engine.loss must be auto, xla or pallas (got '{c.engine.loss}')"),
         (c.max_tokens >= 10, f"max_tokens must be >= 10 (got {c.max_tokens})"),
         (all(b in BASELINES for b in c.baselines.names), f"baselines.names: each one of {', '.join(BASELINES)}"),
     ]
@@ -127,7 +128,7 @@ def run(c: ConfigDict, workdir: Path) -> dict:
     say(f"{model.source}: {cfg.model_type}, {cfg.n_layers} layers, {len(tok)} tokens, {c.dtype}, mesh {dict(mesh.shape)}")
     io.write_json(workdir / "manifest.json", io.manifest(c.to_dict()))
     ekw = dict(chunk=c.engine.chunk, vocab_chunk=c.engine.vocab_chunk, prefix_sharing=c.engine.prefix_sharing,
-               attention=c.engine.attention)
+               attention=c.engine.attention, loss=c.engine.loss)
     eng = E.Engine(cfg, model.params, E.Texts.from_ids([tok.tolist()]), mesh=mesh, progress=c.progress, **ekw)
     say(f"base loss {eng.base_loss:.4f} nats/token (log10 PPL {eng.base_loss / E.LN10:.3f})")
 

@@ -73,9 +73,11 @@ def main():
     eng.losses(abl)
     t = time.perf_counter(); eng.losses(abl); res["chunk_act_L12_ms"] = 1e3 * (time.perf_counter() - t)
     if jax.default_backend() == "gpu":
-        xla = E.Engine(cfg, p, E.Texts.from_ids([tokens.tolist()]), chunk=R, progress=False, attention="xla")
         abl = E.single(cfg, "down_proj", layers=[12], channels=range(R))
-        res["cudnn_vs_xla_max_abs_loss_diff"] = float(np.abs(xla.losses(abl) - eng.losses(abl)).max())
+        for name, kw in [("attention", dict(attention="xla")), ("loss", dict(loss="xla"))]:
+            other = E.Engine(cfg, p, E.Texts.from_ids([tokens.tolist()]), chunk=R, progress=False, **kw)
+            res[f"{name}_{eng.__dict__[name]}_vs_xla_max_abs_loss_diff"] = float(
+                np.abs(other.losses(abl) - eng.losses(abl)).max())
     print(json.dumps(res, indent=1))
 
 
