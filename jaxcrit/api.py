@@ -16,6 +16,7 @@ from jaxcrit.critical import stage1, stage2
 from jaxcrit.critical.evaluate import evaluate as _evaluate
 from jaxcrit.errors import JaxcritError
 from jaxcrit.models.config import ModelConfig
+from jaxcrit.models.decoder import Decoder
 from jaxcrit.models.sites import SITE_NAMES
 from jaxcrit.sharding import DEFAULT_RULES, make_mesh
 
@@ -29,6 +30,11 @@ class Model:
     tokenizer: Tokenizer
     mesh: Mesh
     source: str
+
+    def decoder(self) -> Decoder:
+        """The Flax NNX module over these params: `model.decoder()(tokens)` gives logits [B, T, V];
+        `nnx.split` of it gives (graphdef, state) for custom transforms."""
+        return Decoder(self.cfg, self.params)
 
     def tokens(self, text: str, max_tokens: int = 512, min_tokens: int = 2) -> np.ndarray:
         """Token ids of text, cut to max_tokens; refuses texts shorter than min_tokens."""

@@ -163,3 +163,16 @@ def test_masked_site_parity(models, arch):
         assert rel_err(b[valid], clean[valid]) > 10 * TOL, f"{arch} {chosen}: the zeroing did nothing"
         err = rel_err(a[valid], b[valid])
         assert err <= TOL, f"{arch} {chosen} at {[where[n] for n in chosen]}: relative error {err:.2e}"
+
+
+def test_nnx_module_matches_transformers_and_splits(models):
+    """The Flax NNX Decoder gives transformers' logits, and survives nnx.split / nnx.merge."""
+    from flax import nnx
+    m = models("qwen2")
+    ids, valid = inputs(m.cfg.vocab_size, 37, 0, seed=3)
+    module = dec.Decoder(m.cfg, m.params)
+    ref = torch_logits(m.torch, ids, valid)
+    assert rel_err(np.asarray(module(jnp.asarray(ids))), ref) <= TOL
+    graphdef, state = nnx.split(module)
+    again = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t))(state, jnp.asarray(ids))
+    assert rel_err(np.asarray(again), ref) <= TOL

@@ -6,7 +6,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from jaxcrit import engine as E
-from jaxcrit.models.sites import SITE_INDEX, SITE_NAMES, width
+from jaxcrit.models.sites import SITE_INDEX, SITE_NAMES
 
 
 def scan_rows(cfg, sites: Sequence[str], layers: Sequence[int], channels: Sequence[int] | None = None) -> E.Ablations:
@@ -62,6 +62,3 @@ def top_pool(abl: E.Ablations, deltas: np.ndarray, size: int) -> list[tuple[str,
     idx = np.argsort(-deltas, kind="stable")[:size]
     return [(SITE_NAMES[abl.site[i, 0]], int(abl.layer[i, 0]), int(abl.channel[i, 0])) for i in idx]
 
-
-def n_neurons(cfg, sites: Sequence[str], layers: Sequence[int]) -> int:
-    return sum(width(cfg, s) for s in sites) * len(layers)

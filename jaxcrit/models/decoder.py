@@ -274,7 +274,7 @@ class Decoder(nnx.Module):
 
     @property
     def params(self) -> dict[str, Array]:
-        return {k: getattr(self, k).value for k in self.names}
+        return {k: getattr(self, k)[...] for k in self.names}
 
     def __call__(self, tokens: Array, valid: Array | None = None) -> Array:
         """Logits [B, T, V] in f32 of a clean forward."""

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import IO, Any, Callable, Iterator, Sequence
+from typing import IO, Any, Iterator, Sequence
 
 PathLike = str | os.PathLike
 
@@ -114,15 +114,6 @@ def write_png(path: PathLike, fig, *, dpi: int = 120, close: bool = False) -> No
             import matplotlib.pyplot as plt
             plt.close(fig)
 
-
-def write_with(path: PathLike, render: Callable[[IO], None], *, binary: bool = False) -> None:
-    """General form: `render(f)` writes into the temp file; it is moved into place on success."""
-    kw = {} if binary else {"encoding": "utf-8"}
-    with _atomic(path, "wb" if binary else "w", **kw) as f:
-        render(f)
-
-
-# ----------------------------------------------------------------------------- manifest
 
 def _package_version() -> str:
     try:
