@@ -187,6 +187,14 @@ def test_importance_chunking_and_resume_do_not_change_scores(setup):
         np.testing.assert_array_equal(resumed.sums[s], seen[-1].sums[s])
 
 
+def test_zero_noise_gives_exactly_zero_importance(setup):
+    """With alpha 0 every noisy pass is the clean pass: the scores are exactly 0, none is ranked."""
+    imp = stage1.importance(setup.cfg, setup.params, setup.ids, alpha=0.0, samples=K, seed=0, chunk=CHUNK,
+                            progress=False)
+    assert all(not v.any() for v in imp.sums.values())
+    assert len(stage1.rank(imp.scores(), TOP_N, 1e-6, per_position=True)) == 0
+
+
 @pytest.mark.parametrize("top_n,threshold", [(TOP_N, 1e-6), (10 ** 7, None)])
 def test_position_ranking_matches_reference(setup, top_n, threshold):
     """threshold None: the median score, so the threshold (not N) decides the list's end."""
