@@ -119,8 +119,13 @@ class Ranking:
                 for s, l, q, c, v in zip(self.site, self.layer, self.seq, self.channel, self.score)]
 
 
-def rank(scores: dict[str, np.ndarray], top_n: int, threshold: float, per_position: bool) -> Ranking:
-    """Top-N entries above threshold, descending.
+@partial(jax.jit, static_argnames=("k",))
+def _top_k(flat: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    return jax.lax.top_k(flat, k)
+
+
+def rank(scores: dict[str, np.ndarray | jax.Array], top_n: int, threshold: float, per_position: bool) -> Ranking:
+    """Top-N entries above threshold, descending; the selection runs on device.
 
     per_position: entries are (site, layer, position, channel), the reference's list (a channel
     can appear at several positions). Otherwise (site, layer, channel) scored by the max over
@@ -129,19 +134,16 @@ def rank(scores: dict[str, np.ndarray], top_n: int, threshold: float, per_positi
     """
     blocks, meta = [], []
     for s in SITE_NAMES:
-        v = scores[s]                       # [L, T, C]
+        v = jnp.asarray(scores[s])          # [L, T, C]
         if not per_position:
             v = v.max(axis=1, keepdims=True)
         blocks.append(v.reshape(v.shape[0], -1))
         meta.append((s, v.shape[1], v.shape[2]))
-    flat = np.concatenate(blocks, axis=1)   # [L, sum_s T_s * C_s], layer-major
+    flat = jnp.concatenate(blocks, axis=1)  # [L, sum_s T_s * C_s], layer-major
     per_layer = flat.shape[1]
-    flat = flat.reshape(-1)
-    keep = np.flatnonzero(flat > threshold)
-    vals = flat[keep]
-    if len(keep) > top_n:
-        part = np.argpartition(-vals, top_n - 1)[:top_n]
-        keep, vals = keep[part], vals[part]
+    vals, keep = (np.asarray(x) for x in _top_k(flat.reshape(-1), min(top_n, flat.size)))
+    above = vals > threshold
+    vals, keep = vals[above], keep[above].astype(np.int64)
     order = np.lexsort((keep, -vals))
     keep, vals = keep[order], vals[order]
     layer, off = np.divmod(keep, per_layer)
