@@ -210,8 +210,7 @@ def run(c: ConfigDict, workdir: Path) -> dict:
     scan_rows: list[dict] = []
     ran = not (workdir / "scan.csv").exists()
     if c.scan.sites:
-        layers = list(c.scan.layers) or sorted({int(x["layer"]) for x in crit["neurons"]}, key=lambda l: [
-            int(x["layer"]) for x in crit["neurons"]].index(l))
+        layers = list(c.scan.layers) or list(dict.fromkeys(int(x["layer"]) for x in crit["neurons"]))
         if not c.scan.layers and c.scan.max_layers:
             layers = layers[:c.scan.max_layers]
         abl = S.scan_rows(cfg, c.scan.sites, layers)
