@@ -317,3 +317,21 @@ def test_cli_bad_checkpoint_is_one_error_line(model_dir, tmp_path, how):
     assert "Traceback" not in p.stderr
     assert len(lines) == 1 and lines[0].startswith("jaxcrit: error:"), p.stderr
     assert not (tmp_path / "run" / "importance.json").exists()
+
+
+def test_out_of_device_memory_is_one_error_line(model_dir, tmp_path, monkeypatch, capsys):
+    """XLA's RESOURCE_EXHAUSTED reaches the user as one line saying what to lower, exit code 3."""
+    from absl import flags
+    cfg = tmp_path / "tiny_cfg.py"
+    cfg.write_text(f"from configs.common import base\n\ndef get_config(arg=None):\n    return base({str(model_dir)!r})\n")
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(["jaxcrit", f"--config={cfg}", f"--workdir={tmp_path / 'run'}"])
+
+    def oom(*a, **k):
+        raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 81.2GiB.")
+    monkeypatch.setattr(M, "run", oom)
+    with pytest.raises(SystemExit) as e:
+        M.main(["jaxcrit"])
+    err = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
+    assert e.value.code == 3
+    assert err == ["jaxcrit: error: out of device memory; lower --config.engine.chunk or --config.stage1.batch"]
