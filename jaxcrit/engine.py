@@ -58,7 +58,7 @@ class Ablations:
         return tuple(SITE_NAMES[i] for i in sorted(set(self.site[self.active].tolist())))
 
     def first_layer(self) -> np.ndarray:
-        """[R] the lowest layer each row touches (n_layers-free rows get a large value)."""
+        """[R] the lowest layer each row touches (int32 max for a row that touches none)."""
         return np.where(self.active, self.layer, np.iinfo(np.int32).max).min(axis=1)
 
 
