@@ -17,14 +17,14 @@ SCRIPT = textwrap.dedent("""
     from jaxcrit import engine as E
     from jaxcrit.models import decoder
     from jaxcrit.models.config import ModelConfig
-    from jaxcrit.sharding import make_mesh, named
-    from jaxcrit.models.params import param_table
+    from jaxcrit.sharding import make_mesh
+    from jaxcrit.models.params import shard
     cfg = ModelConfig(model_type="qwen2", vocab_size=256, d_model=64, n_layers=3, n_heads=4, n_kv_heads=2,
                       head_dim=16, d_ff=96, norm_eps=1e-6, rope_theta=1e4, tie_embeddings=True)
     shape = tuple(int(x) for x in sys.argv[2].split("x"))
     mesh = make_mesh(shape)
     raw = decoder.random_params(cfg, jax.random.key(0))
-    params = {k: jax.device_put(v, named(param_table(cfg)[k][1], v.shape, mesh)) for k, v in raw.items()}
+    params = shard(cfg, raw, mesh)
     rng = np.random.default_rng(0)
     texts = E.Texts.from_ids([rng.integers(0, 256, 33).tolist(), rng.integers(0, 256, 29).tolist()])
     eng = E.Engine(cfg, params, texts, mesh=mesh, chunk=8, progress=False)

@@ -10,7 +10,7 @@ from jaxcrit.convert import orbax_io
 from jaxcrit.errors import JaxcritError
 from jaxcrit.models import decoder
 from jaxcrit.models.config import ModelConfig
-from jaxcrit.models.params import param_table
+from jaxcrit.models.params import param_table, shard
 from jaxcrit.sharding import make_mesh, named
 
 
@@ -52,8 +52,7 @@ def test_round_trip_bf16_and_tuple_fields(tmp_path):
                       rope_factor=2.0, rope_original_max=64, rope_short_factor=(1.0,) * 8,
                       rope_long_factor=(2.0,) * 8)
     mesh = tp_mesh()
-    params = {k: jax.device_put(v, named(param_table(cfg)[k][1], v.shape, mesh))
-              for k, v in decoder.random_params(cfg, jax.random.key(0), jnp.bfloat16).items()}
+    params = shard(cfg, decoder.random_params(cfg, jax.random.key(0), jnp.bfloat16), mesh)
     check_round_trip(tmp_path / "ckpt", cfg, params, mesh)
 
 

@@ -16,13 +16,13 @@ import numpy as np
 from jaxcrit import engine as E
 from jaxcrit.bench import QWEN_05B
 from jaxcrit.models import decoder
-from jaxcrit.models.params import param_table
-from jaxcrit.sharding import make_mesh, named
+from jaxcrit.models.params import shard
+from jaxcrit.sharding import make_mesh
 
 
 def run(mesh, raw, tokens, abl, chunk, loss):
     cfg = QWEN_05B
-    params = {k: jax.device_put(v, named(param_table(cfg)[k][1], v.shape, mesh)) for k, v in raw.items()}
+    params = shard(cfg, raw, mesh)
     eng = E.Engine(cfg, params, E.Texts.from_ids([tokens]), mesh=mesh, chunk=chunk, loss=loss, progress=False)
     eng.losses(abl.take(np.arange(eng.chunk)))
     t = time.perf_counter()

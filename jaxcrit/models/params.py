@@ -5,7 +5,13 @@ so running layers L..N is a slice and the forward scans over layers.
 """
 from __future__ import annotations
 
+from typing import Mapping
+
+import jax
+from jax.sharding import Mesh
+
 from jaxcrit.models.config import ModelConfig
+from jaxcrit.sharding import DEFAULT_RULES, named
 
 Shape = tuple[int, ...]
 Axes = tuple[str, ...]
@@ -41,3 +47,9 @@ def param_table(cfg: ModelConfig) -> dict[str, tuple[Shape, Axes]]:
         t["k_norm"] = ((L, cfg.head_dim), ("layers", "norm"))
     return t
 
+
+
+def shard(cfg: ModelConfig, params: Mapping[str, jax.Array], mesh: Mesh, rules=DEFAULT_RULES) -> dict[str, jax.Array]:
+    """Places in-memory params (e.g. random ones) on the mesh by the table's logical axes."""
+    table = param_table(cfg)
+    return {k: jax.device_put(v, named(table[k][1], v.shape, mesh, rules)) for k, v in params.items()}
