@@ -14,23 +14,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcrit import engine as E
-from jaxcrit.critical.stage1 import Ranking
+from jaxcrit.critical.stage1 import Ranking, rank
 from jaxcrit.models import decoder
 from jaxcrit.models.config import ModelConfig
 from jaxcrit.models.sites import SITE_NAMES, width
 
 BASELINES = ("random", "activation", "gradient", "massive")
-
-
-def _top(scores: dict[str, np.ndarray], top_n: int) -> Ranking:
-    """Channel-level top-N of site -> [L, C] scores, descending (ties: layer-major order)."""
-    flat = [v.reshape(-1) for v in scores.values()]
-    names = np.concatenate([np.full(v.size, s) for s, v in scores.items()])
-    layers = np.concatenate([np.repeat(np.arange(v.shape[0]), v.shape[1]) for v in scores.values()])
-    chans = np.concatenate([np.tile(np.arange(v.shape[1]), v.shape[0]) for v in scores.values()])
-    flat = np.concatenate(flat)
-    order = np.argsort(-flat, kind="stable")[:top_n]
-    return Ranking(names[order], layers[order], np.full(len(order), -1), chans[order], flat[order].astype(np.float32))
 
 
 @partial(jax.jit, static_argnames=("cfg",))
@@ -57,12 +46,11 @@ def ranking(name: str, cfg: ModelConfig, params: dict, tokens: np.ndarray, top_n
         return Ranking(np.array(SITE_NAMES)[r.site[0]], r.layer[0], np.full(r.site.shape[1], -1), r.channel[0],
                        np.zeros(r.site.shape[1], np.float32))
     if name == "activation":
-        acts = _activations(cfg, params, tok)
-        return _top({s: np.asarray(a).max(axis=1) for s, a in acts.items()}, top_n)
+        return rank(_activations(cfg, params, tok), top_n, -np.inf, per_position=False)
     if name == "gradient":
         grads = _gradients(cfg, params, tok)
-        return _top({s: np.asarray(g) for s, g in grads.items()}, top_n)
+        return rank({s: g[:, None, :] for s, g in grads.items()}, top_n, -np.inf, per_position=False)
     if name == "massive":
         acts = _activations(cfg, params, tok)
-        return _top({"down_proj": np.abs(np.asarray(acts["down_proj"])).max(axis=1)}, top_n)
+        return rank({"down_proj": jnp.abs(acts["down_proj"])}, top_n, -np.inf, per_position=False)
     raise ValueError(name)

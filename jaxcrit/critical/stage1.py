@@ -127,13 +127,14 @@ def _top_k(flat: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
 def rank(scores: dict[str, np.ndarray | jax.Array], top_n: int, threshold: float, per_position: bool) -> Ranking:
     """Top-N entries above threshold, descending; the selection runs on device.
 
+    scores: site -> [L, T, C] for any subset of the sites (T may be 1 for channel scores).
     per_position: entries are (site, layer, position, channel), the reference's list (a channel
     can appear at several positions). Otherwise (site, layer, channel) scored by the max over
     positions, which is what masking acts on. Ties keep layer-major, then site, position and
     channel order (the reference's insertion order).
     """
     blocks, meta = [], []
-    for s in SITE_NAMES:
+    for s in (s for s in SITE_NAMES if s in scores):
         v = jnp.asarray(scores[s])          # [L, T, C]
         if not per_position:
             v = v.max(axis=1, keepdims=True)
