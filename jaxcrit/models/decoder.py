@@ -152,13 +152,16 @@ def embed(cfg: ModelConfig, params: Params, tokens: Array) -> Array:
 
 def forward(cfg: ModelConfig, params: Params, embeds: Array, valid: Array | None = None, *,
             masks: SiteArrays | None = None, values: SiteArrays | None = None,
-            capture: tuple[str, ...] = (), start: Array | None = None,
+            capture: tuple[str, ...] = (), observe=None, start: Array | None = None,
             attn_impl: str = "xla") -> tuple[Array, dict[str, Array]]:
     """Runs the layers.
 
     embeds [B, T, D] are E(x) (noise is added to these); valid [B, T] marks real tokens (right
     padding). masks/values: site -> [L, C]. capture: site names (and RESID, the residual entering
     each layer) whose per-layer values are returned stacked [L, B, T, C].
+    observe: a function of one layer's site outputs {site: [B, T, C]} returning a pytree; its
+    per-layer results come back stacked under "observed" ([L, ...]). It reduces inside the layer
+    scan, so nothing of size [L, B, T, C] is kept (Stage 1's |clean - noisy| sums).
     start (prefix sharing; may be traced): layers below it are skipped and `embeds` is taken as
     the residual stream entering layer `start`, already scaled; capture is then unavailable.
     Returns the final-normed hidden state [B, T, D] and the captures.
@@ -169,8 +172,8 @@ def forward(cfg: ModelConfig, params: Params, embeds: Array, valid: Array | None
     h = embeds
     if start is None and cfg.family.embed_scale:
         h = h * jnp.asarray(math.sqrt(cfg.d_model), h.dtype)
-    if start is not None and capture:
-        raise ValueError("capture needs start=None")
+    if start is not None and (capture or observe is not None):
+        raise ValueError("capture and observe need start=None")
     cos, sin = rope_tables(cfg, T)
     layer_p = {k: v for k, v in params.items() if k not in ("embed", "lm_head", "final_norm")}
     xs = (jnp.arange(cfg.n_layers), layer_p, masks or {}, values or {})
@@ -182,6 +185,8 @@ def forward(cfg: ModelConfig, params: Params, embeds: Array, valid: Array | None
             return jax.lax.cond(i < start, lambda h: h, lambda h: run(h)[0], h), {}
         out, sites = run(h)
         ys = {n: sites[n] for n in capture if n != RESID}
+        if observe is not None:
+            ys["observed"] = observe(sites)
         if RESID in capture:
             ys[RESID] = h
         return out, ys
