@@ -175,7 +175,9 @@ def test_importance_scores_match_reference(setup):
 
 
 def test_importance_chunking_and_resume_do_not_change_scores(setup):
-    """Other chunk sizes, and a run resumed from a partial state, give the same sums."""
+    """Other chunk sizes give the same sums up to f32 rounding (each chunk is one batched forward,
+    and GEMMs of other row counts round differently); a run resumed from a partial state with
+    the same chunk gives identical sums."""
     kw = dict(alpha=ALPHA, samples=K, seed=0, noise_array=setup.noise, progress=False)
     whole = stage1.importance(setup.cfg, setup.params, setup.ids, chunk=K, **kw)
     seen = []
@@ -183,15 +185,17 @@ def test_importance_chunking_and_resume_do_not_change_scores(setup):
     assert [s.k for s in seen] == [1, 2, 3, 4]
     resumed = stage1.importance(setup.cfg, setup.params, setup.ids, chunk=1, state=seen[1], **kw)
     for s in SITE_NAMES:
-        np.testing.assert_allclose(whole.sums[s], setup.imp.sums[s], rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(whole.sums[s], setup.imp.sums[s], rtol=2e-5, atol=1e-6)
         np.testing.assert_array_equal(resumed.sums[s], seen[-1].sums[s])
 
 
-def test_zero_noise_gives_exactly_zero_importance(setup):
-    """With alpha 0 every noisy pass is the clean pass: the scores are exactly 0, none is ranked."""
+def test_zero_noise_gives_zero_importance(setup):
+    """With alpha 0 every noisy pass is the clean pass (row 0 of the same batched program): the
+    scores are zero up to f32 rounding of the activations, and none passes the 1e-6 threshold."""
     imp = stage1.importance(setup.cfg, setup.params, setup.ids, alpha=0.0, samples=K, seed=0, chunk=CHUNK,
                             progress=False)
-    assert all(not v.any() for v in imp.sums.values())
+    noisy = max(v.max() for v in setup.imp.scores().values())
+    assert max(v.max() for v in imp.scores().values()) < 1e-6 < 1e-3 * noisy
     assert len(stage1.rank(imp.scores(), TOP_N, 1e-6, per_position=True)) == 0
 
 

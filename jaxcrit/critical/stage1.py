@@ -2,7 +2,7 @@
 
 importance(site, pos, channel) = mean_k |A_clean - A_noisy_k|, with A_noisy_k the site outputs
 when alpha * N(0, I) is added to the input embeddings E(x). Noise sample k is drawn from
-fold_in(key(seed), k), so results do not depend on the chunking and a resumed run is identical.
+fold_in(key(seed), k), so the noise does not depend on the chunking and a resumed run is identical.
 """
 from __future__ import annotations
 
@@ -35,31 +35,28 @@ def noise(key: jax.Array, ks: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(key, k), shape, jnp.float32))(ks)
 
 
-@partial(jax.jit, static_argnames=("cfg",))
-def _capture(cfg: ModelConfig, params, tokens, eps, alpha):
-    """Site activations of one noisy pass per row of eps [n, T, D] f32 -> site -> [n, L, T, C] f32.
+@partial(jax.jit, static_argnames=("cfg",), donate_argnames=("sums",))
+def _accumulate(cfg: ModelConfig, params, tokens, sums, eps, alpha, weight):
+    """sums + sum over the rows of eps [n, T, D] f32 (weight 1; padding rows 0) of |A_clean - A_noisy|.
 
-    The clean run is this same program on zero noise, so |A_clean - A_noisy| is exactly 0 where
-    the noise is 0 (separately compiled programs differ in the last bits).
+    One forward over n + 1 sequences: row 0 is the clean pass (zero noise), rows 1.. the noisy
+    ones. The differences are reduced over the rows inside the layer scan (decoder's `observe`),
+    so no [n, L, T, C] activations exist. The clean pass runs in the same program as the noisy
+    ones; XLA may still round a row's elementwise ops differently by its place in the batch, so
+    zero noise gives scores at f32 rounding level (~1e-7 of the activations), not exact zeros.
     """
-    e = decoder.embed(cfg, params, tokens)[0]
+    e = decoder.embed(cfg, params, tokens)                                  # [1, T, D]
+    z = jnp.concatenate([jnp.zeros_like(eps[:1]), eps])                     # [n + 1, T, D]
+    x = (e.astype(jnp.float32) + alpha * z).astype(e.dtype)
 
-    def one(z):
-        x = (e.astype(jnp.float32) + alpha * z).astype(e.dtype)[None]
-        _, acts = decoder.forward(cfg, params, x, capture=SITE_NAMES)
-        return {s: a[:, 0].astype(jnp.float32) for s, a in acts.items()}
+    def observe(sites):
+        def one(a):   # one elementwise pass, then a sum unrolled over the rows (XLA:CPU reduces a
+            d = jnp.abs(a[1:].astype(jnp.float32) - a[:1].astype(jnp.float32))   # leading axis slowly)
+            return sum(d[i] * weight[i] for i in range(eps.shape[0]))
+        return {s: one(a) for s, a in sites.items()}                        # [T, C]
 
-    return jax.vmap(one)(eps)
-
-
-@partial(jax.jit, donate_argnames=("sums",))
-def _add(sums, clean, acts, weight):
-    return {s: sums[s] + (jnp.abs(clean[s] - acts[s]) * weight[:, None, None, None]).sum(0) for s in sums}
-
-
-def _accumulate(cfg: ModelConfig, params, tokens, clean, sums, eps, alpha, weight):
-    """Adds sum over the chunk's samples (weight 1; padding rows 0) of |A_clean - A_noisy|."""
-    return _add(sums, clean, _capture(cfg, params, tokens, eps, alpha), weight)
+    _, ys = decoder.forward(cfg, params, x, observe=observe)
+    return {s: sums[s] + ys["observed"][s] for s in sums}
 
 
 def importance(cfg: ModelConfig, params: dict, tokens: np.ndarray, *, alpha: float, samples: int,
@@ -75,7 +72,6 @@ def importance(cfg: ModelConfig, params: dict, tokens: np.ndarray, *, alpha: flo
     tok = jnp.asarray(np.asarray(tokens)[None], jnp.int32)
     T = tok.shape[1]
     zeros = jnp.zeros((chunk, T, cfg.d_model), jnp.float32)
-    clean = {s: a[0] for s, a in _capture(cfg, params, tok, zeros, jnp.float32(alpha)).items()}
     if state is None:
         state = Importance({s: np.zeros((cfg.n_layers, T, width(cfg, s)), np.float32) for s in SITE_NAMES}, 0)
     sums = {s: jnp.asarray(v) for s, v in state.sums.items()}
@@ -92,7 +88,7 @@ def importance(cfg: ModelConfig, params: dict, tokens: np.ndarray, *, alpha: flo
         # every batch has `chunk` rows (zero-noise padding, weight 0): one compiled program
         eps = jnp.concatenate([eps, zeros[:chunk - n]])
         weight = (jnp.arange(chunk) < n).astype(jnp.float32)
-        sums = _accumulate(cfg, params, tok, clean, sums, eps, jnp.float32(alpha), weight)
+        sums = _accumulate(cfg, params, tok, sums, eps, jnp.float32(alpha), weight)
         k += n
         bar.update(n)
         if on_chunk is not None:
