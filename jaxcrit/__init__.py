@@ -1,4 +1,5 @@
 """jaxcrit: which handful of neurons holds an LLM together (arXiv 2510.10238), in JAX/Flax."""
-from jaxcrit.api import Model, engine_for, evaluate, grow, importance, load, scan
+from jaxcrit.api import Model, config, engine_for, evaluate, grow, importance, load, run, scan
+from jaxcrit.neurons import NeuronSet
 
-__all__ = ["Model", "load", "engine_for", "importance", "grow", "scan", "evaluate"]
+__all__ = ["Model", "NeuronSet", "load", "config", "importance", "grow", "scan", "evaluate", "engine_for", "run"]

@@ -1,111 +1,108 @@
-"""The notebook API: load a model, then importance -> grow -> scan -> evaluate, as in the CLI."""
+"""The notebook API: the pipeline's stages on a loaded model, results as pandas DataFrames.
+
+Each function runs the stage code of the CLI (jaxcrit/stages.py) in memory, with a config built
+from the CLI's defaults (jaxcrit/configs/common.py). Keyword arguments are config fields: first
+of the function's own section (importance: stage1, grow: stage2, scan: scan, evaluate:
+evaluate), then the top level (seed, max_tokens), then engine (chunk, vocab_chunk, ...).
+
+    m = jaxcrit.load("smollm2")
+    ranking = jaxcrit.importance(m, text, samples=16)          # DataFrame, best first
+    curve = jaxcrit.grow(m, ranking, text, epsilon=1.0)        # DataFrame n, delta; attrs critical_n
+    jaxcrit.scan(m, text, sites=["down_proj"], layers=[11])    # DataFrame ..., delta
+    jaxcrit.evaluate(m, ranking[:curve.attrs["critical_n"]], [text])
+"""
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
-import ml_dtypes
-import numpy as np
-from jax.sharding import Mesh
-from tokenizers import Tokenizer
+from ml_collections import ConfigDict
 
 from jaxcrit import engine as E
-from jaxcrit.critical import scan as scan_mod
-from jaxcrit.critical import stage1, stage2
-from jaxcrit.critical.evaluate import evaluate as _evaluate
+from jaxcrit.convert.load import DTYPES, Model, load
 from jaxcrit.errors import JaxcritError
-from jaxcrit.models.config import ModelConfig
-from jaxcrit.models.decoder import Decoder
-from jaxcrit.models.sites import SITE_NAMES
-from jaxcrit.sharding import DEFAULT_RULES, make_mesh
-
-DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+from jaxcrit.neurons import NeuronSet
 
 
-@dataclasses.dataclass
-class Model:
-    cfg: ModelConfig
-    params: dict
-    tokenizer: Tokenizer
-    mesh: Mesh
-    source: str
-
-    def decoder(self) -> Decoder:
-        """The Flax NNX module over these params: `model.decoder()(tokens)` gives logits [B, T, V];
-        `nnx.split` of it gives (graphdef, state) for custom transforms."""
-        return Decoder(self.cfg, self.params)
-
-    def tokens(self, text: str, max_tokens: int = 512, min_tokens: int = 2) -> np.ndarray:
-        """Token ids of text, cut to max_tokens; refuses texts shorter than min_tokens."""
-        from jaxcrit.data.tokenize import encode
-        ids = encode(self.tokenizer, text)[:max_tokens]
-        if len(ids) < min_tokens:
-            raise JaxcritError(f"the text has {len(ids)} tokens; at least {min_tokens} are needed "
-                               "(give a longer text)")
-        return np.asarray(ids, np.int32)
+def config(model: str = "smollm2") -> ConfigDict:
+    """The default config (what the CLI starts from) for a model source."""
+    from jaxcrit.configs.common import base
+    return base(model)
 
 
-def load(name_or_path: str = "smollm2", dtype: str = "float32", mesh: Mesh | None = None,
-         rules=DEFAULT_RULES) -> Model:
-    """An embedded model name ('smollm2'), a HF checkpoint dir, a .gguf file, or a dir saved by
-    jaxcrit.convert.orbax_io.save (holding jaxcrit.json)."""
-    from jaxcrit.convert import embedded, hf, orbax_io
-    from jaxcrit.data.tokenize import load_tokenizer
-    if dtype not in DTYPES:
-        raise JaxcritError(f"dtype '{dtype}' unknown: use one of {', '.join(DTYPES)}")
-    mesh = mesh or make_mesh()
-    src = str(name_or_path)
-    path = embedded.embedded_path(src) if src in embedded.EMBEDDED else Path(src)
-    if path.suffix == ".gguf" or (path.is_file() and path.suffix != ".json"):
-        from jaxcrit.convert.gguf_io import load_gguf
-        cfg, params = load_gguf(path, DTYPES[dtype], mesh, rules)
-        return Model(cfg, params, load_tokenizer(path), mesh, src)
-    if (path / "jaxcrit.json").exists():
-        cfg, params = orbax_io.restore(path, mesh, rules)
-        return Model(cfg, params, load_tokenizer(path), mesh, src)
-    cfg, params = hf.load_hf(path, DTYPES[dtype], mesh, rules)
-    return Model(cfg, params, load_tokenizer(path), mesh, src)
+def _run(model: Model, text: str, section: str, fields: dict[str, Any]):
+    """A Run in memory over a loaded model, with config fields set as the module docstring says."""
+    from jaxcrit import validate
+    from jaxcrit.pipeline import Run
+    c = config(model.source)
+    c.text = text
+    for k, v in fields.items():
+        where = next((s for s in (c[section], c, c.engine) if k in s and not isinstance(s[k], ConfigDict)), None)
+        if where is None:
+            raise JaxcritError(f"unknown argument '{k}': give a field of {section}, the top level or engine "
+                               "(jaxcrit/configs/common.py)")
+        where[k] = tuple(v) if isinstance(v, (list, range)) else v
+    validate.fields(c)
+    return Run(c, None, model)
+
+
+def importance(model: Model, text: str, **stage1_fields):
+    """Stage 1: the ranked neurons of one text, best first (layer_name, site, layer, channel,
+    position, score); ranking='position' gives the reference's per-position list."""
+    from jaxcrit import stages
+    return stages.importance(_run(model, text, "stage1", stage1_fields)).to_pandas()
+
+
+def grow(model: Model, ranking, text: str, **stage2_fields):
+    """Stage 2 along a ranking (a DataFrame from importance, a NeuronSet or (site, layer, channel)
+    tuples): delta for each prefix n; attrs['critical_n'] is the first n with delta >= epsilon."""
+    from jaxcrit import stages
+    g = stages.growth_of(_run(model, text, "stage2", stage2_fields), NeuronSet.of(ranking))
+    df = g.to_pandas()
+    df.attrs["critical_n"] = g.critical_n
+    return df
+
+
+def scan(model: Model, text: str, sites: Sequence[str] = ("down_proj",), layers: Sequence[int] | None = None,
+         channels: Sequence[int] | None = None, **fields):
+    """Single-neuron deltas of the given sites, layers (default all) and channels (default all)."""
+    from jaxcrit import stages, validate
+    from jaxcrit.critical import scan as S
+    layers = range(model.cfg.n_layers) if layers is None else layers
+    r = _run(model, text, "scan", {"sites": sites, "layers": layers, "channels": channels or (), **fields})
+    validate.ranges(r.c, model.cfg)
+    todo = S.neurons(model.cfg, r.c.scan.sites, r.c.scan.layers, list(r.c.scan.channels) or None)
+    return stages.scan_of(r, todo).to_pandas().rename(columns={"score": "delta"})
+
+
+def evaluate(model: Model, neurons, texts: Sequence[str], **fields):
+    """Perplexity (log10) of each text before and after masking neurons (a DataFrame, NeuronSet or
+    (site, layer, channel) tuples): one row per text; attrs['overall'] is the token-weighted total."""
+    import pandas as pd
+
+    from jaxcrit import stages
+    texts = list(texts)
+    if not texts:
+        raise JaxcritError("give at least one text to evaluate")
+    r = _run(model, texts[0], "evaluate", fields)
+    ev = stages.evaluate_texts(r, NeuronSet.of(neurons), texts)
+    df = pd.DataFrame(ev["texts"])
+    df["delta"] = df["masked_ppl_log10"] - df["base_ppl_log10"]
+    df.attrs["overall"] = ev["overall"]
+    return df
 
 
 def engine_for(model: Model, texts: Sequence[str] | str, max_tokens: int = 512, **kw) -> E.Engine:
-    """An Engine scoring ablations on these texts."""
+    """An Engine scoring ablations on these texts (the low-level interface)."""
     texts = [texts] if isinstance(texts, str) else list(texts)
     return E.Engine(model.cfg, model.params, E.Texts.from_ids([model.tokens(t, max_tokens) for t in texts]),
                     mesh=model.mesh, **kw)
 
 
-def importance(model: Model, text: str, *, alpha: float = 5.0, samples: int = 100, seed: int = 42,
-               top_n: int = 10000, threshold: float = 1e-6, per_position: bool = False,
-               max_tokens: int = 512, batch: int = 8) -> stage1.Ranking:
-    """Stage 1: the ranked neurons of one text."""
-    tok = model.tokens(text, max_tokens, min_tokens=10)
-    imp = stage1.importance(model.cfg, model.params, tok, alpha=alpha, samples=samples, seed=seed, chunk=batch)
-    return stage1.rank(imp.scores(), top_n, threshold, per_position)
+def run(c: ConfigDict, workdir: str | Path) -> dict:
+    """The whole pipeline, as the CLI runs it, into workdir; returns the summary."""
+    from jaxcrit.main import run as run_cli
+    return run_cli(c, Path(workdir))
 
 
-def grow(model: Model, ranking: stage1.Ranking, text: str, *, epsilon: float = 1.0, max_steps: int = 1000,
-         full_curve: bool = False, max_tokens: int = 512, **engine_kw) -> stage2.Growth:
-    """Stage 2: the first prefix of the ranking whose masking raises log10 PPL by epsilon."""
-    return stage2.grow(engine_for(model, text, max_tokens, **engine_kw), ranking, epsilon=epsilon,
-                       max_steps=max_steps, full_curve=full_curve)
-
-
-def scan(model: Model, text: str, sites: Sequence[str] = ("down_proj",), layers: Sequence[int] | None = None,
-         channels: Sequence[int] | None = None, max_tokens: int = 512, **engine_kw) -> list[dict]:
-    """Single-neuron deltas of the given sites, layers and channels (default: all of them)."""
-    eng = engine_for(model, text, max_tokens, **engine_kw)
-    abl = scan_mod.scan_rows(model.cfg, sites, range(model.cfg.n_layers) if layers is None else layers, channels)
-    return scan_mod.scan_records(abl, scan_mod.scan(eng, abl, block=max(abl.rows, 1)))
-
-
-def evaluate(model: Model, neurons: Sequence[tuple[str, int, int]], texts: Sequence[str],
-             max_tokens: int = 512, **engine_kw) -> dict:
-    """Perplexity (log10) of texts before/after zeroing neurons [(site, layer, channel), ...]."""
-    s, l, c = zip(*neurons)
-    abl = E.make(np.array(s)[None], np.array(l)[None], np.array(c)[None], cfg=model.cfg)
-    seqs = [model.tokens(t, max_tokens) for t in texts]
-    return _evaluate(model.cfg, model.params, seqs, list(texts), abl, **engine_kw)
-
-
-__all__ = ["Model", "load", "engine_for", "importance", "grow", "scan", "evaluate", "SITE_NAMES"]
+__all__ = ["Model", "DTYPES", "load", "config", "importance", "grow", "scan", "evaluate", "engine_for", "run"]

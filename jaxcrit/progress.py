@@ -1,27 +1,25 @@
-"""A dependency-free progress line on stderr: done/total, rate, eta."""
+"""Progress bars on stderr (tqdm): done/total, rate and ETA from the work done so far.
+
+The rate is measured from the first update on, so a first chunk that pays for compilation does
+not make the ETA absurd; work resumed from a checkpoint is shown as done without counting toward
+the rate.
+"""
 from __future__ import annotations
 
 import sys
-import time
+
+from tqdm.auto import tqdm
 
 
 class Progress:
-    def __init__(self, total: int, desc: str, unit: str = "abl", enabled: bool = True):
-        self.total, self.desc, self.unit, self.enabled = total, desc, unit, enabled
-        self.done, self.t0, self._last = 0, time.perf_counter(), 0.0
+    def __init__(self, total: int, desc: str, unit: str = "abl", enabled: bool = True, initial: int = 0):
+        self.bar = tqdm(total=total, desc=desc, unit=unit, initial=initial, disable=not enabled,
+                        file=sys.stderr, dynamic_ncols=True, smoothing=0.1, leave=True)
 
     def update(self, n: int) -> None:
-        self.done += n
-        now = time.perf_counter()
-        if self.enabled and (now - self._last > 0.5 or self.done >= self.total):
-            self._last = now
-            rate = self.done / max(now - self.t0, 1e-9)
-            eta = (self.total - self.done) / max(rate, 1e-9)
-            sys.stderr.write(f"\r{self.desc}: {self.done}/{self.total} {rate:,.1f} {self.unit}/s eta {eta:,.0f}s ")
-            if self.done >= self.total:
-                sys.stderr.write("\n")
-            sys.stderr.flush()
+        self.bar.update(n)
+        if self.bar.n >= (self.bar.total or 0):
+            self.bar.close()
 
-    @property
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.t0
+    def close(self) -> None:
+        self.bar.close()

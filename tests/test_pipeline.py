@@ -37,6 +37,7 @@ from jaxcrit.critical import stage1, stage2
 from jaxcrit.engine import Engine, Texts
 from jaxcrit.models import decoder as dec
 from jaxcrit.models.sites import SITE_NAMES, module_path, width
+from jaxcrit.neurons import NeuronSet
 
 ALPHA = 5.0
 K = 4          # noise samples
@@ -101,11 +102,11 @@ def ref_channels(scores: dict[str, np.ndarray], threshold: float) -> list[tuple[
     return out
 
 
-def assert_same_ranking(got: stage1.Ranking, ref: list[tuple[str, int, int, float]], top_n: int) -> None:
+def assert_same_ranking(got: NeuronSet, ref: list[tuple[str, int, int, float]], top_n: int) -> None:
     """got equals ref[:top_n] up to ties (module docstring): scores to 1e-4, entries by group."""
     n = min(top_n, len(ref))
     assert len(got) == n
-    recs = got.records()
+    recs = got.records(reference=True)
     keys = [(r["layer_name"], r["seq_idx"], r["hidden_idx"]) for r in recs]
     ref_scores = np.array([r[3] for r in ref])
     np.testing.assert_allclose(got.score, ref_scores[:n], rtol=1e-4, atol=1e-6 * ref_scores.max())
@@ -215,7 +216,7 @@ def test_channel_ranking_is_reference_max_over_positions(setup, top_n, threshold
         threshold = float(np.median(np.concatenate([v.max(0) for v in setup.ref.values()])))
     ref = ref_channels(setup.ref, threshold)
     got = stage1.rank(setup.imp.scores(), top_n, threshold, per_position=False)
-    assert (got.seq == -1).all()
+    assert (got.position == -1).all()
     assert_same_ranking(got, ref, top_n)
 
 

@@ -6,6 +6,8 @@ layout (interleaved pairs); that is undone here so the decoder's rotate-half RoP
 """
 from __future__ import annotations
 
+import functools
+
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,14 +32,24 @@ LAYER_TENSORS = {
 
 
 def open_gguf(path: str | Path) -> gguf.GGUFReader:
-    """A memory-mapped reader; a missing or malformed file is a user error, not a traceback."""
+    """A memory-mapped reader; a missing or malformed file is a user error, not a traceback.
+
+    Readers are kept per (file, mtime, size): parsing the metadata of a vocabulary-sized GGUF
+    takes seconds, and a run reads it for validation, weights and tokenizer.
+    """
     p = Path(path)
     if not p.is_file():
         raise JaxcritError(f"{p}: no such GGUF file")
+    st = p.stat()
+    return _open(str(p.resolve()), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _open(path: str, mtime_ns: int, size: int) -> gguf.GGUFReader:
     try:
-        return gguf.GGUFReader(p)
+        return gguf.GGUFReader(path)
     except Exception as e:  # the reader raises ValueError, struct.error, ... on a bad file
-        raise JaxcritError(f"{p}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+        raise JaxcritError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
 
 
 def field(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:

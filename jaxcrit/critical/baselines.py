@@ -14,13 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcrit import engine as E
-from jaxcrit.critical.stage1 import Ranking, rank
+from jaxcrit.critical.stage1 import rank
 from jaxcrit.models import decoder
 from jaxcrit.models.config import ModelConfig
 from jaxcrit.models.sites import SITE_NAMES, width
-
-BASELINES = ("random", "activation", "gradient", "massive")
-
+from jaxcrit.neurons import NeuronSet
 
 @partial(jax.jit, static_argnames=("cfg",))
 def _activations(cfg: ModelConfig, params, tokens):
@@ -37,20 +35,30 @@ def _gradients(cfg: ModelConfig, params, tokens):
     return jax.grad(loss)(zeros)
 
 
-def ranking(name: str, cfg: ModelConfig, params: dict, tokens: np.ndarray, top_n: int, seed: int) -> Ranking:
-    """The baseline's ranked channels (top_n of them)."""
+def _random(cfg: ModelConfig, params: dict, tok: jax.Array, top_n: int, seed: int) -> NeuronSet:
+    total = sum(cfg.n_layers * width(cfg, s) for s in SITE_NAMES)
+    r = E.random_sets(cfg, SITE_NAMES, 1, min(top_n, total), seed)
+    return NeuronSet.make(np.array(SITE_NAMES)[r.site[0]], r.layer[0], r.channel[0])
+
+
+def _activation(cfg: ModelConfig, params: dict, tok: jax.Array, top_n: int, seed: int) -> NeuronSet:
+    return rank(_activations(cfg, params, tok), top_n, -np.inf, per_position=False)
+
+
+def _gradient(cfg: ModelConfig, params: dict, tok: jax.Array, top_n: int, seed: int) -> NeuronSet:
+    grads = _gradients(cfg, params, tok)
+    return rank({s: g[:, None, :] for s, g in grads.items()}, top_n, -np.inf, per_position=False)
+
+
+def _massive(cfg: ModelConfig, params: dict, tok: jax.Array, top_n: int, seed: int) -> NeuronSet:
+    return rank({"down_proj": jnp.abs(_activations(cfg, params, tok)["down_proj"])}, top_n, -np.inf,
+                per_position=False)
+
+
+BASELINES = {"random": _random, "activation": _activation, "gradient": _gradient, "massive": _massive}
+
+
+def ranking(name: str, cfg: ModelConfig, params: dict, tokens: np.ndarray, top_n: int, seed: int) -> NeuronSet:
+    """The baseline's ranked channels (top_n of them); seed matters to random only."""
     tok = jnp.asarray(np.asarray(tokens)[None], jnp.int32)
-    if name == "random":
-        total = sum(cfg.n_layers * width(cfg, s) for s in SITE_NAMES)
-        r = E.random_sets(cfg, SITE_NAMES, 1, min(top_n, total), seed)
-        return Ranking(np.array(SITE_NAMES)[r.site[0]], r.layer[0], np.full(r.site.shape[1], -1), r.channel[0],
-                       np.zeros(r.site.shape[1], np.float32))
-    if name == "activation":
-        return rank(_activations(cfg, params, tok), top_n, -np.inf, per_position=False)
-    if name == "gradient":
-        grads = _gradients(cfg, params, tok)
-        return rank({s: g[:, None, :] for s, g in grads.items()}, top_n, -np.inf, per_position=False)
-    if name == "massive":
-        acts = _activations(cfg, params, tok)
-        return rank({"down_proj": jnp.abs(acts["down_proj"])}, top_n, -np.inf, per_position=False)
-    raise ValueError(name)
+    return BASELINES[name](cfg, params, tok, top_n, seed)

@@ -6,32 +6,32 @@ from typing import Sequence
 import numpy as np
 
 from jaxcrit import engine as E
+from jaxcrit.critical.stage2 import Memo, no_memo
 from jaxcrit.models.config import ModelConfig
-
-LN10 = E.LN10
+from jaxcrit.neurons import NeuronSet
 
 
 def evaluate(cfg: ModelConfig, params: dict, seqs: Sequence[Sequence[int]], texts: Sequence[str],
-             neurons: E.Ablations, *, batch: int = 8, **engine_kw) -> dict:
-    """Token-weighted perplexity (the reference's WikiText rule) with and without `neurons`.
+             neurons: NeuronSet, *, batch: int = 8, memo: Memo = no_memo, **engine_kw) -> dict:
+    """Token-weighted perplexity (the reference's WikiText rule) with and without `neurons` masked.
 
-    neurons: one row, the set to mask. Returns {"texts": [{text, tokens, base_ppl_log10,
-    masked_ppl_log10}], "overall": {...}} with PPL in log10 (never exponentiated: no overflow).
+    Texts go through the engine `batch` at a time; memo(key, compute) may keep each block's
+    [tokens, base NLL sum, masked NLL sum] per text. Returns {"texts": [{text, tokens,
+    base_ppl_log10, masked_ppl_log10}], "overall": {...}}, PPL in log10 (never exponentiated).
     """
-    rows = []
-    for lo in range(0, len(seqs), batch):
-        part = list(seqs[lo:lo + batch])
-        texts_b = E.Texts.from_ids(part)
+    abl = E.make(neurons.site[None], neurons.layer[None], neurons.channel[None], cfg=cfg)
+
+    def block(lo: int) -> np.ndarray:
+        texts_b = E.Texts.from_ids(list(seqs[lo:lo + batch]))
         eng = E.Engine(cfg, params, texts_b, **{**engine_kw, "chunk": 1, "progress": False})
-        nll = eng.losses(neurons, per_token=True)[0]            # [B, T-1]
-        base = eng.losses(None, per_token=True)[0]
         n = (texts_b.valid[:, 1:] & texts_b.valid[:, :-1]).sum(1)
-        for i, t in enumerate(texts[lo:lo + batch]):
-            rows.append({"text": t, "tokens": int(n[i]),
-                         "base_ppl_log10": float(base[i].sum() / n[i] / LN10),
-                         "masked_ppl_log10": float(nll[i].sum() / n[i] / LN10)})
-    w = np.array([r["tokens"] for r in rows], float)
-    overall = {k: float((np.array([r[k] for r in rows]) * w).sum() / w.sum())
-               for k in ("base_ppl_log10", "masked_ppl_log10")}
-    overall["tokens"] = int(w.sum())
+        return np.stack([n, eng.losses(None, per_token=True)[0].sum(1),
+                         eng.losses(abl, per_token=True)[0].sum(1)], axis=1).astype(np.float64)   # [B, 3]
+
+    sums = np.concatenate([memo(f"block-{lo}", lambda: block(lo)) for lo in range(0, len(seqs), batch)])
+    rows = [{"text": t, "tokens": int(n), "base_ppl_log10": float(b / n / E.LN10),
+             "masked_ppl_log10": float(m / n / E.LN10)} for t, (n, b, m) in zip(texts, sums)]
+    w = sums[:, 0]
+    overall = {"base_ppl_log10": float(sums[:, 1].sum() / w.sum() / E.LN10),
+               "masked_ppl_log10": float(sums[:, 2].sum() / w.sum() / E.LN10), "tokens": int(w.sum())}
     return {"texts": rows, "overall": overall}

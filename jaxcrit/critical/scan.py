@@ -1,64 +1,70 @@
 """Ground truth by exhaustion: single-neuron deltas, and greedy growth on measured deltas."""
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from jaxcrit import engine as E
-from jaxcrit.models.sites import SITE_INDEX, SITE_NAMES
+from jaxcrit.critical.stage2 import Memo, no_memo
+from jaxcrit.models.config import ModelConfig
+from jaxcrit.models.sites import width
+from jaxcrit.neurons import NeuronSet
 
 
-def scan_rows(cfg, sites: Sequence[str], layers: Sequence[int], channels: Sequence[int] | None = None) -> E.Ablations:
-    """One row per (site, layer, channel), deepest layers first (so chunks share the prefix);
+def neurons(cfg: ModelConfig, sites: Sequence[str], layers: Sequence[int],
+            channels: Sequence[int] | None = None) -> NeuronSet:
+    """Every (site, layer, channel) to scan, deepest layers first (so chunks share the prefix);
     channels None: every channel of each site."""
-    parts = [E.single(cfg, s, layers=sorted(layers, reverse=True), channels=channels) for s in sites]
-    cat = lambda f: np.concatenate([getattr(p, f) for p in parts])
-    return E.Ablations(cat("site"), cat("layer"), cat("channel"), cat("scale"), cat("value"))
+    parts = []
+    for s in sites:
+        l, c = np.meshgrid(sorted(layers, reverse=True),
+                           np.arange(width(cfg, s)) if channels is None else np.asarray(channels), indexing="ij")
+        parts.append((np.full(l.size, s), l.ravel(), c.ravel()))
+    return NeuronSet.make(*(np.concatenate([p[i] for p in parts]) if parts else [] for i in range(3)))
 
 
-def scan(engine: E.Engine, abl: E.Ablations, *, block: int, done: np.ndarray | None = None,
-         on_block: Callable[[np.ndarray], None] | None = None) -> np.ndarray:
-    """[R] single-neuron deltas, computed in blocks of `block` rows; `done` resumes a partial
-    result (the deltas of its first rows), on_block(deltas so far) checkpoints after each block."""
-    out = np.asarray(done if done is not None else np.zeros(0, np.float32), np.float32)
-    while len(out) < abl.rows:
-        lo = len(out)
-        idx = np.arange(lo, min(lo + block, abl.rows))
-        out = np.concatenate([out, engine.deltas(abl.take(idx), desc=f"scan {lo}/{abl.rows}").astype(np.float32)])
-        if on_block is not None:
-            on_block(out)
-    return out
+def scan(engine: E.Engine, todo: NeuronSet, *, block: int, memo: Memo = no_memo) -> NeuronSet:
+    """The neurons with their single-neuron deltas as scores, computed in blocks of `block` rows;
+    memo(key, compute) may keep each block's deltas, so a resumed run scores only what it lacks."""
+    deltas = []
+    for lo in range(0, len(todo), block):
+        part = todo[lo:lo + block]
+        deltas.append(memo(f"block-{lo}", lambda: engine.deltas(
+            E.make(part.site, part.layer, part.channel, cfg=engine.cfg), desc=f"scan {lo}/{len(todo)}")))
+    d = np.concatenate(deltas).astype(np.float32) if deltas else np.zeros(0, np.float32)
+    return NeuronSet(todo.site, todo.layer, todo.channel, todo.position, d)
 
 
-def scan_records(abl: E.Ablations, deltas: np.ndarray) -> list[dict]:
-    return [{"site": SITE_NAMES[s], "layer": int(l), "channel": int(c), "delta": float(d)}
-            for s, l, c, d in zip(abl.site[:, 0], abl.layer[:, 0], abl.channel[:, 0], deltas)]
+def top(scanned: NeuronSet, size: int) -> NeuronSet:
+    """The `size` neurons with the largest scores (deltas), largest first."""
+    return scanned[np.argsort(-scanned.score, kind="stable")[:size]]
 
 
-def greedy(engine: E.Engine, pool: Sequence[tuple[str, int, int]], *, steps: int, epsilon: float) -> list[dict]:
+def greedy(engine: E.Engine, pool: NeuronSet, *, steps: int, epsilon: float, memo: Memo = no_memo) -> list[dict]:
     """Adds, step by step, the pool neuron that raises delta most (measured, not predicted).
 
-    Returns one record per step: the neuron added and the set's delta. Stops at epsilon.
+    Returns one record per step: the neuron added and the set's delta. Stops at epsilon. memo
+    keeps each step's [pool index, delta].
     """
-    chosen: list[tuple[str, int, int]] = []
+    chosen: list[int] = []
     path = []
-    for step in range(min(steps, len(pool))):
-        cand = [c for c in pool if c not in chosen]
-        sets = [chosen + [c] for c in cand]
-        arr = np.array([[(SITE_INDEX[s], l, ch) for s, l, ch in row] for row in sets])
-        d = engine.deltas(E.make(arr[..., 0], arr[..., 1], arr[..., 2], cfg=engine.cfg), desc=f"greedy step {step + 1}")
-        best = int(np.argmax(d))
-        chosen.append(cand[best])
-        s, l, ch = cand[best]
-        path.append({"step": step + 1, "site": s, "layer": l, "channel": ch, "delta": float(d[best])})
-        if d[best] >= epsilon:
+    width_ = min(steps, len(pool))   # every step's rows padded to this many entries: one compiled shape
+    for step in range(width_):
+        cand = [i for i in range(len(pool)) if i not in chosen]
+
+        def best() -> np.ndarray:
+            sets = np.array([chosen + [i] + [i] * (width_ - step - 1) for i in cand])
+            live = np.arange(width_) <= step
+            d = engine.deltas(E.make(pool.site[sets], pool.layer[sets], pool.channel[sets], np.where(live, 0.0, 1.0)[None],
+                                     cfg=engine.cfg), desc=f"greedy step {step + 1}")
+            return np.array([cand[int(np.argmax(d))], d.max()], np.float64)
+
+        i, d = memo(f"step-{step}", best)
+        chosen.append(int(i))
+        (rec,) = pool[[int(i)]].records()
+        path.append({"step": step + 1, **{k: rec[k] for k in ("layer_name", "site", "layer", "channel")},
+                     "delta": float(d)})
+        if d >= epsilon:
             break
     return path
-
-
-def top_pool(abl: E.Ablations, deltas: np.ndarray, size: int) -> list[tuple[str, int, int]]:
-    """The `size` neurons of a scan with the largest single deltas: the greedy search's pool."""
-    idx = np.argsort(-deltas, kind="stable")[:size]
-    return [(SITE_NAMES[abl.site[i, 0]], int(abl.layer[i, 0]), int(abl.channel[i, 0])) for i in idx]
-

@@ -16,7 +16,8 @@ import numpy as np
 
 from jaxcrit.models import decoder
 from jaxcrit.models.config import ModelConfig
-from jaxcrit.models.sites import SITE_NAMES, module_path, width
+from jaxcrit.models.sites import SITE_NAMES, width
+from jaxcrit.neurons import NeuronSet
 from jaxcrit.progress import Progress
 
 
@@ -76,8 +77,7 @@ def importance(cfg: ModelConfig, params: dict, tokens: np.ndarray, *, alpha: flo
         state = Importance({s: np.zeros((cfg.n_layers, T, width(cfg, s)), np.float32) for s in SITE_NAMES}, 0)
     sums = {s: jnp.asarray(v) for s, v in state.sums.items()}
     key = jax.random.key(seed)
-    bar = Progress(samples, "stage 1 noisy passes", unit="pass", enabled=progress)
-    bar.update(state.k)
+    bar = Progress(samples, "stage 1 noisy passes", unit="pass", enabled=progress, initial=state.k)
     k = state.k
     while k < samples:
         n = min(chunk, samples - k)
@@ -96,31 +96,12 @@ def importance(cfg: ModelConfig, params: dict, tokens: np.ndarray, *, alpha: flo
     return Importance({s: np.asarray(v) for s, v in sums.items()}, k)
 
 
-@dataclasses.dataclass(frozen=True)
-class Ranking:
-    """A ranked list of neurons; seq is -1 for channel-level entries."""
-    site: np.ndarray     # [N] site names
-    layer: np.ndarray    # [N] int
-    seq: np.ndarray      # [N] int
-    channel: np.ndarray  # [N] int
-    score: np.ndarray    # [N] f32
-
-    def __len__(self) -> int:
-        return len(self.score)
-
-    def records(self) -> list[dict]:
-        """The reference's importance.json fields, plus site and layer."""
-        return [{"layer_name": module_path(s, int(l)), "site": str(s), "layer": int(l), "seq_idx": int(q),
-                 "hidden_idx": int(c), "activation_diff": float(v)}
-                for s, l, q, c, v in zip(self.site, self.layer, self.seq, self.channel, self.score)]
-
-
 @partial(jax.jit, static_argnames=("k",))
 def _top_k(flat: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     return jax.lax.top_k(flat, k)
 
 
-def rank(scores: dict[str, np.ndarray | jax.Array], top_n: int, threshold: float, per_position: bool) -> Ranking:
+def rank(scores: dict[str, np.ndarray | jax.Array], top_n: int, threshold: float, per_position: bool) -> NeuronSet:
     """Top-N entries above threshold, descending; the selection runs on device.
 
     scores: site -> [L, T, C] for any subset of the sites (T may be 1 for channel scores).
@@ -152,4 +133,4 @@ def rank(scores: dict[str, np.ndarray | jax.Array], top_n: int, threshold: float
     if not per_position:
         seq = np.full_like(seq, -1)
     names = np.array([m[0] for m in meta])[which]
-    return Ranking(names, layer, seq, ch, vals.astype(np.float32))
+    return NeuronSet(names.astype(str), layer, ch, seq, vals.astype(np.float32))

@@ -2,11 +2,19 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import numpy as np
 
 from jaxcrit import engine as E
-from jaxcrit.critical.stage1 import Ranking
+from jaxcrit.neurons import NeuronSet
+
+Memo = Callable[[str, Callable[[], np.ndarray]], np.ndarray]
+
+
+def no_memo(key: str, compute: Callable[[], np.ndarray]) -> np.ndarray:
+    """The in-memory memo: always computes. A pipeline run passes one that keeps each block."""
+    return compute()
 
 
 @dataclasses.dataclass
@@ -16,25 +24,35 @@ class Growth:
     deltas: np.ndarray   # [M] f32
     critical_n: int | None
 
-    def curve(self) -> list[dict]:
-        return [{"n": int(n), "delta": float(d)} for n, d in zip(self.ns, self.deltas)]
+    @property
+    def last_n(self) -> int:
+        """The critical n, or the largest n scored when no prefix reached epsilon."""
+        return self.critical_n if self.critical_n is not None else int(self.ns[-1])
+
+    def delta(self, n: int) -> float:
+        return float(self.deltas[list(self.ns).index(n)])
+
+    def to_pandas(self):
+        import pandas as pd
+        return pd.DataFrame({"n": np.asarray(self.ns, int), "delta": np.asarray(self.deltas, np.float64)})
 
 
-def grow(engine: E.Engine, ranking: Ranking, *, epsilon: float, max_steps: int, full_curve: bool,
-         ns: np.ndarray | None = None, desc: str = "stage 2 prefixes") -> Growth:
+def grow(engine: E.Engine, ranking: NeuronSet, *, epsilon: float, max_steps: int, full_curve: bool,
+         ns: np.ndarray | None = None, desc: str = "stage 2 prefixes", memo: Memo = no_memo) -> Growth:
     """Scores prefixes n = 1..min(max_steps, len(ranking)) (or the given ns) in engine-sized blocks.
 
-    Stops after the block holding the first n with delta >= epsilon unless full_curve.
+    Stops after the block holding the first n with delta >= epsilon unless full_curve. memo(key,
+    compute) may keep each block's deltas, so a resumed run scores only the blocks it lacks.
     """
     n_max = min(max_steps, len(ranking))
-    todo = np.arange(1, n_max + 1) if ns is None else np.asarray([n for n in ns if 1 <= n <= n_max])
+    todo = np.arange(1, n_max + 1) if ns is None else np.asarray([n for n in ns if 1 <= n <= n_max], int)
     block = max(engine.chunk, 1)
     got_n, got_d = [], []
     for lo in range(0, len(todo), block):
         part = todo[lo:lo + block]
-        abl = E.prefixes(engine.cfg, ranking.site, ranking.layer, ranking.channel, part)
+        abl = lambda: E.prefixes(engine.cfg, ranking.site, ranking.layer, ranking.channel, part)
         got_n.append(part)
-        got_d.append(engine.deltas(abl, desc=desc))
+        got_d.append(memo(f"block-{lo}", lambda: engine.deltas(abl(), desc=desc)))
         if not full_curve and (got_d[-1] >= epsilon).any():
             break
     ns_done = np.concatenate(got_n) if got_n else np.zeros(0, int)

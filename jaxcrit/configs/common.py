@@ -1,6 +1,7 @@
 """The defaults every config starts from: the paper's method (shared/docs/method.md) as fields.
 
-Each field's comment says what it turns. Configs for a family override `model` and what differs.
+Each field's comment says what it turns; jaxcrit/validate.py says what values it takes. A config
+for a model overrides `model` and what differs.
 """
 from __future__ import annotations
 
@@ -20,9 +21,9 @@ def base(model: str) -> ml_collections.ConfigDict:
     c.progress = True               # progress bars on stderr
 
     c.stage1 = ml_collections.ConfigDict()
-    c.stage1.alpha = 5.0            # noise scale on the input embeddings
+    c.stage1.alpha = 5.0            # noise scale on the input embeddings (> 0)
     c.stage1.samples = 100          # K, noisy passes
-    c.stage1.batch = 8              # noisy passes per compiled (vmapped) batch
+    c.stage1.batch = 8              # noisy passes per compiled batch (one forward of batch + 1 sequences)
     c.stage1.top_n = 10000          # ranked entries kept
     c.stage1.threshold = 1e-6       # scores <= this are dropped
     c.stage1.ranking = "channel"    # channel: (site, layer, channel), max over positions; position: the reference's list
@@ -32,21 +33,24 @@ def base(model: str) -> ml_collections.ConfigDict:
     c.stage2.max_steps = 1000       # largest prefix n tried
     c.stage2.full_curve = False     # evaluate every n up to max_steps instead of stopping at epsilon
 
+    c.baselines = ml_collections.ConfigDict()
+    c.baselines.names = ("random", "activation", "gradient", "massive")  # baselines grown like Stage 2 (empty: none)
+    c.baselines.random_repeats = 10                # seeded repeats of the random baseline
+    c.baselines.ns = (1, 3, 10, 30, 100, 300, 1000)  # set sizes the baselines are scored at
+
     c.scan = ml_collections.ConfigDict()
     c.scan.sites = ("down_proj",)   # sites scanned neuron by neuron (empty: no scan)
     c.scan.layers = ()              # layers scanned; empty: the layers of the critical set
     c.scan.max_layers = 0           # with layers empty, scan at most this many of them (0: all)
+    c.scan.channels = ()            # channels scanned at each site and layer; empty: every channel
+    c.scan.top = 0                  # > 0: only the `top` channels of each site and layer that Stage 1 ranks highest
     c.scan.greedy_steps = 8         # greedy search on measured deltas: at most this many steps (0: off)
     c.scan.greedy_pool = 32         # candidates of the greedy search: the scan's top single neurons
-
-    c.baselines = ml_collections.ConfigDict()
-    c.baselines.names = ("random", "activation", "gradient", "massive")  # baselines grown like Stage 2
-    c.baselines.random_repeats = 10                # seeded repeats of the random baseline
-    c.baselines.ns = (1, 3, 10, 30, 100, 300, 1000)  # set sizes the baselines are scored at
 
     c.evaluate = ml_collections.ConfigDict()
     c.evaluate.file = ""            # text file evaluated before/after masking (rows > 50 chars); empty: c.text only
     c.evaluate.limit = 0            # evaluate only the first N rows of the file (0: all)
+    c.evaluate.batch = 8            # texts per resumable evaluation block
 
     c.engine = ml_collections.ConfigDict()
     c.engine.chunk = 64             # ablations per compiled call; 0: the largest that fits free device memory
@@ -61,10 +65,12 @@ def base(model: str) -> ml_collections.ConfigDict:
     return c
 
 
-def checkpoint(arg: str | None, family: str) -> ml_collections.ConfigDict:
-    """A HF checkpoint dir given after the colon, run bf16 with the chunk planned from memory."""
+def checkpoint(arg: str | None, name: str) -> ml_collections.ConfigDict:
+    """A checkpoint given after the colon (`--config=NAME:/path`), run bf16 with the chunk planned
+    from free device memory. Without the path: one error line saying how to give it."""
+    from jaxcrit.errors import JaxcritError
     if not arg:
-        raise ValueError(f"give the checkpoint dir: --config=configs/{family}.py:/path/to/checkpoint")
+        raise JaxcritError(f"the {name} config needs a checkpoint: --config=configs/{name}.py:/path/to/checkpoint")
     c = base(arg)
     c.dtype = "bfloat16"
     c.engine.chunk = 0

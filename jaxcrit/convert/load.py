@@ -1,0 +1,57 @@
+"""A loaded model: config, params on a mesh, tokenizer; from any source checkpoints.resolve names."""
+from __future__ import annotations
+
+import dataclasses
+
+import ml_dtypes
+import numpy as np
+from jax.sharding import Mesh
+from tokenizers import Tokenizer
+
+from jaxcrit.convert.checkpoints import resolve
+from jaxcrit.errors import JaxcritError
+from jaxcrit.models.config import ModelConfig
+from jaxcrit.models.decoder import Decoder
+from jaxcrit.sharding import DEFAULT_RULES, make_mesh
+
+DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+
+
+@dataclasses.dataclass
+class Model:
+    cfg: ModelConfig
+    params: dict
+    tokenizer: Tokenizer
+    mesh: Mesh
+    source: str
+
+    def decoder(self) -> Decoder:
+        """The Flax NNX module over these params: `model.decoder()(tokens)` gives logits [B, T, V];
+        `nnx.split` of it gives (graphdef, state) for custom transforms."""
+        return Decoder(self.cfg, self.params)
+
+    def tokens(self, text: str, max_tokens: int = 512, min_tokens: int = 2) -> np.ndarray:
+        """Token ids of text, cut to max_tokens; refuses texts shorter than min_tokens."""
+        return tokens(self.tokenizer, text, max_tokens, min_tokens)
+
+
+def tokens(tokenizer: Tokenizer, text: str, max_tokens: int = 512, min_tokens: int = 2) -> np.ndarray:
+    """[T] int32 token ids of text (special tokens as transformers adds them), cut to max_tokens."""
+    from jaxcrit.data.tokenize import encode
+    ids = encode(tokenizer, text)[:max_tokens]
+    if len(ids) < min_tokens:
+        raise JaxcritError(f"the text has {len(ids)} tokens; at least {min_tokens} are needed (give a longer text)")
+    return np.asarray(ids, np.int32)
+
+
+def load(name_or_path: str = "smollm2", dtype: str = "float32", mesh: Mesh | None = None,
+         rules=DEFAULT_RULES) -> Model:
+    """An embedded model name ('smollm2'), a HF checkpoint dir, a .gguf file, or a dir saved by
+    jaxcrit.convert.orbax_io.save (holding jaxcrit.json)."""
+    from jaxcrit.data.tokenize import load_tokenizer
+    if dtype not in DTYPES:
+        raise JaxcritError(f"dtype '{dtype}' unknown: use one of {', '.join(DTYPES)}")
+    mesh = mesh or make_mesh()
+    kind, path = resolve(str(name_or_path))
+    cfg, params = kind.load(path, DTYPES[dtype], mesh, rules)
+    return Model(cfg, params, load_tokenizer(path), mesh, str(name_or_path))

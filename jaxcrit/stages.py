@@ -1,0 +1,317 @@
+"""The pipeline as data: each stage's name, result files, and how it computes, saves and loads.
+
+    importance  Stage 1 ranking                    importance.json, heatmap.png
+    growth      Stage 2 prefixes of the ranking    curve.csv
+    critical    the first prefix reaching epsilon  critical.json
+    baselines   random/activation/gradient/massive baselines.json
+    scan        single-neuron deltas               scan.csv, scan.png
+    greedy      greedy growth on measured deltas   greedy.json
+    evaluation  perplexity before/after masking    evaluation.json
+    report      the summary of all of the above    curve.png, summary.md
+
+A stage reads earlier stages' values as run[name]; the functions named *_of take their input
+explicitly, so the Python API (jaxcrit/api.py) runs the same code on inputs a user gives.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from ml_collections import ConfigDict
+
+from jaxcrit import engine as E
+from jaxcrit.critical import baselines as B
+from jaxcrit.critical import scan as S
+from jaxcrit.critical import stage1, stage2
+from jaxcrit.critical.evaluate import evaluate
+from jaxcrit.errors import JaxcritError
+from jaxcrit.models.sites import SITE_NAMES
+from jaxcrit.neurons import NeuronSet
+from jaxcrit.pipeline import Run
+from jaxcrit.report import io, plots, summary
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    name: str
+    files: tuple[str, ...]                      # result files it writes in the workdir
+    compute: Callable[[Run], Any]
+    save: Callable[[Run, Any], None]
+    load: Callable[[Run], Any]
+    enabled: Callable[[ConfigDict], bool] = lambda c: True
+    cached: bool = True                         # False: recomputed on every run (the report)
+
+
+def _title(run: Run, what: str) -> str:
+    return f"{Path(str(run.c.model)).name}: {what}"
+
+
+# ----------------------------------------------------------------------------- Stage 1
+
+def importance(run: Run) -> NeuronSet:
+    """Stage 1's ranking; the running sums are kept after every batch of noisy passes."""
+    c, m = run.c.stage1, run.model
+    got = run.store.get("stage1")
+    state = stage1.Importance({k: v for k, v in got.items() if k != "_k"}, int(got["_k"])) if got else None
+    if state is not None:
+        run.say(f"stage 1: resuming after {state.k} of {c.samples} noisy passes")
+    keep = (lambda s: run.store.put("stage1", {**s.sums, "_k": np.asarray(s.k)})) if run.workdir else None
+    imp = stage1.importance(m.cfg, m.params, run.tokens, alpha=c.alpha, samples=c.samples, seed=run.c.seed,
+                            chunk=c.batch, state=state, on_chunk=keep, progress=run.c.progress)
+    ranking = stage1.rank(imp.scores(), c.top_n, c.threshold, c.ranking == "position")
+    if not len(ranking):
+        raise JaxcritError(f"stage 1 ranked no neuron: no importance score is above stage1.threshold "
+                           f"({c.threshold}); lower stage1.threshold or raise stage1.alpha")
+    return ranking
+
+
+def save_importance(run: Run, ranking: NeuronSet) -> None:
+    c = run.c.stage1
+    io.write_json(run.workdir / "importance.json",
+                  {"ranking": c.ranking, "alpha": c.alpha, "samples": c.samples, "tokens": int(len(run.tokens)),
+                   "neurons": ranking.records(reference=True)})
+    io.write_png(run.workdir / "heatmap.png", plots.site_heatmap(
+        ranking[:100].records(), run.model.cfg.n_layers, SITE_NAMES, _title(run, "top-100 neurons")), close=True)
+
+
+def load_importance(run: Run) -> NeuronSet:
+    return NeuronSet.from_records(io.read_json(run.workdir / "importance.json")["neurons"])
+
+
+# ----------------------------------------------------------------------------- Stage 2
+
+def growth_of(run: Run, ranking: NeuronSet) -> stage2.Growth:
+    """Prefixes of a ranking scored until delta >= stage2.epsilon (every n with full_curve)."""
+    c = run.c.stage2
+    return stage2.grow(run.engine, ranking, epsilon=c.epsilon, max_steps=c.max_steps, full_curve=c.full_curve,
+                       memo=run.store.memo("growth"))
+
+
+def save_growth(run: Run, g: stage2.Growth) -> None:
+    io.write_csv(run.workdir / "curve.csv", g.to_pandas().to_dict("records"), ["n", "delta"])
+
+
+def load_growth(run: Run) -> stage2.Growth:
+    import pandas as pd
+    df = pd.read_csv(run.workdir / "curve.csv")
+    ns, deltas = df["n"].to_numpy(int), df["delta"].to_numpy(np.float32)
+    hit = np.flatnonzero(deltas >= run.c.stage2.epsilon)
+    return stage2.Growth(ns, deltas, int(ns[hit[0]]) if len(hit) else None)
+
+
+@dataclasses.dataclass
+class Critical:
+    """The critical set: the first n neurons of the ranking reaching epsilon (or all scored)."""
+    neurons: NeuronSet
+    n: int | None          # None: no prefix reached epsilon; neurons is then the largest prefix scored
+    epsilon: float
+    delta: float
+    base_loss: float       # mean NLL of the text, nats/token
+
+    @property
+    def loss(self) -> float:
+        return self.base_loss + self.delta * E.LN10
+
+    def to_json(self) -> dict:
+        return {"n": self.n, "epsilon": self.epsilon, "delta": self.delta, "base_loss": self.base_loss,
+                "loss": self.loss, "neurons": self.neurons.records()}
+
+
+def critical(run: Run) -> Critical:
+    g = run["growth"]
+    return Critical(run["importance"][:g.last_n], g.critical_n, run.c.stage2.epsilon, g.delta(g.last_n),
+                    run.engine.base_loss)
+
+
+def load_critical(run: Run) -> Critical:
+    d = io.read_json(run.workdir / "critical.json")
+    return Critical(NeuronSet.from_records(d["neurons"]), d["n"], d["epsilon"], d["delta"], d["base_loss"])
+
+
+# ----------------------------------------------------------------------------- baselines
+
+def baselines(run: Run) -> dict[str, list[stage2.Growth]]:
+    """Each baseline's ranking (random: seeded repeats) grown at baselines.ns. The prefixes of
+    all baselines and repeats are scored together in engine-sized batches; each repeat's
+    deltas are kept as soon as its batch is done."""
+    c, m = run.c.baselines, run.model
+    ns = np.asarray(c.ns, int)
+    units = {(name, r): B.ranking(name, m.cfg, m.params, run.tokens, int(ns.max()), run.c.seed + r)
+             for name in c.names for r in range(c.random_repeats if name == "random" else 1)}
+    sizes = {k: ns[ns <= len(rk)] for k, rk in units.items()}
+    deltas = score_packed(run, "baselines", {
+        f"{name}-{r}": (lambda rk=rk, n=sizes[(name, r)]: E.prefixes(m.cfg, rk.site, rk.layer, rk.channel, n))
+        for (name, r), rk in units.items()})
+    out: dict[str, list[stage2.Growth]] = {}
+    for (name, r), n in sizes.items():
+        d = deltas[f"{name}-{r}"]
+        hit = np.flatnonzero(d >= run.c.stage2.epsilon)
+        out.setdefault(name, []).append(stage2.Growth(n, d, int(n[hit[0]]) if len(hit) else None))
+    return out
+
+
+def score_packed(run: Run, prefix: str, units: dict[str, Callable[[], E.Ablations]]) -> dict[str, np.ndarray]:
+    """Deltas of each unit's rows. Units are packed in order into batches of about one engine
+    chunk (a unit is never split), so small units do not each pay for a padded chunk; each
+    batch's deltas are kept as one piece of resume state. The plan depends on the units alone,
+    so a resumed run scores the missing batches with the same rows (and the same rounding)."""
+    keys, out, batch, rows = list(units), {}, [], 0
+    for i, k in enumerate(keys):
+        abl = units[k]()
+        batch.append((k, abl))
+        rows += abl.rows
+        if rows < run.engine.chunk and i < len(keys) - 1:
+            continue
+        done = run.store.memo(prefix)(f"batch-{i}", lambda: run.engine.deltas(
+            _concat([a for _, a in batch]), desc=f"{prefix} {', '.join(k for k, _ in batch)}"))
+        out.update(zip((key for key, _ in batch), np.split(done, np.cumsum([a.rows for _, a in batch])[:-1])))
+        batch, rows = [], 0
+    return out
+
+
+def _concat(parts: list[E.Ablations]) -> E.Ablations:
+    """Rows of several batches in one; shorter rows padded with inactive entries (scale 1, value 0)."""
+    K = max(p.site.shape[1] for p in parts)
+    fill = {"site": 0, "layer": 0, "channel": 0, "scale": 1.0, "value": 0.0}
+    cols = {f: np.concatenate([np.pad(getattr(p, f), ((0, 0), (0, K - p.site.shape[1])), constant_values=v)
+                               for p in parts]) for f, v in fill.items()}
+    return E.Ablations(**cols)
+
+
+def save_baselines(run: Run, value: dict[str, list[stage2.Growth]]) -> None:
+    io.write_json(run.workdir / "baselines.json",
+                  {name: [g.to_pandas().to_dict("records") for g in gs] for name, gs in value.items()})
+
+
+def load_baselines(run: Run) -> dict[str, list[stage2.Growth]]:
+    eps = run.c.stage2.epsilon
+    out = {}
+    for name, curves in io.read_json(run.workdir / "baselines.json").items():
+        out[name] = []
+        for curve in curves:
+            n = np.array([r["n"] for r in curve], int)
+            d = np.array([r["delta"] for r in curve], np.float32)
+            hit = np.flatnonzero(d >= eps)
+            out[name].append(stage2.Growth(n, d, int(n[hit[0]]) if len(hit) else None))
+    return out
+
+
+# ----------------------------------------------------------------------------- scan and greedy
+
+SCAN_COLUMNS = ["site", "layer", "channel", "delta"]
+
+
+def scan_targets(run: Run) -> NeuronSet:
+    """The neurons the scan covers: scan.sites x scan.layers (default: the critical set's layers,
+    at most scan.max_layers) x scan.channels (default: all), or with scan.top the channels of
+    each site and layer that Stage 1 ranks highest."""
+    c, cfg = run.c.scan, run.model.cfg
+    layers = list(c.layers) or list(dict.fromkeys(int(x) for x in run["critical"].neurons.layer))
+    if not c.layers and c.max_layers:
+        layers = layers[:c.max_layers]
+    if not c.top:
+        return S.neurons(cfg, c.sites, layers, list(c.channels) or None)
+    ranking = run["importance"]
+    parts = []
+    for site in c.sites:
+        for layer in sorted(layers, reverse=True):
+            mine = ranking[(ranking.site == site) & (ranking.layer == layer)]
+            channels = list(dict.fromkeys(int(x) for x in mine.channel))[:c.top]
+            parts.append(S.neurons(cfg, [site], [layer], channels))
+    return NeuronSet.make(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("site", "layer", "channel")))
+
+
+def scan_of(run: Run, targets: NeuronSet) -> NeuronSet:
+    """Single-neuron deltas (as scores) of the targets, in resumable blocks of 8 engine chunks."""
+    return S.scan(run.engine, targets, block=run.engine.chunk * 8, memo=run.store.memo("scan"))
+
+
+def save_scan(run: Run, scanned: NeuronSet) -> None:
+    rows = [{"site": r["site"], "layer": r["layer"], "channel": r["channel"], "delta": r["score"]}
+            for r in scanned.records()]
+    io.write_csv(run.workdir / "scan.csv", rows, SCAN_COLUMNS)
+    io.write_png(run.workdir / "scan.png", plots.scan_distribution(rows, run.model.cfg.n_layers,
+                                                                   _title(run, "single-neuron scan")), close=True)
+
+
+def load_scan(run: Run) -> NeuronSet:
+    import pandas as pd
+    df = pd.read_csv(run.workdir / "scan.csv")
+    return NeuronSet.make(df["site"], df["layer"], df["channel"], score=df["delta"].to_numpy(np.float32))
+
+
+def greedy(run: Run) -> list[dict]:
+    c = run.c.scan
+    return S.greedy(run.engine, S.top(run["scan"], c.greedy_pool), steps=c.greedy_steps,
+                    epsilon=run.c.stage2.epsilon, memo=run.store.memo("greedy"))
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def evaluation(run: Run) -> dict:
+    """The critical set evaluated on evaluate.file's rows (or the config text)."""
+    from jaxcrit.data.texts import read_paragraphs
+    c = run.c.evaluate
+    texts = read_paragraphs(c.file, limit=c.limit) if c.file else [run.c.text]
+    return evaluate_texts(run, run["critical"].neurons, texts)
+
+
+def evaluate_texts(run: Run, neurons: NeuronSet, texts: list[str]) -> dict:
+    """Perplexity of texts before and after masking neurons, in resumable blocks of evaluate.batch."""
+    seqs = [run.model.tokens(t, run.c.max_tokens) for t in texts]
+    return evaluate(run.model.cfg, run.model.params, seqs, texts, neurons, batch=run.c.evaluate.batch,
+                    memo=run.store.memo("evaluation"), **run.engine_kw())
+
+
+# ----------------------------------------------------------------------------- report
+
+def report(run: Run) -> dict:
+    """The summary of every stage that ran (the dict summary.md and the terminal table render)."""
+    crit, base, scanned, greedy_path, ev = (run[k] for k in ("critical", "baselines", "scan", "greedy",
+                                                              "evaluation"))
+    out = {
+        "model": str(run.c.model), "text_tokens": int(len(run.tokens)), "base_loss": crit.base_loss,
+        "epsilon": crit.epsilon,
+        "critical": {"n": crit.n, "delta": crit.delta, "loss": crit.loss, "neurons": crit.neurons.records()},
+        "curve": run["growth"].to_pandas().to_dict("records"),
+        "baselines": {k: {"n_max": int(v[0].ns[-1]), "delta_at_n_max": float(np.mean([g.deltas[-1] for g in v]))}
+                      for k, v in (base or {}).items() if v and len(v[0].ns)},
+        "baseline_curves": {k: [g.to_pandas().to_dict("records") for g in v] for k, v in (base or {}).items()},
+        "evaluation": ev["texts"][:20],
+        "timings": dict(run.timings),
+    }
+    if scanned is not None:
+        out["scan"] = {"rows": len(scanned), "top": [
+            {"site": r["site"], "layer": r["layer"], "channel": r["channel"], "delta": r["score"]}
+            for r in S.top(scanned, 5).records()]}
+    if greedy_path:
+        out["greedy"] = greedy_path
+    return out
+
+
+def save_report(run: Run, result: dict) -> None:
+    io.write_png(run.workdir / "curve.png", plots.phase_curve(
+        result["curve"], result["epsilon"], result["baseline_curves"], _title(run, "phase transition"),
+        result["critical"]["n"]), close=True)
+    io.write_text(run.workdir / "summary.md", summary.summary_markdown(result))
+
+
+STAGES: dict[str, Stage] = {st.name: st for st in (
+    Stage("importance", ("importance.json", "heatmap.png"), importance, save_importance, load_importance),
+    Stage("growth", ("curve.csv",), lambda run: growth_of(run, run["importance"]), save_growth, load_growth),
+    Stage("critical", ("critical.json",), critical,
+          lambda run, v: io.write_json(run.workdir / "critical.json", v.to_json()), load_critical),
+    Stage("baselines", ("baselines.json",), baselines, save_baselines, load_baselines,
+          enabled=lambda c: bool(c.baselines.names)),
+    Stage("scan", ("scan.csv", "scan.png"), lambda run: scan_of(run, scan_targets(run)), save_scan, load_scan,
+          enabled=lambda c: bool(c.scan.sites)),
+    Stage("greedy", ("greedy.json",), greedy, lambda run, v: io.write_json(run.workdir / "greedy.json", v),
+          lambda run: io.read_json(run.workdir / "greedy.json"),
+          enabled=lambda c: bool(c.scan.sites) and c.scan.greedy_steps > 0),
+    Stage("evaluation", ("evaluation.json",), evaluation,
+          lambda run, v: io.write_json(run.workdir / "evaluation.json", v),
+          lambda run: io.read_json(run.workdir / "evaluation.json")),
+    Stage("report", ("curve.png", "summary.md"), report, save_report, lambda run: report(run), cached=False),
+)}

@@ -1,0 +1,155 @@
+"""Every config field checked before any work, one error line each.
+
+First each field on its own (FIELDS: one row per field of jaxcrit/configs/common.py), then what
+can be checked against the model's config.json, tokenizer and this machine (layer and channel
+ranges, the text's length, files to evaluate, kernels and mesh), all before a weight is read.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+from ml_collections import ConfigDict
+
+from jaxcrit.errors import JaxcritError
+
+Check = Callable[[Any], bool]
+
+
+def _int(lo: int) -> Check:
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= lo
+
+
+def _num(ok: Callable[[float], bool]) -> Check:
+    return lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and ok(v)
+
+
+def _one_of(*options: str) -> Check:
+    return lambda v: v in options
+
+
+def _names(options) -> Check:
+    return lambda v: isinstance(v, (tuple, list)) and all(x in options for x in v) and len(set(v)) == len(v)
+
+
+def _ints(lo: int, nonempty: bool = False) -> Check:
+    return lambda v: isinstance(v, (tuple, list)) and all(_int(lo)(x) for x in v) and (len(v) > 0 or not nonempty)
+
+
+def _mesh(v) -> bool:
+    return (isinstance(v, (tuple, list)) and len(v) == 2 and all(_int(-1)(x) and x != 0 for x in v)
+            and list(v).count(-1) <= 1)
+
+
+_bool: Check = lambda v: isinstance(v, bool)
+_str: Check = lambda v: isinstance(v, str)
+
+
+def _fields() -> tuple[tuple[str, Check, str], ...]:
+    from jaxcrit.convert.load import DTYPES
+    from jaxcrit.critical.baselines import BASELINES
+    from jaxcrit.models.sites import SITE_NAMES
+    return (
+        ("model", lambda v: isinstance(v, str) and bool(v), "an embedded name, a checkpoint dir or a file"),
+        ("dtype", _one_of(*DTYPES), f"one of {', '.join(DTYPES)}"),
+        ("text", _str, "a string"),
+        ("max_tokens", _int(10), "an integer >= 10"),
+        ("seed", _int(0), "an integer >= 0"),
+        ("overwrite", _bool, "True or False"),
+        ("progress", _bool, "True or False"),
+        ("stage1.alpha", _num(lambda x: x > 0), "> 0"),
+        ("stage1.samples", _int(1), "an integer >= 1 (K, the noisy passes)"),
+        ("stage1.batch", _int(1), "an integer >= 1"),
+        ("stage1.top_n", _int(1), "an integer >= 1"),
+        ("stage1.threshold", _num(lambda x: True), "a number"),
+        ("stage1.ranking", _one_of("channel", "position"), "channel or position"),
+        ("stage2.epsilon", _num(lambda x: x > 0), "> 0"),
+        ("stage2.max_steps", _int(1), "an integer >= 1"),
+        ("stage2.full_curve", _bool, "True or False"),
+        ("baselines.names", _names(BASELINES), f"distinct names among {', '.join(BASELINES)}"),
+        ("baselines.random_repeats", _int(1), "an integer >= 1"),
+        ("baselines.ns", _ints(1, nonempty=True), "a non-empty tuple of integers >= 1"),
+        ("scan.sites", _names(SITE_NAMES), f"distinct sites among {', '.join(SITE_NAMES)}"),
+        ("scan.layers", _ints(0), "a tuple of layer indices >= 0"),
+        ("scan.max_layers", _int(0), "an integer >= 0"),
+        ("scan.channels", _ints(0), "a tuple of channel indices >= 0"),
+        ("scan.top", _int(0), "an integer >= 0"),
+        ("scan.greedy_steps", _int(0), "an integer >= 0"),
+        ("scan.greedy_pool", _int(1), "an integer >= 1"),
+        ("evaluate.file", _str, "a path or ''"),
+        ("evaluate.limit", _int(0), "an integer >= 0"),
+        ("evaluate.batch", _int(1), "an integer >= 1"),
+        ("engine.chunk", _int(0), "an integer >= 0 (0: planned from free memory)"),
+        ("engine.vocab_chunk", _int(1), "an integer >= 1"),
+        ("engine.prefix_sharing", _bool, "True or False"),
+        ("engine.attention", _one_of("auto", "xla", "cudnn"), "auto, xla or cudnn"),
+        ("engine.loss", _one_of("auto", "xla", "pallas"), "auto, xla or pallas"),
+        ("mesh.shape", _mesh, "(data, model), positive integers, one of them may be -1"),
+        ("mesh.distributed", _bool, "True or False"),
+    )
+
+
+def fields(c: ConfigDict) -> None:
+    """Each field against its row; a field without a row or a row without a field is an error."""
+    rows = _fields()
+    known = {k for k, _, _ in rows}
+    flat = _flatten(c.to_dict())
+    for k in flat:
+        if k not in known:
+            raise JaxcritError(f"config field '{k}' is unknown; see jaxcrit/configs/common.py for the fields")
+    for key, ok, what in rows:
+        if key not in flat:
+            raise JaxcritError(f"config field '{key}' is missing; start configs from jaxcrit.configs.common.base")
+        if not ok(flat[key]):
+            raise JaxcritError(f"{key} must be {what} (got {flat[key]!r})")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def ranges(c: ConfigDict, cfg) -> None:
+    """scan.layers and scan.channels inside the model (cfg: its ModelConfig)."""
+    from jaxcrit.models.sites import width
+    for layer in c.scan.layers:
+        if layer >= cfg.n_layers:
+            raise JaxcritError(f"scan.layers: layer {layer} out of range; the model has layers 0..{cfg.n_layers - 1}")
+    for site in c.scan.sites:
+        for ch in c.scan.channels:
+            if ch >= width(cfg, site):
+                raise JaxcritError(f"scan.channels: channel {ch} out of range for {site}; it has channels "
+                                   f"0..{width(cfg, site) - 1}")
+
+
+def against_model(c: ConfigDict) -> None:
+    """What the model's metadata, its tokenizer, the files named and this machine allow."""
+    import jax
+
+    from jaxcrit.convert.checkpoints import resolve
+    from jaxcrit.convert.load import tokens
+    from jaxcrit.data.texts import read_paragraphs
+    from jaxcrit.data.tokenize import load_tokenizer
+    from jaxcrit.sharding import make_mesh
+
+    kind, path = resolve(c.model)
+    ranges(c, kind.config(path))
+    tokens(load_tokenizer(path), c.text, c.max_tokens, min_tokens=10)
+    if c.evaluate.file:
+        read_paragraphs(c.evaluate.file, limit=c.evaluate.limit)
+    mesh = make_mesh(tuple(c.mesh.shape))
+    gpu_half = jax.default_backend() == "gpu" and c.dtype != "float32"
+    if c.engine.attention == "cudnn" and not gpu_half:
+        raise JaxcritError("engine.attention cudnn needs a GPU and dtype bfloat16 or float16; use auto or xla")
+    if c.engine.loss == "pallas" and not (gpu_half and mesh.size == 1):
+        raise JaxcritError("engine.loss pallas needs one GPU and dtype bfloat16 or float16; use auto or xla")
+
+
+def everything(c: ConfigDict) -> None:
+    fields(c)
+    against_model(c)
