@@ -1,0 +1,102 @@
+"""The Python API the README shows: the same stage code as the CLI, results as DataFrames.
+
+Each function is checked against what the CLI wrote for the same config (the CLI's stages are
+checked against unbatched references in test_pipeline.py and test_engine.py) and against a
+hand computation where one is short: scan deltas against single-row engine calls, evaluation
+against the engine's clean and masked losses.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import jaxcrit
+from jaxcrit import engine as E
+from jaxcrit import main as M
+from jaxcrit.errors import JaxcritError
+from tiny_run import TEXT, build_model, tiny_config
+
+FIELDS = dict(samples=4, batch=2, top_n=50)      # tiny_config's stage1 fields
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return build_model(tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture(scope="module")
+def cli(model_dir, tmp_path_factory):
+    wd = tmp_path_factory.mktemp("cli")
+    M.run(tiny_config(model_dir, stage2__full_curve=True), wd)
+    return wd
+
+
+@pytest.fixture(scope="module")
+def model(model_dir):
+    return jaxcrit.load(str(model_dir))
+
+
+def test_importance_equals_the_cli_ranking(model, cli):
+    ranking = jaxcrit.importance(model, TEXT, **FIELDS, progress=False)
+    assert isinstance(ranking, pd.DataFrame)
+    assert list(ranking.columns) == ["layer_name", "site", "layer", "channel", "position", "score"]
+    ref = json.loads((cli / "importance.json").read_text())["neurons"]
+    assert ranking[["layer_name", "channel"]].values.tolist() == [[r["layer_name"], r["channel"]] for r in ref]
+    np.testing.assert_array_equal(ranking["score"].to_numpy(), np.array([r["score"] for r in ref], np.float32))
+
+
+def test_grow_equals_the_cli_curve(model, cli):
+    ranking = jaxcrit.importance(model, TEXT, **FIELDS, progress=False)
+    curve = jaxcrit.grow(model, ranking, TEXT, max_steps=20, full_curve=True, chunk=8, progress=False)
+    ref = pd.read_csv(cli / "curve.csv")
+    np.testing.assert_array_equal(curve["n"], ref["n"])
+    np.testing.assert_allclose(curve["delta"], ref["delta"], rtol=0, atol=1e-6)
+    assert curve["delta"].max() < 1.0
+    grown = jaxcrit.grow(model, ranking, TEXT, epsilon=1.0, max_steps=20, chunk=8, progress=False)
+    assert grown.attrs["critical_n"] is None and list(grown["n"]) == list(range(1, 21))   # no n reaches 1
+
+
+def test_scan_equals_single_rows_through_the_engine(model, cli):
+    scan = jaxcrit.scan(model, TEXT, sites=["down_proj", "act_fn"], layers=[1], channels=range(3, 9), chunk=4,
+                        progress=False)
+    assert list(scan[["site", "layer", "channel"]].itertuples(index=False, name=None)) == (
+        [("down_proj", 1, c) for c in range(3, 9)] + [("act_fn", 1, c) for c in range(3, 9)])
+    eng = jaxcrit.engine_for(model, TEXT, chunk=1, progress=False)
+    for s, l, c, d in scan[["site", "layer", "channel", "delta"]].itertuples(index=False, name=None):
+        one = eng.deltas(E.make(np.array([s]), [l], [c], cfg=model.cfg))[0]
+        assert abs(d - one) < 1e-5, (s, l, c)
+    ref = pd.read_csv(cli / "scan.csv").set_index(["site", "layer", "channel"])["delta"]
+    for s, l, c, d in scan[scan.site == "down_proj"][["site", "layer", "channel", "delta"]].itertuples(
+            index=False, name=None):
+        assert abs(d - ref[(s, l, c)]) < 1e-5
+
+
+def test_evaluate_against_the_engines_losses(model, cli):
+    crit = json.loads((cli / "critical.json").read_text())["neurons"]
+    texts = [TEXT, " ".join(TEXT.split()[::-1])]
+    ev = jaxcrit.evaluate(model, crit, texts, progress=False)
+    assert list(ev["tokens"]) == [39, 39]
+    for i, t in enumerate(texts):
+        eng = jaxcrit.engine_for(model, t, chunk=1, progress=False)
+        masked = eng.losses(E.make(np.array([[r["site"] for r in crit]]), [[r["layer"] for r in crit]],
+                                   [[r["channel"] for r in crit]], cfg=model.cfg))[0]
+        assert abs(ev["base_ppl_log10"][i] - eng.base_loss / math.log(10)) < 1e-5
+        assert abs(ev["masked_ppl_log10"][i] - masked / math.log(10)) < 1e-5
+    assert abs(ev.attrs["overall"]["masked_ppl_log10"] - ev["masked_ppl_log10"].mean()) < 1e-6
+    tuples = jaxcrit.evaluate(model, [(r["site"], r["layer"], r["channel"]) for r in crit], texts[:1], progress=False)
+    assert abs(tuples["masked_ppl_log10"][0] - ev["masked_ppl_log10"][0]) < 1e-6
+
+
+def test_bad_arguments(model):
+    with pytest.raises(JaxcritError, match="unknown argument 'sampels'"):
+        jaxcrit.importance(model, TEXT, sampels=4)
+    with pytest.raises(JaxcritError, match=r"stage1\.samples must be an integer >= 1"):
+        jaxcrit.importance(model, TEXT, samples=0)
+    with pytest.raises(JaxcritError, match="scan.layers: layer 7 out of range"):
+        jaxcrit.scan(model, TEXT, layers=[7])
+    with pytest.raises(JaxcritError, match="at least one text"):
+        jaxcrit.evaluate(model, [("down_proj", 0, 1)], [])

@@ -1,0 +1,42 @@
+"""NeuronSet: one record schema, round trips through records, DataFrames and tuples."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from jaxcrit.errors import JaxcritError
+from jaxcrit.neurons import NeuronSet
+
+
+def test_records_round_trip_and_reference_fields():
+    ns = NeuronSet.make(["down_proj", "q_proj"], [11, 0], [507, 3], position=[-1, 4], score=[4.5, 0.25])
+    recs = ns.records()
+    assert recs[0] == {"layer_name": "model.layers.11.mlp.down_proj", "site": "down_proj", "layer": 11,
+                       "channel": 507, "position": -1, "score": 4.5}
+    assert recs[1]["layer_name"] == "model.layers.0.self_attn.q_proj"
+    ref = ns.records(reference=True)[1]
+    assert (ref["seq_idx"], ref["hidden_idx"], ref["activation_diff"]) == (4, 3, 0.25)
+    back = NeuronSet.from_records(recs)
+    assert back.records() == recs
+    only_path = NeuronSet.from_records([{"layer_name": "model.layers.2.mlp.act_fn", "channel": 9}])
+    assert only_path.keys() == [("act_fn", 2, 9)] and only_path.score is None
+
+
+def test_dataframe_and_tuples():
+    ns = NeuronSet.make(["down_proj", "act_fn", "down_proj"], [3, 1, 0], [1, 2, 3], score=[3.0, 2.0, 1.0])
+    df = ns.to_pandas()
+    assert list(df.columns) == ["layer_name", "site", "layer", "channel", "position", "score"]
+    assert NeuronSet.of(df).records() == ns.records()
+    assert NeuronSet.of(df.iloc[:2]).keys() == [("down_proj", 3, 1), ("act_fn", 1, 2)]
+    assert NeuronSet.of([("down_proj", 3, 1)]).records()[0]["position"] == -1
+    sub = ns[np.array([2, 0])]
+    assert sub.keys() == [("down_proj", 0, 3), ("down_proj", 3, 1)] and list(sub.score) == [1.0, 3.0]
+
+
+def test_bad_records():
+    with pytest.raises(JaxcritError, match="neither site and layer nor layer_name"):
+        NeuronSet.from_records([{"channel": 1}])
+    with pytest.raises(JaxcritError, match="names no site"):
+        NeuronSet.from_records([{"layer_name": "model.layers.1.mlp.nope", "channel": 1}])
+    with pytest.raises(JaxcritError, match=r"\(site, layer, channel\) tuples"):
+        NeuronSet.of([("down_proj", 1)])
