@@ -9,6 +9,7 @@ stages run in memory. The CLI and the API both go through here; jaxcrit/stages.p
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 import shutil
 import sys
@@ -24,6 +25,15 @@ from jaxcrit.report import io
 
 IGNORED_FOR_IDENTITY = ("overwrite", "progress")   # config fields that do not change any result
 RUN_FILES = ("config.json", "manifest.json")
+
+
+def release_memory() -> None:
+    """Hands the heap a stage freed back to the OS (glibc keeps it otherwise, and the next
+    stage's peak stacks on top of it: 1.7 GB instead of 1.5 GB for the default CPU run)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):   # not glibc: nothing to hand back this way
+        pass
 
 
 class Store:
@@ -88,6 +98,7 @@ class Run:
         from jaxcrit.sharding import make_mesh
         t = time.perf_counter()
         m = load(self.c.model, self.c.dtype, make_mesh(tuple(self.c.mesh.shape)))
+        release_memory()
         self._record("load", time.perf_counter() - t)
         return m
 
@@ -126,6 +137,7 @@ class Run:
         value = st.compute(self)
         if self.workdir:
             st.save(self, value)
+        release_memory()
         self._record(name, time.perf_counter() - t)
         self.values[name] = value
         return value

@@ -157,17 +157,17 @@ def score_packed(run: Run, prefix: str, units: dict[str, Callable[[], E.Ablation
     chunk (a unit is never split), so small units do not each pay for a padded chunk; each
     batch's deltas are kept as one piece of resume state. The plan depends on the units alone,
     so a resumed run scores the missing batches with the same rows (and the same rounding)."""
-    keys, out, batch, rows = list(units), {}, [], 0
-    for i, k in enumerate(keys):
-        abl = units[k]()
-        batch.append((k, abl))
-        rows += abl.rows
-        if rows < run.engine.chunk and i < len(keys) - 1:
-            continue
+    built = [(k, units[k]()) for k in units]
+    batches: list[list[tuple[str, E.Ablations]]] = [[]]
+    for k, abl in built:          # fill each batch up to one chunk; a unit larger than that goes alone
+        if batches[-1] and sum(a.rows for _, a in batches[-1]) + abl.rows > run.engine.chunk:
+            batches.append([])
+        batches[-1].append((k, abl))
+    out = {}
+    for i, batch in enumerate(batches):
         done = run.store.memo(prefix)(f"batch-{i}", lambda: run.engine.deltas(
             _concat([a for _, a in batch]), desc=f"{prefix} {', '.join(k for k, _ in batch)}"))
-        out.update(zip((key for key, _ in batch), np.split(done, np.cumsum([a.rows for _, a in batch])[:-1])))
-        batch, rows = [], 0
+        out.update(zip((k for k, _ in batch), np.split(done, np.cumsum([a.rows for _, a in batch])[:-1])))
     return out
 
 

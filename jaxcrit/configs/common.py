@@ -23,7 +23,7 @@ def base(model: str) -> ml_collections.ConfigDict:
     c.stage1 = ml_collections.ConfigDict()
     c.stage1.alpha = 5.0            # noise scale on the input embeddings (> 0)
     c.stage1.samples = 100          # K, noisy passes
-    c.stage1.batch = 8              # noisy passes per compiled batch (one forward of batch + 1 sequences)
+    c.stage1.batch = 10             # noisy passes per compiled batch (one forward of batch + 1 sequences; a divisor of samples wastes none)
     c.stage1.top_n = 10000          # ranked entries kept
     c.stage1.threshold = 1e-6       # scores <= this are dropped
     c.stage1.ranking = "channel"    # channel: (site, layer, channel), max over positions; position: the reference's list

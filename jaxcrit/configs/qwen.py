@@ -7,5 +7,5 @@ from jaxcrit.configs.common import checkpoint
 
 def get_config(arg=None):
     c = checkpoint(arg, "qwen")
-    c.stage1.batch = 16
+    c.stage1.batch = 20
     return c

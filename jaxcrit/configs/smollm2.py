@@ -12,8 +12,8 @@ from jaxcrit.configs.common import base
 
 def get_config(arg=None):
     c = base("smollm2")
-    c.stage1.batch = 16
-    c.engine.chunk = 16
+    c.stage1.batch = 25
+    c.engine.chunk = 8
     c.baselines.random_repeats = 3
     c.baselines.ns = (1, 10, 100)
     c.scan.max_layers = 1

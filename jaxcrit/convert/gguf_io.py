@@ -34,8 +34,9 @@ LAYER_TENSORS = {
 def open_gguf(path: str | Path) -> gguf.GGUFReader:
     """A memory-mapped reader; a missing or malformed file is a user error, not a traceback.
 
-    Readers are kept per (file, mtime, size): parsing the metadata of a vocabulary-sized GGUF
-    takes seconds, and a run reads it for validation, weights and tokenizer.
+    Readers are kept per (file, mtime, size) until load_gguf has read the weights: parsing the
+    metadata of a vocabulary-sized GGUF takes seconds, and a run reads it for validation,
+    tokenizer and weights, in that order.
     """
     p = Path(path)
     if not p.is_file():
@@ -175,4 +176,6 @@ def load_gguf(path: str | Path, dtype=np.float32, mesh: Mesh | None = None,
     cfg = from_hf_config(hf_config(reader, where), where)
     tensors = _tensors(reader, cfg, where)
     read = {name: _reader(cfg, name, ts) for name, ts in tensors.items()}
-    return cfg, place(cfg, read, mesh or make_mesh(), rules, dtype)
+    params = place(cfg, read, mesh or make_mesh(), rules, dtype)
+    _open.cache_clear()   # the parsed metadata holds ~200 MB for a 49k-token vocabulary: let it go
+    return cfg, params

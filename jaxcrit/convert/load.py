@@ -53,5 +53,6 @@ def load(name_or_path: str = "smollm2", dtype: str = "float32", mesh: Mesh | Non
         raise JaxcritError(f"dtype '{dtype}' unknown: use one of {', '.join(DTYPES)}")
     mesh = mesh or make_mesh()
     kind, path = resolve(str(name_or_path))
+    tokenizer = load_tokenizer(path)
     cfg, params = kind.load(path, DTYPES[dtype], mesh, rules)
-    return Model(cfg, params, load_tokenizer(path), mesh, str(name_or_path))
+    return Model(cfg, params, tokenizer, mesh, str(name_or_path))

@@ -29,7 +29,7 @@ def _activations(cfg: ModelConfig, params, tokens):
 @partial(jax.jit, static_argnames=("cfg",))
 def _gradients(cfg: ModelConfig, params, tokens):
     def loss(values):
-        h, _ = decoder.forward(cfg, params, decoder.embed(cfg, params, tokens), values=values)
+        h, _ = decoder.forward(cfg, params, decoder.embed(cfg, params, tokens), values=values, remat=True)
         return decoder.token_nll(cfg, params, h[:, :-1], tokens[:, 1:]).mean()
     zeros = {s: jnp.zeros((cfg.n_layers, width(cfg, s)), jnp.float32) for s in SITE_NAMES}
     return jax.grad(loss)(zeros)

@@ -153,7 +153,7 @@ def embed(cfg: ModelConfig, params: Params, tokens: Array) -> Array:
 def forward(cfg: ModelConfig, params: Params, embeds: Array, valid: Array | None = None, *,
             masks: SiteArrays | None = None, values: SiteArrays | None = None,
             capture: tuple[str, ...] = (), observe=None, start: Array | None = None,
-            attn_impl: str = "xla") -> tuple[Array, dict[str, Array]]:
+            attn_impl: str = "xla", remat: bool = False) -> tuple[Array, dict[str, Array]]:
     """Runs the layers.
 
     embeds [B, T, D] are E(x) (noise is added to these); valid [B, T] marks real tokens (right
@@ -164,6 +164,8 @@ def forward(cfg: ModelConfig, params: Params, embeds: Array, valid: Array | None
     scan, so nothing of size [L, B, T, C] is kept (Stage 1's |clean - noisy| sums).
     start (prefix sharing; may be traced): layers below it are skipped and `embeds` is taken as
     the residual stream entering layer `start`, already scaled; capture is then unavailable.
+    remat: recompute each layer in the backward pass instead of keeping its activations (a
+    gradient then holds one residual per layer, not every intermediate).
     Returns the final-normed hidden state [B, T, D] and the captures.
     """
     B, T, _ = embeds.shape
@@ -191,7 +193,7 @@ def forward(cfg: ModelConfig, params: Params, embeds: Array, valid: Array | None
             ys[RESID] = h
         return out, ys
 
-    h, ys = jax.lax.scan(step, h, xs)
+    h, ys = jax.lax.scan(jax.checkpoint(step) if remat else step, h, xs)
     if RESID in capture:
         ys[RESID] = jnp.concatenate([ys[RESID], h[None]])
     h = rms_norm(h, params["final_norm"], cfg.norm_eps, cfg.family.norm_plus_one)
