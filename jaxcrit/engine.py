@@ -199,8 +199,13 @@ _SITE_ENTRY = np.array([decoder.SITE_ENTRY[n] for n in SITE_NAMES], np.int32)
 _HIDDEN = np.array([n in decoder.HIDDEN for n in SITE_NAMES])
 
 
+# The chunk program's GEMMs all go to cuBLAS: XLA's own Triton GEMMs made a decoder layer ~4 %
+# slower on the H200 (tools/profile_engine.py, docs/benchmarks.md). Ignored off GPUs.
+COMPILER_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
+
+
 @partial(jax.jit, static_argnames=("cfg", "sites", "with_values", "per_token", "vocab_chunk", "attn_impl",
-                                   "loss_impl", "mesh"))
+                                   "loss_impl", "mesh"), compiler_options=COMPILER_OPTIONS)
 def _chunk_nll(params, cache: decoder.Cache, valid, targets, tmask, shift, rows, start, *, cfg: ModelConfig,
                sites: tuple[str, ...], with_values: bool, per_token: bool, vocab_chunk: int, attn_impl: str,
                loss_impl: str, mesh: Mesh):

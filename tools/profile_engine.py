@@ -7,9 +7,10 @@ For chunks of R single-channel down_proj rows (which start after their layer: no
   * real engine chunks starting after layer S, for several S: a chunk runs the head and L-1-S
     whole layers, so a line through their times gives the time of one tail layer and of the head
     (plus the entry and the chunk's overhead), per ablation;
-  * the pieces alone: one vmapped decoder layer (cuDNN attention) with XLA's FLOP and byte
-    counts; the same layer's matmuls alone and its attention alone (the rest is norms, RoPE, the
-    activation, residual adds); the loss head through the fused kernel and through XLA;
+  * the pieces alone: one vmapped decoder layer (cuDNN attention; compiled as the engine does,
+    and with XLA's default Triton GEMMs) with XLA's FLOP and byte counts; its matmuls alone and
+    its attention alone (the rest is norms, RoPE, the activation, residual adds); the loss head
+    through the fused kernel and through XLA;
   * --sweep: the fused kernel's tiles (rows x vocab x hidden, warps, stages) on the head's shape.
 Each piece: microseconds per ablation, GFLOP per ablation, and the time those FLOPs take at the
 measured peak (the limit); the full down_proj scan predicted from the fit, against its limit.
@@ -32,7 +33,7 @@ from jaxcrit.models.fused_loss import Tiles
 SWEEP = [Tiles(128, 256, 64, 8, 3), Tiles(128, 256, 64, 8, 4), Tiles(128, 256, 32, 8, 4), Tiles(128, 256, 128, 8, 2),
          Tiles(128, 128, 64, 4, 3), Tiles(128, 128, 64, 4, 4), Tiles(128, 128, 64, 8, 3), Tiles(128, 128, 128, 4, 3),
          Tiles(256, 128, 64, 8, 3), Tiles(256, 128, 64, 8, 4), Tiles(64, 256, 64, 4, 3), Tiles(128, 256, 64, 4, 3),
-         Tiles(256, 256, 64, 8, 2), Tiles(64, 128, 64, 4, 4)]
+         Tiles(256, 256, 64, 8, 2), Tiles(64, 128, 64, 4, 4), Tiles(128, 128, 64, 8, 4), Tiles(64, 256, 64, 8, 3)]
 
 
 def timeit(f, *a, reps: int = 5) -> float:
@@ -101,20 +102,23 @@ def main():
     cos, sin = decoder.rope_tables(cfg, T)
     impl = "cudnn" if gpu else "xla"
     h = jax.random.normal(jax.random.key(3), (R, 1, T, cfg.d_model), jnp.bfloat16)
-    layer = jax.jit(jax.vmap(lambda h: decoder.block(cfg, lp, h, valid, cos, sin, None, None, impl)[0]))
+    one_layer = jax.vmap(lambda h: decoder.block(cfg, lp, h, valid, cos, sin, None, None, impl)[0])
+    pieces["layer_xla_triton_gemms"] = timeit(jax.jit(one_layer), h)
+    layer = jax.jit(one_layer, compiler_options=E.COMPILER_OPTIONS)   # as the engine compiles it
     pieces["layer"] = timeit(layer, h)
     res["layer_xla_cost"] = cost(layer, h)
     x = h.reshape(R * T, cfg.d_model)
     m = jax.random.normal(jax.random.key(4), (R * T, cfg.d_ff), jnp.bfloat16)
     o = jax.random.normal(jax.random.key(5), (R * T, cfg.q_dim), jnp.bfloat16)
     matmuls = jax.jit(lambda x, m, o: (x @ lp["q_w"], x @ lp["k_w"], x @ lp["v_w"], o @ lp["o_w"],
-                                       x @ lp["gate_w"], x @ lp["up_w"], m @ lp["down_w"]))
+                                       x @ lp["gate_w"], x @ lp["up_w"], m @ lp["down_w"]),
+                      compiler_options=E.COMPILER_OPTIONS)
     pieces["layer_matmuls_only"] = timeit(matmuls, x, m, o)
     q = o.reshape(R, T, cfg.n_heads, cfg.head_dim)
     kv = jax.random.normal(jax.random.key(6), (R, T, cfg.n_kv_heads, cfg.head_dim), jnp.bfloat16)
     attn = jax.jit(lambda q, k, v: decoder.attend(cfg, q, k, v, jnp.ones((R, T), bool), impl))
     pieces["layer_attention_only"] = timeit(attn, q, kv, kv)
-    flops = {"head_fused": head_f, "head_xla": head_f, "layer": layer_f,
+    flops = {"head_fused": head_f, "head_xla": head_f, "layer": layer_f, "layer_xla_triton_gemms": layer_f,
              "layer_matmuls_only": layer_f - 2 * T * T * cfg.q_dim, "layer_attention_only": 2 * T * T * cfg.q_dim}
     res["pieces"] = {k: {"us_per_abl": 1e6 * s / R, "gflop_per_abl": flops[k] / 1e9,
                          "limit_us_per_abl": at_peak(flops[k]), "pct_of_peak": 100 * at_peak(flops[k]) / (1e6 * s / R)}

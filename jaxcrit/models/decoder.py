@@ -264,8 +264,9 @@ def forward(cfg: ModelConfig, params: Params, embeds: Array, valid: Array | None
     observe: a function of one layer's site outputs {site: [B, T, C]} returning a pytree; its
     per-layer results come back stacked under "observed" ([L, ...]). It reduces inside the layer
     scan, so nothing of size [L, B, T, C] is kept (Stage 1's |clean - noisy| sums).
-    start (prefix sharing; may be traced): layers below it are skipped and `embeds` is taken as
-    the residual stream entering layer `start`, already scaled; capture is then unavailable.
+    start (prefix sharing; may be traced): only layers start..L-1 run (a loop with a traced lower
+    bound, so one program serves every start) and `embeds` is taken as the residual stream
+    entering layer `start`, already scaled; capture and observe are then unavailable.
     Returns the final-normed hidden state [B, T, D] and the captures.
     """
     B, T, _ = embeds.shape
@@ -278,14 +279,17 @@ def forward(cfg: ModelConfig, params: Params, embeds: Array, valid: Array | None
         raise ValueError("capture and observe need start=None")
     cos, sin = rope_tables(cfg, T)
     layer_p = {k: v for k, v in params.items() if k not in ("embed", "lm_head", "final_norm")}
-    xs = (jnp.arange(cfg.n_layers), layer_p, masks or {}, values or {})
+    if start is not None:  # layers start..L-1 only: a loop with a traced lower bound
+        def layer(i, h):
+            at = lambda tree: {k: jax.lax.dynamic_index_in_dim(v, i, keepdims=False) for k, v in tree.items()}
+            return block(cfg, at(layer_p), h, valid, cos, sin, at(masks or {}) or None, at(values or {}) or None,
+                         attn_impl)[0]
+        h = jax.lax.fori_loop(start, cfg.n_layers, layer, h)
+        return rms_norm(h, params["final_norm"], cfg.norm_eps, cfg.family.norm_plus_one), {}
 
     def step(h, x):
-        i, p, m, vals = x
-        run = lambda h: block(cfg, p, h, valid, cos, sin, m or None, vals or None, attn_impl)
-        if start is not None:
-            return jax.lax.cond(i < start, lambda h: h, lambda h: run(h)[0], h), {}
-        out, sites = run(h)
+        p, m, vals = x
+        out, sites = block(cfg, p, h, valid, cos, sin, m or None, vals or None, attn_impl)
         ys = {n: sites[n] for n in capture if n != RESID}
         if observe is not None:
             ys["observed"] = observe(sites)
@@ -293,7 +297,7 @@ def forward(cfg: ModelConfig, params: Params, embeds: Array, valid: Array | None
             ys[RESID] = h
         return out, ys
 
-    h, ys = jax.lax.scan(step, h, xs)
+    h, ys = jax.lax.scan(step, h, (layer_p, masks or {}, values or {}))
     if RESID in capture:
         ys[RESID] = jnp.concatenate([ys[RESID], h[None]])
     h = rms_norm(h, params["final_norm"], cfg.norm_eps, cfg.family.norm_plus_one)

@@ -40,11 +40,24 @@ def supported(d_model: int, dtype, tiles: Tiles = TILES) -> bool:
     return jax.default_backend() == "gpu" and dtype in (jnp.bfloat16, jnp.float16) and d_model % tiles.bk == 0
 
 
-def _kernel(h_ref, w_ref, s_ref, o_ref, *, V: int, D: int, t: Tiles):
+LOG2E = 1.4426950408889634
+
+
+def _exp2(x: jax.Array, interpret: bool) -> jax.Array:
+    """2**x by the hardware's ex2.approx (libdevice's expf is several more instructions per
+    logit, in the epilogue every logit tile pays for); jnp.exp2 when interpreted."""
+    if interpret:
+        return jnp.exp2(x)
+    from jax.experimental.pallas import triton as plt
+    return plt.elementwise_inline_asm("ex2.approx.ftz.f32 $0, $1;", args=[x], constraints="=f,f", pack=1,
+                                      result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, x.dtype)])[0]
+
+
+def _kernel(h_ref, w_ref, s_ref, o_ref, *, V: int, D: int, t: Tiles, interpret: bool):
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plt
     rows = pl.ds(pl.program_id(0) * t.bm, t.bm)
-    shift = s_ref[rows]
+    shift2 = s_ref[rows] * LOG2E   # exp(z - s) = 2**(z * log2 e - s * log2 e): one FMA and one ex2
 
     def logits(j, load):
         def k_step(k, z):
@@ -53,15 +66,16 @@ def _kernel(h_ref, w_ref, s_ref, o_ref, *, V: int, D: int, t: Tiles):
             return z + jax.lax.dot_general(hk, wk, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
         return jax.lax.fori_loop(0, D // t.bk, k_step, jnp.zeros((t.bm, t.bn), jnp.float32))
 
+    exp = lambda z: _exp2(z * LOG2E - shift2[:, None], interpret)
+
     def full_tile(j, acc):
-        z = logits(j, lambda j, k: w_ref[pl.ds(j * t.bn, t.bn), pl.ds(k * t.bk, t.bk)])
-        return acc + jnp.exp(z - shift[:, None]).sum(axis=1)
+        return acc + exp(logits(j, lambda j, k: w_ref[pl.ds(j * t.bn, t.bn), pl.ds(k * t.bk, t.bk)])).sum(axis=1)
 
     def last_tile(j, acc):  # the partial one: columns past V masked
         col = j * t.bn + jnp.arange(t.bn)
         z = logits(j, lambda j, k: plt.load(w_ref.at[pl.ds(j * t.bn, t.bn), pl.ds(k * t.bk, t.bk)],
                                             mask=(col < V)[:, None], other=0.0))
-        return acc + jnp.where(col[None, :] < V, jnp.exp(z - shift[:, None]), 0.0).sum(axis=1)
+        return acc + jnp.where(col[None, :] < V, exp(z), 0.0).sum(axis=1)
 
     acc = jax.lax.fori_loop(0, V // t.bn, full_tile, jnp.zeros((t.bm,), jnp.float32))
     o_ref[rows] = jax.lax.fori_loop(V // t.bn, pl.cdiv(V, t.bn), last_tile, acc)
@@ -77,7 +91,7 @@ def shifted_expsum(h: jax.Array, w: jax.Array, shift: jax.Array, tiles: Tiles = 
     if pad:
         h = jnp.pad(h, ((0, pad), (0, 0)))
         shift = jnp.pad(shift, (0, pad))
-    kern = functools.partial(_kernel, V=w.shape[0], D=D, t=tiles)
+    kern = functools.partial(_kernel, V=w.shape[0], D=D, t=tiles, interpret=interpret)
     params = {} if interpret else dict(
         compiler_params=plt.CompilerParams(num_warps=tiles.warps, num_stages=tiles.stages))
     out = pl.pallas_call(kern, out_shape=jax.ShapeDtypeStruct((N + pad,), jnp.float32),
