@@ -242,7 +242,10 @@ class Engine:
     attention: "xla" (exact f32 softmax), "cudnn" (fused flash attention, GPU with bf16/fp16), or
     "auto" (cudnn where it applies).
     loss: "xla" (vocabulary-chunked einsum + logsumexp), "pallas" (the fused kernel of
-    models/fused_loss.py: GPU, bf16/fp16, one device), or "auto" (pallas where it applies).
+    models/fused_loss.py: GPUs, bf16/fp16; on a mesh under shard_map), or "auto" (pallas where
+    it applies).
+    prefix_sharing: chunks start at their rows' start points (`start_points`, `plan`); False
+    starts every chunk at layer 0 and recomputes everything (the reference path).
     """
 
     def __init__(self, cfg: ModelConfig, params: dict, texts: Texts, *, mesh: Mesh | None = None,
