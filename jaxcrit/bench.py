@@ -1,11 +1,14 @@
 """Engine benchmark: exhaustive single-neuron scans of a Qwen2.5-0.5B-shaped model.
 
-    python -m jaxcrit.bench --out bench.json [--seq 512 --chunk 256 --sites down_proj,act_fn]
+    python -m jaxcrit.bench --out bench.json [--seq 512 --max-chunk 512 --sites down_proj,act_fn]
 
-Weights are random bf16 generated on the device (timing does not depend on values). Reports
-ablations/s, achieved TFLOP/s (matmul and attention FLOPs actually run, prefix sharing counted),
-the % of a bf16 matmul peak measured in the same process, and peak device memory. Run the
-PyTorch peer (shared/peers/torch_hooks_baseline.py) in the same call for the ratio.
+Weights are random bf16 generated on the device (timing does not depend on values). Each site's
+chunk is the largest divisor of its channel count <= --max-chunk (so a layer's rows fill whole
+chunks, as the PyTorch peer picks its batch). Reports ablations/s; the FLOPs actually run
+(matmuls and causal attention of the layers each row runs from its start point, plus the lm
+head), as TFLOP/s; the physical limit (those FLOPs at the bf16 matmul peak measured in the same
+process) and the % of it reached; peak device memory. Run shared/peers/torch_strong_peer.py in
+the same call for the ratio.
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ QWEN_05B = ModelConfig(model_type="qwen2", vocab_size=151936, d_model=896, n_lay
 
 
 def matmul_peak(n: int = 8192, reps: int = 10) -> float:
-    """bf16 TFLOP/s of an n^3 matmul, the device's practical peak."""
+    """bf16 TFLOP/s of an n^3 matmul on random data, the device's practical peak."""
     k1, k2 = jax.random.split(jax.random.key(0))
     a = jax.random.normal(k1, (n, n), jnp.bfloat16)
     b = jax.random.normal(k2, (n, n), jnp.bfloat16)
@@ -40,16 +43,33 @@ def matmul_peak(n: int = 8192, reps: int = 10) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - t) / 1e12
 
 
-def layer_flops(cfg: ModelConfig, T: int) -> float:
-    """Forward FLOPs of one decoder layer on one sequence (attention computed unmasked, as run)."""
-    D, Q, KV, F = cfg.d_model, cfg.q_dim, cfg.kv_dim, cfg.d_ff
-    return 2 * T * (D * Q + 2 * D * KV + Q * D + 3 * D * F) + 4 * T * T * Q
+def attention_flops(cfg: ModelConfig, T: int) -> float:
+    """One layer's attention branch on one sequence: q/k/v/o matmuls, QK^T and PV at causal half."""
+    D, Q, KV = cfg.d_model, cfg.q_dim, cfg.kv_dim
+    return 2 * T * (D * Q + 2 * D * KV + Q * D) + 2 * T * T * Q
 
 
-def scan_flops(cfg: ModelConfig, T: int, first_layers: np.ndarray) -> float:
-    """FLOPs the engine runs for rows starting at these layers: layers >= first, then the lm head."""
-    lm = 2 * T * cfg.d_model * cfg.vocab_size
-    return float(np.sum((cfg.n_layers - first_layers.astype(np.float64)) * layer_flops(cfg, T) + lm))
+def mlp_flops(cfg: ModelConfig, T: int) -> float:
+    """One layer's MLP on one sequence: gate, up and down matmuls."""
+    return 2 * T * 3 * cfg.d_model * cfg.d_ff
+
+
+def head_flops(cfg: ModelConfig, T: int) -> float:
+    """The lm head on the T-1 predicting positions of one sequence."""
+    return 2 * (T - 1) * cfg.d_model * cfg.vocab_size
+
+
+def row_flops(cfg: ModelConfig, T: int, starts: np.ndarray) -> np.ndarray:
+    """[R] FLOPs each row runs from its start point [R, 2] (layer S, entry): its part of layer S
+    ("layer": all, "mlp": the MLP, "out": none), layers S+1.. whole, and the head."""
+    att, mlp = attention_flops(cfg, T), mlp_flops(cfg, T)
+    entry = np.array([att + mlp, mlp, 0.0])[starts[:, 1]]
+    return entry + (cfg.n_layers - 1 - starts[:, 0].astype(np.float64)) * (att + mlp) + head_flops(cfg, T)
+
+
+def chunk_for(n: int, cap: int) -> int:
+    """The largest divisor of n that is <= cap."""
+    return max(d for d in range(1, min(n, cap) + 1) if n % d == 0)
 
 
 def peak_memory() -> int | None:
@@ -60,7 +80,7 @@ def peak_memory() -> int | None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seq", type=int, default=512)
-    ap.add_argument("--chunk", type=int, default=256)
+    ap.add_argument("--max-chunk", type=int, default=512)
     ap.add_argument("--vocab-chunk", type=int, default=16384)
     ap.add_argument("--loss", default="auto", help="auto | xla | pallas")
     ap.add_argument("--sites", default="down_proj,act_fn")
@@ -69,27 +89,28 @@ def main() -> None:
     args = ap.parse_args()
     cfg = QWEN_05B
     res = {"device": jax.devices()[0].device_kind, "n_devices": jax.device_count(), "jax": jax.__version__,
-           "seq": args.seq, "chunk": args.chunk, "vocab_chunk": args.vocab_chunk, "dtype": "bfloat16"}
-    res["matmul_peak_tflops"] = matmul_peak()
+           "seq": args.seq, "vocab_chunk": args.vocab_chunk, "dtype": "bfloat16"}
+    peak = res["matmul_peak_tflops"] = matmul_peak()
     params = decoder.random_params(cfg, jax.random.key(1), jnp.bfloat16)
-    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, args.seq)
-    t = time.perf_counter()
-    eng = E.Engine(cfg, params, E.Texts.from_ids([tokens.tolist()]), chunk=args.chunk,
-                   vocab_chunk=args.vocab_chunk, loss=args.loss, progress=False)
-    res["attention"], res["loss"] = eng.attention, eng.loss
-    res["setup_s"] = time.perf_counter() - t
+    texts = E.Texts.from_ids([np.random.default_rng(0).integers(0, cfg.vocab_size, args.seq).tolist()])
     layers = range(args.layers or cfg.n_layers)
     for site in args.sites.split(","):
         abl = E.single(cfg, site, layers=layers)
-        warm = abl.take(np.arange(eng.chunk))   # compile outside the timing
-        eng.losses(warm)
+        chunk = chunk_for(abl.rows // len(layers), args.max_chunk)
+        t = time.perf_counter()
+        eng = E.Engine(cfg, params, texts, chunk=chunk, vocab_chunk=args.vocab_chunk, loss=args.loss,
+                       progress=False)
+        eng.losses(abl.take(np.arange(eng.chunk)))   # compile outside the timing
+        setup = time.perf_counter() - t
         t = time.perf_counter()
         losses = eng.losses(abl, desc=f"{site} scan")
         dt = time.perf_counter() - t
-        fl = scan_flops(cfg, args.seq, np.asarray(abl.layer[:, 0]))
-        res[site] = {"ablations": abl.rows, "seconds": dt, "abl_per_s": abl.rows / dt,
-                     "tflops": fl / dt / 1e12, "pct_of_peak": 100 * fl / dt / 1e12 / res["matmul_peak_tflops"],
-                     "finite": bool(np.isfinite(losses).all())}
+        fl = float(row_flops(cfg, args.seq, E.start_points(abl, cfg.n_layers)).sum())
+        res[site] = {"ablations": abl.rows, "chunk": eng.chunk, "attention": eng.attention, "loss": eng.loss,
+                     "setup_s": setup, "seconds": dt, "abl_per_s": abl.rows / dt,
+                     "gflop_per_abl": fl / abl.rows / 1e9, "tflops": fl / dt / 1e12,
+                     "limit_abl_per_s": abl.rows / (fl / (peak * 1e12)), "pct_of_limit": 100 * fl / dt / 1e12 / peak,
+                     "finite": bool(np.isfinite(losses).all()), "max_effect": float(np.abs(losses - eng.base_loss).max())}
         print(json.dumps({site: res[site]}), flush=True)
     res["peak_memory_gib"] = (peak_memory() or 0) / 2**30
     print(json.dumps(res, indent=1))

@@ -6,10 +6,13 @@ scale 1 and value 0 are padding). Each chunk of rows becomes dense per-site mask
 jitted program and runs as `vmap(forward)`; the loss is computed in vocabulary chunks, so the
 [rows, batch, seq, vocab] logits never exist.
 
-Prefix sharing: a chunk whose rows touch only layers >= S starts from the clean residual
-stream entering layer S (computed once), and its layers < S are skipped by a `lax.cond` on a
-traced S, so every S shares one compiled program. Rows are sorted by their first layer so
-chunks share S; results come back in the caller's order.
+Prefix sharing at the site: the clean pass caches, per layer, the residual entering it and its
+attention and MLP outputs (decoder.Cache). A row starts inside its first perturbed layer S at the
+latest entry its edits there allow (`start_points`): the whole layer (q/k/v), the MLP (o_proj,
+post_attention_layernorm, several hidden channels), or after it (down_proj channels and one MLP
+hidden channel: the clean output plus the exact rank-1 change, so nothing of layer S runs). A
+chunk starts at its rows' earliest start point, passed as data: one compiled program serves all.
+Rows are sorted by start point so chunks share it; results come back in the caller's order.
 """
 from __future__ import annotations
 
@@ -174,37 +177,55 @@ def _masks(cfg: ModelConfig, sites: tuple[str, ...], row: dict, with_values: boo
     return masks, (values or None)
 
 
-@partial(jax.jit, static_argnames=("cfg", "sites", "with_values", "share", "per_token", "vocab_chunk",
-                                   "attn_impl", "loss_impl"))
-def _chunk_nll(params, resid, valid, targets, tmask, shift, rows, *, cfg: ModelConfig,
-               sites: tuple[str, ...], with_values: bool, share: bool, per_token: bool, vocab_chunk: int,
-               attn_impl: str, loss_impl: str):
+def start_points(abl: Ablations, n_layers: int) -> np.ndarray:
+    """[R, 2] where each row can start: (its first perturbed layer S, entry index into
+    decoder.ENTRIES), the latest start that still runs everything its edits at S change.
+
+    The entry is the earliest any of its edits at S needs (decoder.SITE_ENTRY); "out" holds one
+    MLP hidden channel, so edits of two hidden channels at S start at "mlp". A row with no edit
+    starts after the last layer's MLP (layer L-1, "out": the clean output).
+    """
+    first = abl.first_layer()
+    at = abl.active & (abl.layer == first[:, None])
+    entry = np.where(at, _SITE_ENTRY[abl.site], decoder.OUT).min(axis=1)
+    hid = at & _HIDDEN[abl.site]
+    several = np.where(hid, abl.channel, -1).max(1) > np.where(hid, abl.channel, np.iinfo(np.int32).max).min(1)
+    entry = np.where(several, np.minimum(entry, decoder.MLP), entry)
+    none = first == np.iinfo(np.int32).max
+    return np.stack([np.where(none, n_layers - 1, first), np.where(none, decoder.OUT, entry)], 1).astype(np.int32)
+
+
+_SITE_ENTRY = np.array([decoder.SITE_ENTRY[n] for n in SITE_NAMES], np.int32)
+_HIDDEN = np.array([n in decoder.HIDDEN for n in SITE_NAMES])
+
+
+# The chunk program's GEMMs all go to cuBLAS: XLA's own Triton GEMMs made a decoder layer ~4 %
+# slower on the H200 (tools/profile_engine.py, docs/benchmarks.md). Ignored off GPUs.
+COMPILER_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
+
+
+@partial(jax.jit, static_argnames=("cfg", "sites", "with_values", "per_token", "vocab_chunk", "attn_impl",
+                                   "loss_impl", "mesh"), compiler_options=COMPILER_OPTIONS)
+def _chunk_nll(params, cache: decoder.Cache, valid, targets, tmask, shift, rows, start, *, cfg: ModelConfig,
+               sites: tuple[str, ...], with_values: bool, per_token: bool, vocab_chunk: int, attn_impl: str,
+               loss_impl: str, mesh: Mesh):
     """Loss of each row of one chunk: [R] mean NLL (or [R, B, T-1] per-token NLL).
 
+    start [2]: the chunk's start point (layer, entry), the earliest of its rows' (unbatched).
     The logsumexp takes one pass over the logits, shifted by the clean run's max logit; if any
     row over- or underflows there, the whole chunk is redone with the exact two-pass form (a
     cond outside the vmap, so the fast path does not pay for it).
     """
-    active = (rows["scale"] != 1) | (rows["value"] != 0)
-    if share:
-        start = jnp.min(jnp.where(active, rows["layer"], cfg.n_layers))
-        h0 = jax.lax.dynamic_index_in_dim(resid, start, keepdims=False)
-    else:
-        start, h0 = jnp.int32(0), resid[0]
-
     def hidden(row):
         masks, values = _masks(cfg, sites, row, with_values)
-        h, _ = decoder.forward(cfg, params, h0, valid, masks=masks, values=values, start=start,
-                               attn_impl=attn_impl)
+        h = decoder.resume(cfg, params, cache, valid, start, masks=masks, values=values, attn_impl=attn_impl)
         return h[:, :-1]
 
     hs = jax.vmap(hidden)(rows)
     lse_of = lambda sh: jax.vmap(lambda h: decoder.logsumexp_vocab(cfg, params, h, vocab_chunk, sh)[0])(hs)
     if loss_impl == "pallas":
-        sh = jnp.broadcast_to(shift, hs.shape[:-1])
-        s = fused_loss.shifted_expsum(hs.reshape(-1, cfg.d_model), decoder.unembed(cfg, params),
-                                      sh.reshape(-1)).reshape(sh.shape)
-        lse = jnp.where(jnp.isfinite(s) & (s > 1e-30), sh + jnp.log(s), jnp.nan)
+        s = fused_loss.expsum_sharded(hs, decoder.unembed(cfg, params), shift, mesh)
+        lse = jnp.where(jnp.isfinite(s) & (s > 1e-30), shift + jnp.log(s), jnp.nan)
     else:
         lse = lse_of(shift)
     lse = jax.lax.cond(jnp.isnan(lse).any(), lambda: lse_of(None), lambda: lse)
@@ -221,7 +242,10 @@ class Engine:
     attention: "xla" (exact f32 softmax), "cudnn" (fused flash attention, GPU with bf16/fp16), or
     "auto" (cudnn where it applies).
     loss: "xla" (vocabulary-chunked einsum + logsumexp), "pallas" (the fused kernel of
-    models/fused_loss.py: GPU, bf16/fp16, one device), or "auto" (pallas where it applies).
+    models/fused_loss.py: GPUs, bf16/fp16; on a mesh under shard_map), or "auto" (pallas where
+    it applies).
+    prefix_sharing: chunks start at their rows' start points (`start_points`, `plan`); False
+    starts every chunk at layer 0 and recomputes everything (the reference path).
     """
 
     def __init__(self, cfg: ModelConfig, params: dict, texts: Texts, *, mesh: Mesh | None = None,
@@ -232,40 +256,67 @@ class Engine:
         self.mesh = mesh or make_mesh()
         data = self.mesh.shape["data"]
         self.prefix_sharing, self.vocab_chunk, self.progress = prefix_sharing, vocab_chunk, progress
-        rep = NamedSharding(self.mesh, P())
+        rep = self.replicated = NamedSharding(self.mesh, P())
         self.valid = jax.device_put(texts.valid, rep)
         self.targets = jax.device_put(texts.tokens[:, 1:], rep)
         self.tmask = jax.device_put((texts.valid[:, 1:] & texts.valid[:, :-1]).astype(np.float32), rep)
         self.rows_sharding = NamedSharding(self.mesh, P("data"))
         tokens = jax.device_put(texts.tokens, rep)
-        self.resid, self.shift = _clean_pass(cfg, params, tokens, self.valid, vocab_chunk)
+        self.cache, self.shift = _clean_pass(cfg, params, tokens, self.valid, vocab_chunk)
         half = params["embed"].dtype in (jnp.bfloat16, jnp.float16)
         if attention == "auto":
             attention = "cudnn" if half and jax.default_backend() == "gpu" else "xla"
         if attention not in ("xla", "cudnn"):
             raise JaxcritError(f"attention '{attention}' unknown: use auto, xla or cudnn")
         self.attention = attention
-        fits = fused_loss.supported(cfg.d_model, params["embed"].dtype) and self.mesh.size == 1
+        fits = fused_loss.supported(cfg.d_model, params["embed"].dtype)
         if loss == "auto":
             loss = "pallas" if fits else "xla"
         if loss not in ("xla", "pallas") or (loss == "pallas" and not fits):
-            raise JaxcritError(f"loss '{loss}' not available here: use auto or xla (pallas needs one GPU, "
-                               f"bf16/fp16 and d_model a multiple of {fused_loss.BK})")
+            raise JaxcritError(f"loss '{loss}' not available here: use auto or xla (pallas needs GPUs, "
+                               f"bf16/fp16 and d_model a multiple of {fused_loss.TILES.bk})")
         self.loss = loss
         if chunk == 0:
             chunk = self.plan_chunk(memory_fraction)
         self.chunk = max(data, -(-chunk // data) * data)
         self.base_loss = float(self.losses(None)[0])
 
+    def _static(self, sites: tuple[str, ...], with_values: bool, per_token: bool) -> dict:
+        """_chunk_nll's static arguments."""
+        return dict(cfg=self.cfg, sites=sites, with_values=with_values, per_token=per_token,
+                    vocab_chunk=self.vocab_chunk, attn_impl=self.attention, loss_impl=self.loss, mesh=self.mesh)
+
+    def plan(self, abl: Ablations) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
+        """How a batch runs: (order [R], its rows in that order padded to whole chunks (Ablations'
+        fields as [n * chunk, K] arrays), each chunk's start point [n, 2] as (layer, entry)).
+
+        With prefix sharing, rows are sorted by start point, latest first, and a chunk starts at
+        its rows' earliest; without, every chunk starts at (0, "layer").
+        """
+        starts = start_points(abl, self.cfg.n_layers)
+        E = len(decoder.ENTRIES)
+        key = starts[:, 0] * E + starts[:, 1]
+        order = np.argsort(-key, kind="stable") if self.prefix_sharing else np.arange(abl.rows)
+        C = self.chunk
+        pad = (-abl.rows) % C
+        fill = {"site": 0, "layer": 0, "channel": 0, "scale": 1.0, "value": 0.0}
+        cols = {f.name: np.concatenate([getattr(abl, f.name)[order],
+                                        np.full((pad, abl.site.shape[1]), fill[f.name], getattr(abl, f.name).dtype)])
+                for f in dataclasses.fields(abl)}
+        key = np.concatenate([key[order], np.full(pad, key.max())]).reshape(-1, C).min(1)
+        if not self.prefix_sharing:
+            key = np.full_like(key, decoder.LAYER)
+        return order, cols, np.stack(np.divmod(key, E), 1).astype(np.int32)
+
     def _chunk_bytes(self, rows: int) -> int:
         """Device bytes one chunk of `rows` single-entry rows over all nine sites needs (XLA's plan)."""
         spec = {k: jax.ShapeDtypeStruct((rows, 1), dt, sharding=self.rows_sharding) for k, dt in
                 [("site", jnp.int32), ("layer", jnp.int32), ("channel", jnp.int32),
                  ("scale", jnp.float32), ("value", jnp.float32)]}
-        m = _chunk_nll.lower(self.params, self.resid, self.valid, self.targets, self.tmask, self.shift, spec,
-                             cfg=self.cfg, sites=SITE_NAMES, with_values=False, share=self.prefix_sharing,
-                             per_token=False, vocab_chunk=self.vocab_chunk, attn_impl=self.attention,
-                             loss_impl=self.loss).compile().memory_analysis()
+        m = _chunk_nll.lower(self.params, self.cache, self.valid, self.targets, self.tmask, self.shift, spec,
+                             jax.ShapeDtypeStruct((2,), jnp.int32, sharding=self.replicated),
+                             **self._static(SITE_NAMES, False, False)
+                             ).compile().memory_analysis()
         return int(m.temp_size_in_bytes + m.output_size_in_bytes)
 
     def plan_chunk(self, fraction: float, cap: int = 1024) -> int:
@@ -293,24 +344,16 @@ class Engine:
                             np.ones((1, 1), np.float32), np.zeros((1, 1), np.float32))
         if abl.rows == 0:
             raise JaxcritError("empty perturbation batch: give at least one row")
-        order = np.argsort(-abl.first_layer(), kind="stable") if self.prefix_sharing else np.arange(abl.rows)
-        srt = abl.take(order)
-        sites = srt.sites()
-        with_values = bool((srt.value != 0).any())
-        R, C = srt.rows, self.chunk
-        pad = (-R) % C
-        cols = {f.name: getattr(srt, f.name) for f in dataclasses.fields(srt)}
-        if pad:
-            fill = {"site": 0, "layer": 0, "channel": 0, "scale": 1.0, "value": 0.0}
-            cols = {k: np.concatenate([v, np.full((pad, v.shape[1]), fill[k], v.dtype)]) for k, v in cols.items()}
+        order, cols, starts = self.plan(abl)
+        static = self._static(abl.sites(), bool((abl.value != 0).any()), per_token)
+        R, C = abl.rows, self.chunk
         bar = Progress(R, desc, enabled=self.progress and R > C)
         outs, pending = [], []
-        for lo in range(0, R + pad, C):
+        for i, start in enumerate(starts):
+            lo = i * C
             rows = {k: jax.device_put(v[lo:lo + C], self.rows_sharding) for k, v in cols.items()}
-            out = _chunk_nll(self.params, self.resid, self.valid, self.targets, self.tmask, self.shift, rows,
-                             cfg=self.cfg, sites=sites, with_values=with_values, share=self.prefix_sharing,
-                             per_token=per_token, vocab_chunk=self.vocab_chunk, attn_impl=self.attention,
-                             loss_impl=self.loss)
+            out = _chunk_nll(self.params, self.cache, self.valid, self.targets, self.tmask, self.shift, rows,
+                             jax.device_put(start, self.replicated), **static)
             outs.append(out)
             pending.append((out, min(C, R - lo)))
             if len(pending) > 2:  # keep two chunks in flight; wait (no transfer) to report progress
@@ -331,9 +374,9 @@ class Engine:
 
 
 @partial(jax.jit, static_argnames=("cfg", "vocab_chunk"))
-def _clean_pass(cfg: ModelConfig, params, tokens, valid, vocab_chunk: int):
-    """The clean residual stream entering each layer and leaving the last [L+1, B, T, D], and
-    the clean max logit per predicting position [B, T-1] (the loss's shift)."""
-    h, ys = decoder.forward(cfg, params, decoder.embed(cfg, params, tokens), valid, capture=(decoder.RESID,))
+def _clean_pass(cfg: ModelConfig, params, tokens, valid, vocab_chunk: int) -> tuple[decoder.Cache, jax.Array]:
+    """The clean run's cache (decoder.Cache: what rows start from) and its max logit per
+    predicting position [B, T-1] (the loss's shift)."""
+    h, cache = decoder.clean_cache(cfg, params, tokens, valid)
     _, m = decoder.logsumexp_vocab(cfg, params, h[:, :-1], vocab_chunk)
-    return ys[decoder.RESID], m
+    return cache, m

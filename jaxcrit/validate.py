@@ -142,12 +142,11 @@ def against_model(c: ConfigDict) -> None:
     tokens(load_tokenizer(path), c.text, c.max_tokens, min_tokens=10)
     if c.evaluate.file:
         read_paragraphs(c.evaluate.file, limit=c.evaluate.limit)
-    mesh = make_mesh(tuple(c.mesh.shape))
+    make_mesh(tuple(c.mesh.shape))
     gpu_half = jax.default_backend() == "gpu" and c.dtype != "float32"
-    if c.engine.attention == "cudnn" and not gpu_half:
-        raise JaxcritError("engine.attention cudnn needs a GPU and dtype bfloat16 or float16; use auto or xla")
-    if c.engine.loss == "pallas" and not (gpu_half and mesh.size == 1):
-        raise JaxcritError("engine.loss pallas needs one GPU and dtype bfloat16 or float16; use auto or xla")
+    for key, kernel in (("engine.attention", "cudnn"), ("engine.loss", "pallas")):
+        if c[key.split(".")[0]][key.split(".")[1]] == kernel and not gpu_half:
+            raise JaxcritError(f"{key} {kernel} needs GPUs and dtype bfloat16 or float16; use auto or xla")
 
 
 def everything(c: ConfigDict) -> None:

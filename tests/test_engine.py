@@ -28,9 +28,10 @@ import torch
 
 import hf_models
 from jaxcrit.convert.hf import load_hf
-from jaxcrit.engine import LN10, Ablations, Engine, Texts, make, prefixes, random_sets, single
+from jaxcrit.engine import LN10, Ablations, Engine, Texts, make, prefixes, random_sets, single, start_points
 from jaxcrit.errors import JaxcritError
 from jaxcrit.models import decoder as dec
+from jaxcrit.models.decoder import LAYER, MLP, OUT
 from jaxcrit.models.sites import SITE_INDEX, SITE_NAMES, site as site_info, width
 
 TOL = 1e-5
@@ -179,8 +180,13 @@ class Setup:
         return prefixes(self.cfg, *self.ranking, ns=[1, 2, 5, 9, 14, 20])
 
     @functools.cached_property
+    def entries(self) -> Ablations:
+        """Rows that start at each entry by the table and the one-hidden-channel rule (entry_rows)."""
+        return entry_rows(self.cfg)[0]
+
+    @functools.cached_property
     def combined(self) -> Ablations:
-        return cat(self.singles, self.random, self.prefix)
+        return cat(self.singles, self.random, self.prefix, self.entries)
 
 
 def cat(*abls: Ablations) -> Ablations:
@@ -234,7 +240,7 @@ def sensitive(m: Setup, want: np.ndarray, what: str, frac: float = 0.8):
     assert (effect > 10 * TOL).mean() >= frac, f"{what}: ablations barely move the loss: {np.sort(effect)}"
 
 
-SETS = ["singles", "random", "prefix"]
+SETS = ["singles", "random", "prefix", "entries"]
 
 
 def test_texts_and_clean_loss(m):
@@ -284,8 +290,61 @@ def test_prefix_sharing_and_chunking_agree(m, share, chunk):
     assert eng.chunk == chunk
     got = eng.losses(abl)
     assert_rows(got, m.ref(abl), f"{m.arch} share={share} chunk={chunk}")
+    singles = np.arange(m.singles.rows)  # every site started where it starts, against transformers
+    assert_rows(got[singles], m.ref(m.singles, "hf"), f"{m.arch} share={share} chunk={chunk} singles vs transformers")
     main = m.engine.losses(abl)
     assert np.abs(got.astype(np.float64) - main).max() <= TOL * main.max()
+
+
+def entry_rows(cfg) -> tuple[Ablations, list[tuple[int, int]]]:
+    """Rows whose first layer's edits decide the start entry (the table plus the one-hidden-channel
+    rule), with scales and values; and the start point each must get."""
+    L, D, F = cfg.n_layers, cfg.d_model, cfg.d_ff
+    rows = [  # ([(site, layer, channel, scale, value)], start)
+        ([("q_proj", 1, 3, 0.0, 0.0)], (1, LAYER)),
+        ([("k_proj", 2, 5, 0.0, 0.0), ("down_proj", 2, 3, 0.0, 0.0)], (2, LAYER)),
+        ([("o_proj", 2, D - 2, 0.0, 0.9)], (2, MLP)),
+        ([("post_attention_layernorm", 0, 5, 0.0, 0.0), ("q_proj", 1, 0, 0.0, 0.0)], (0, MLP)),
+        ([("o_proj", 1, 7, 0.0, 0.0), ("down_proj", 1, 7, 0.0, 0.0)], (1, MLP)),
+        ([("act_fn", 2, 9, 0.0, 0.0), ("act_fn", 2, F - 1, 0.0, 0.0)], (2, MLP)),
+        ([("gate_proj", 1, 11, 0.5, 0.2), ("up_proj", 1, 11, -1.0, 0.0), ("act_fn", 1, 11, 0.3, -0.4)], (1, OUT)),
+        ([("down_proj", 0, 3, 0.0, 0.0), ("down_proj", 0, D - 1, 0.0, 1.1), ("act_fn", 0, 17, 0.0, 0.6)], (0, OUT)),
+        ([("up_proj", 2, F // 2, 2.0, 0.0)], (2, OUT)),
+        ([("gate_proj", 0, 40, 1.0, 0.7)], (0, OUT)),
+        ([("gate_proj", 1, 4, 0.0, 0.0), ("q_proj", 2, 0, 0.0, 0.0), ("act_fn", 2, 4, 0.0, 0.0)], (1, OUT)),
+        ([("down_proj", L - 1, 6, 0.0, 0.0)], (L - 1, OUT)),
+    ]
+    K = max(len(r) for r, _ in rows)
+    cols = [[list(e) for e in r] + [["q_proj", 0, 0, 1.0, 0.0]] * (K - len(r)) for r, _ in rows]
+    site, layer, chan, scale, value = (np.array([[e[i] for e in r] for r in cols]) for i in range(5))
+    return make(site, layer, chan, scale, value, cfg=cfg), [s for _, s in rows]
+
+
+def test_start_points(cfg):
+    abl, want = entry_rows(cfg)
+    assert start_points(abl, cfg.n_layers).tolist() == [list(w) for w in want]
+    none = make(["q_proj"], [1], [0], scale=1.0, cfg=cfg)  # no edit: the clean output
+    assert start_points(none, cfg.n_layers).tolist() == [[cfg.n_layers - 1, OUT]]
+
+
+def test_chunks_mix_sites_and_entries(m):
+    """The singles run as chunks that start at every entry of every layer, and chunks mix rows of
+    different sites and start points (a row later than its chunk's start runs from there)."""
+    order, cols, starts = m.engine.plan(m.singles)
+    L = m.cfg.n_layers
+    assert {tuple(s) for s in starts} >= {(L - 1, OUT), (0, LAYER)}
+    assert set(starts[:, 1].tolist()) == {LAYER, MLP, OUT}
+    padded = np.concatenate([start_points(m.singles, L)[order], np.full(((-m.singles.rows) % CHUNK, 2), -1)])
+    per_chunk = padded.reshape(-1, CHUNK, 2)
+    mixed = [len({tuple(x) for x in c if x[0] >= 0}) > 1 for c in per_chunk]
+    assert sum(mixed) >= 3
+    for c, s in zip(per_chunk, starts):
+        real = c[c[:, 0] >= 0]
+        assert tuple(s) == min(map(tuple, real))
+    unshared = Engine(m.cfg, m.params, m.texts, chunk=CHUNK, prefix_sharing=False, vocab_chunk=VOCAB_CHUNK,
+                      progress=False)
+    o, _, st = unshared.plan(m.singles)
+    assert (o == np.arange(m.singles.rows)).all() and (st == [0, LAYER]).all()
 
 
 def test_per_token(m):

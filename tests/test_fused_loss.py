@@ -1,20 +1,76 @@
-"""The fused exp-sum kernel (Pallas, run here in interpret mode) against a plain computation."""
+"""The fused exp-sum kernel (Pallas, run here in interpret mode) against a plain computation,
+alone and under shard_map on eight CPU devices (rows over 'data', vocabulary over 'model')."""
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
-from jaxcrit.models.fused_loss import shifted_expsum
+from jaxcrit.models.fused_loss import Tiles, shifted_expsum
 
 
-def test_shifted_expsum_matches_plain_sum():
-    # rows not a multiple of the 128-row tile, vocabulary not a multiple of the 256-column tile
-    k1, k2 = jax.random.split(jax.random.key(0))
-    h = jax.random.normal(k1, (200, 128)).astype(jnp.bfloat16)
-    w = (0.1 * jax.random.normal(k2, (700, 128))).astype(jnp.bfloat16)
-    shift = jnp.linspace(0.0, 4.0, 200, dtype=jnp.float32)
+def plain(h, w, shift) -> np.ndarray:
     z = np.asarray(jnp.einsum("nd,vd->nv", h, w, preferred_element_type=jnp.float32), np.float64)
-    ref = np.exp(z - np.asarray(shift, np.float64)[:, None]).sum(-1)
-    out = np.asarray(shifted_expsum(h, w, shift, interpret=True))
-    np.testing.assert_allclose(out, ref, rtol=1e-5)
+    return np.exp(z - np.asarray(shift, np.float64)[..., None]).sum(-1)
+
+
+@pytest.mark.parametrize("V, tiles", [(700, Tiles(128, 256, 64, 8, 3)),   # a masked last vocab tile
+                                      (768, Tiles(64, 128, 32, 4, 2))])   # whole vocab tiles only
+def test_shifted_expsum_matches_plain_sum(V, tiles):
+    # rows not a multiple of the row tile
+    k1, k2 = jax.random.split(jax.random.key(V))
+    h = jax.random.normal(k1, (200, 128)).astype(jnp.bfloat16)
+    w = (0.1 * jax.random.normal(k2, (V, 128))).astype(jnp.bfloat16)
+    shift = jnp.linspace(0.0, 4.0, 200, dtype=jnp.float32)
+    out = np.asarray(shifted_expsum(h, w, shift, tiles, interpret=True))
+    np.testing.assert_allclose(out, plain(h, w, shift), rtol=1e-5)
+
+
+SCRIPT = textwrap.dedent("""
+    import sys, numpy as np, jax, jax.numpy as jnp
+    from jaxcrit.models.fused_loss import Tiles, expsum_sharded
+    from jaxcrit.sharding import make_mesh
+    mesh = make_mesh(tuple(int(x) for x in sys.argv[2].split("x")))
+    k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+    hs = jax.random.normal(k1, (8, 2, 5, 64)).astype(jnp.bfloat16)          # [R, B, T, D]
+    w = (0.2 * jax.random.normal(k2, (320, 64))).astype(jnp.bfloat16)     # V = 320 = 2 x 160
+    shift = jax.random.uniform(k3, (2, 5), minval=-1.0, maxval=1.0)
+    f = jax.jit(lambda h, w, s: expsum_sharded(h, w, s, mesh, Tiles(16, 64, 32, 4, 1), interpret=True))
+    out = f(hs, w, shift)
+    np.save(sys.argv[1], np.asarray(out))
+    print("rows", out.sharding.spec[0], "psum", "psum" in str(jax.make_jaxpr(f)(hs, w, shift)))
+""")
+
+
+@pytest.mark.parametrize("shape", ["4x2", "8x1"])
+def test_sharded_expsum_on_8_devices(tmp_path, shape):
+    out = tmp_path / "out.npy"
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(out), shape], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # rows stay split over 'data'; on 4x2 the vocabulary is split over 'model' and the partial sums psum'd
+    assert proc.stdout.split()[:2] == ["rows", "data"], proc.stdout
+    assert shape != "4x2" or proc.stdout.split()[3] == "True", proc.stdout
+    k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+    hs = jax.random.normal(k1, (8, 2, 5, 64)).astype(jnp.bfloat16)
+    w = (0.2 * jax.random.normal(k2, (320, 64))).astype(jnp.bfloat16)
+    shift = jax.random.uniform(k3, (2, 5), minval=-1.0, maxval=1.0)
+    want = plain(hs.reshape(-1, 64), w, jnp.broadcast_to(shift, (8, 2, 5)).reshape(-1)).reshape(8, 2, 5)
+    np.testing.assert_allclose(np.load(out), want, rtol=1e-5)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="the compiled kernel needs a GPU (run in the GPU benchmark call)")
+def test_compiled_kernel_on_gpu():
+    """The kernel as the engine runs it (ex2.approx epilogue, default tiles), V not a tile multiple."""
+    k1, k2 = jax.random.split(jax.random.key(1))
+    h = jax.random.normal(k1, (1000, 896)).astype(jnp.bfloat16)
+    w = (0.05 * jax.random.normal(k2, (151936 // 4 + 3, 896))).astype(jnp.bfloat16)
+    shift = jnp.linspace(-2.0, 6.0, 1000, dtype=jnp.float32)
+    np.testing.assert_allclose(np.asarray(jax.jit(shifted_expsum)(h, w, shift)), plain(h, w, shift), rtol=1e-5)

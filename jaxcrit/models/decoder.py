@@ -7,8 +7,9 @@ of masks runs thousands of ablations in one XLA program.
 """
 from __future__ import annotations
 
+import functools
 import math
-from typing import Mapping
+from typing import Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -106,20 +107,21 @@ def attend(cfg: ModelConfig, q: Array, k: Array, v: Array, valid: Array, impl: s
     return jnp.einsum("bkgts,bskd->btkgd", a, v, precision=precision(v.dtype))
 
 
-def block(cfg: ModelConfig, p: Params, h: Array, valid: Array, cos: Array, sin: Array,
-          masks: SiteArrays | None, values: SiteArrays | None, attn_impl: str = "xla"
-          ) -> tuple[Array, dict[str, Array]]:
-    """One decoder layer. p holds this layer's slice of the stacked params; h [B, T, D]."""
-    fam = cfg.family
-    B, T, _ = h.shape
-    sites: dict[str, Array] = {}
-
+def _editor(masks: SiteArrays | None, values: SiteArrays | None, record: dict[str, Array] | None = None):
+    """site(name, out): applies the site's edit to a module output (and records it in `record`)."""
     def site(name: str, out: Array) -> Array:
         out = _edit(out, name, masks, values)
-        sites[name] = out
+        if record is not None:
+            record[name] = out
         return out
+    return site
 
-    x = rms_norm(h, p["input_norm"], cfg.norm_eps, fam.norm_plus_one)
+
+def _attention_out(cfg: ModelConfig, p: Params, h: Array, valid: Array, cos: Array, sin: Array, site,
+                   attn_impl: str) -> Array:
+    """The attention branch's output o_proj(attn(norm(h))) [B, T, D], site-edited; h [B, T, D]."""
+    B, T, _ = h.shape
+    x = rms_norm(h, p["input_norm"], cfg.norm_eps, cfg.family.norm_plus_one)
     q, k, v = mm(x, p["q_w"]), mm(x, p["k_w"]), mm(x, p["v_w"])
     if "q_b" in p:
         q, k, v = q + p["q_b"], k + p["k_b"], v + p["v_b"]
@@ -128,7 +130,7 @@ def block(cfg: ModelConfig, p: Params, h: Array, valid: Array, cos: Array, sin: 
     q = q.reshape(B, T, cfg.n_heads, hd)
     k = k.reshape(B, T, KV, hd)
     v = v.reshape(B, T, KV, hd)
-    if fam.qk_norm:
+    if cfg.family.qk_norm:
         q = rms_norm(q, p["q_norm"], cfg.norm_eps, False)
         k = rms_norm(k, p["k_norm"], cfg.norm_eps, False)
     q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
@@ -136,13 +138,113 @@ def block(cfg: ModelConfig, p: Params, h: Array, valid: Array, cos: Array, sin: 
     o = mm(o, p["o_w"])
     if "o_b" in p:
         o = o + p["o_b"]
-    h = h + site("o_proj", o)
-    x = site("post_attention_layernorm", rms_norm(h, p["post_norm"], cfg.norm_eps, fam.norm_plus_one))
+    return site("o_proj", o)
+
+
+def _mlp_out(cfg: ModelConfig, p: Params, mid: Array, site) -> Array:
+    """The MLP's output down_proj(act(gate(x)) * up(x)) [B, T, D], site-edited, of the
+    post-attention residual `mid` [B, T, D] (x is its post_attention_layernorm)."""
+    x = site("post_attention_layernorm", rms_norm(mid, p["post_norm"], cfg.norm_eps, cfg.family.norm_plus_one))
     g = site("gate_proj", mm(x, p["gate_w"]))
     u = site("up_proj", mm(x, p["up_w"]))
-    a = site("act_fn", _act(fam.act, g))
-    d = site("down_proj", mm(a * u, p["down_w"]))
-    return h + d, sites
+    a = site("act_fn", _act(cfg.family.act, g))
+    return site("down_proj", mm(a * u, p["down_w"]))
+
+
+def block(cfg: ModelConfig, p: Params, h: Array, valid: Array, cos: Array, sin: Array,
+          masks: SiteArrays | None, values: SiteArrays | None, attn_impl: str = "xla"
+          ) -> tuple[Array, dict[str, Array]]:
+    """One decoder layer. p holds this layer's slice of the stacked params; h [B, T, D]."""
+    sites: dict[str, Array] = {}
+    site = _editor(masks, values, sites)
+    mid = h + _attention_out(cfg, p, h, valid, cos, sin, site, attn_impl)
+    return mid + _mlp_out(cfg, p, mid, site), sites
+
+
+# Where a perturbed row can start inside its first perturbed layer S (site-level prefix sharing).
+# The clean pass caches, per layer, the residual entering it and its o_proj and down_proj outputs
+# (`Cache`); the post-attention residual, the MLP's input and the layer's output follow from these
+# by the layer's own ops, so every entry gives the numbers the full layer gives.
+#   layer: the residual entering S; all of layer S runs (q/k/v edits change the attention).
+#   mlp:   the post-attention residual, o_proj's edit applied; layer S's MLP runs.
+#   out:   layer S's output from the clean MLP: down_proj's output edited in place, plus the
+#          exact rank-1 change of one MLP hidden channel j (gate/up/act edits of that channel:
+#          (m'_j - m_j) * down_w[j], where m_j = act(gate_j) * up_j); nothing of layer S runs.
+ENTRIES = ("layer", "mlp", "out")
+LAYER, MLP, OUT = range(len(ENTRIES))
+HIDDEN = ("gate_proj", "up_proj", "act_fn")  # MLP hidden-axis sites: "out" holds one channel of them
+SITE_ENTRY: dict[str, int] = {"q_proj": LAYER, "k_proj": LAYER, "v_proj": LAYER, "o_proj": MLP,
+                              "post_attention_layernorm": MLP, "gate_proj": OUT, "up_proj": OUT,
+                              "act_fn": OUT, "down_proj": OUT}
+
+
+def _hidden_change(cfg: ModelConfig, p: Params, mid: Array, masks: SiteArrays, values: SiteArrays | None
+                   ) -> Array:
+    """The change of down_proj's output [B, T, D] (f32) when the layer's edits of the MLP hidden
+    sites touch one channel j alone (j found from the [F] masks/values; any j when none)."""
+    edited = [masks[n] != 1 for n in HIDDEN if n in masks]
+    edited += [values[n] != 0 for n in HIDDEN if values is not None and n in values]
+    j = jnp.argmax(functools.reduce(jnp.logical_or, edited))
+    x = rms_norm(mid, p["post_norm"], cfg.norm_eps, cfg.family.norm_plus_one)
+    column = lambda w: jnp.einsum("btd,d->bt", x, w[:, j], precision=precision(x.dtype))
+    g, u = column(p["gate_w"]), column(p["up_w"])
+    at_j = lambda arrs: None if arrs is None else {n: arrs[n][j] for n in HIDDEN if n in arrs}
+
+    def m(site) -> Array:
+        return site("act_fn", _act(cfg.family.act, site("gate_proj", g))) * site("up_proj", u)
+
+    change = m(_editor(at_j(masks), at_j(values))).astype(jnp.float32) - m(_editor(None, None)).astype(jnp.float32)
+    return change[..., None] * p["down_w"][j].astype(jnp.float32)
+
+
+class Cache(NamedTuple):
+    """What the clean pass keeps for rows to start at any entry of any layer."""
+    resid: Array   # [L + 1, B, T, D] the residual entering each layer, and the last layer's output
+    attn: Array    # [L, B, T, D] each layer's o_proj output (the attention branch, bias included)
+    mlp: Array     # [L, B, T, D] each layer's down_proj output
+
+
+def clean_cache(cfg: ModelConfig, params: Params, tokens: Array, valid: Array) -> tuple[Array, Cache]:
+    """The clean forward: (final-normed hidden state [B, T, D], the Cache)."""
+    h, ys = forward(cfg, params, embed(cfg, params, tokens), valid, capture=("o_proj", "down_proj", RESID))
+    return h, Cache(ys[RESID], ys["o_proj"], ys["down_proj"])
+
+
+def resume(cfg: ModelConfig, params: Params, cache: Cache, valid: Array, start: Array, *,
+           masks: SiteArrays, values: SiteArrays | None = None, attn_impl: str = "xla") -> Array:
+    """The perturbed forward of one row from a start point: the final-normed hidden state [B, T, D].
+
+    start: int32 [2], (layer S, entry index into ENTRIES), traced: one compiled program serves
+    every start point (the entry is a `lax.switch` on it, which stays a real branch under vmap as
+    long as start is not batched). masks/values: site -> [L, C]; the row's edits at layers below
+    S must be none, and at S only of sites its entry allows (SITE_ENTRY; "out": one hidden channel).
+    """
+    S, entry = start[0], start[1]
+    at = lambda arrs: None if arrs is None else {k: v[S] for k, v in arrs.items()}
+    take = lambda a: jax.lax.dynamic_index_in_dim(a, S, keepdims=False)
+    p = {k: take(v) for k, v in params.items() if k not in ("embed", "lm_head", "final_norm")}
+    h, o, d = take(cache.resid), take(cache.attn), take(cache.mlp)
+    m, vals = at(masks), at(values)
+    site = _editor(m, vals)
+
+    def whole() -> Array:
+        cos, sin = rope_tables(cfg, h.shape[1])
+        return block(cfg, p, h, valid, cos, sin, m, vals, attn_impl)[0]
+
+    def mlp() -> Array:
+        mid = h + site("o_proj", o)
+        return mid + _mlp_out(cfg, p, mid, site)
+
+    def out() -> Array:
+        mid = h + o
+        if any(n in m for n in HIDDEN):
+            change = _hidden_change(cfg, p, mid, m, vals)
+            return mid + site("down_proj", (d.astype(jnp.float32) + change).astype(d.dtype))
+        return mid + site("down_proj", d)
+
+    h = jax.lax.switch(entry, (whole, mlp, out))
+    h, _ = forward(cfg, params, h, valid, masks=masks, values=values, start=S + 1, attn_impl=attn_impl)
+    return h
 
 
 def embed(cfg: ModelConfig, params: Params, tokens: Array) -> Array:
@@ -162,8 +264,9 @@ def forward(cfg: ModelConfig, params: Params, embeds: Array, valid: Array | None
     observe: a function of one layer's site outputs {site: [B, T, C]} returning a pytree; its
     per-layer results come back stacked under "observed" ([L, ...]). It reduces inside the layer
     scan, so nothing of size [L, B, T, C] is kept (Stage 1's |clean - noisy| sums).
-    start (prefix sharing; may be traced): layers below it are skipped and `embeds` is taken as
-    the residual stream entering layer `start`, already scaled; capture is then unavailable.
+    start (prefix sharing; may be traced): only layers start..L-1 run (a loop with a traced lower
+    bound, so one program serves every start) and `embeds` is taken as the residual stream
+    entering layer `start`, already scaled; capture and observe are then unavailable.
     remat: recompute each layer in the backward pass instead of keeping its activations (a
     gradient then holds one residual per layer, not every intermediate).
     Returns the final-normed hidden state [B, T, D] and the captures.
@@ -178,14 +281,17 @@ def forward(cfg: ModelConfig, params: Params, embeds: Array, valid: Array | None
         raise ValueError("capture and observe need start=None")
     cos, sin = rope_tables(cfg, T)
     layer_p = {k: v for k, v in params.items() if k not in ("embed", "lm_head", "final_norm")}
-    xs = (jnp.arange(cfg.n_layers), layer_p, masks or {}, values or {})
+    if start is not None:  # layers start..L-1 only: a loop with a traced lower bound
+        def layer(i, h):
+            at = lambda tree: {k: jax.lax.dynamic_index_in_dim(v, i, keepdims=False) for k, v in tree.items()}
+            return block(cfg, at(layer_p), h, valid, cos, sin, at(masks or {}) or None, at(values or {}) or None,
+                         attn_impl)[0]
+        h = jax.lax.fori_loop(start, cfg.n_layers, layer, h)
+        return rms_norm(h, params["final_norm"], cfg.norm_eps, cfg.family.norm_plus_one), {}
 
     def step(h, x):
-        i, p, m, vals = x
-        run = lambda h: block(cfg, p, h, valid, cos, sin, m or None, vals or None, attn_impl)
-        if start is not None:
-            return jax.lax.cond(i < start, lambda h: h, lambda h: run(h)[0], h), {}
-        out, sites = run(h)
+        p, m, vals = x
+        out, sites = block(cfg, p, h, valid, cos, sin, m or None, vals or None, attn_impl)
         ys = {n: sites[n] for n in capture if n != RESID}
         if observe is not None:
             ys["observed"] = observe(sites)
@@ -193,7 +299,7 @@ def forward(cfg: ModelConfig, params: Params, embeds: Array, valid: Array | None
             ys[RESID] = h
         return out, ys
 
-    h, ys = jax.lax.scan(jax.checkpoint(step) if remat else step, h, xs)
+    h, ys = jax.lax.scan(jax.checkpoint(step) if remat else step, h, (layer_p, masks or {}, values or {}))
     if RESID in capture:
         ys[RESID] = jnp.concatenate([ys[RESID], h[None]])
     h = rms_norm(h, params["final_norm"], cfg.norm_eps, cfg.family.norm_plus_one)

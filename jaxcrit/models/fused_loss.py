@@ -2,57 +2,119 @@
 
 The XLA path writes each vocabulary chunk's f32 logits to memory and reads them back; for a
 chunk of 256 ablations x 512 tokens on Qwen2.5-0.5B that is ~160 GB of traffic beside a 35.7
-TFLOP matmul. This Pallas (Triton) kernel keeps each [128, 256] logit tile in registers: every
-program owns 128 rows, loops over the vocabulary in 256-column tiles and the hidden size in
-64-wide steps (bf16 inputs, f32 accumulation), and adds exp(z - shift) into a per-row sum.
-Tile sizes were chosen by a sweep on an H100 (docs/benchmarks.md).
+TFLOP matmul. This Pallas (Triton) kernel keeps each [bm, bn] logit tile in registers: every
+program owns bm rows, loops over the vocabulary in bn-column tiles and the hidden size in
+bk-wide steps (half-precision inputs, f32 accumulation), and adds exp(z - shift) into a per-row
+sum. Full vocabulary tiles run unmasked; only a last partial tile is masked.
+
+On a mesh, `expsum_sharded` runs it under shard_map: rows over the rows' mesh axis, the
+vocabulary over the axis the sharding rules give it (partial sums added by a psum).
+Tile sizes come from a sweep on the H200 (tools/profile_engine.py --sweep; docs/benchmarks.md).
 """
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec as P
 
-BM, BN, BK = 128, 256, 64
-
-
-def supported(d_model: int, dtype) -> bool:
-    """Whether the kernel applies: a GPU, half-precision activations, d_model a multiple of BK."""
-    return jax.default_backend() == "gpu" and dtype in (jnp.bfloat16, jnp.float16) and d_model % BK == 0
+from jaxcrit.sharding import spec
 
 
-def _kernel(h_ref, w_ref, s_ref, o_ref, *, V: int, D: int):
+class Tiles(NamedTuple):
+    """The kernel's shape: rows x vocab x hidden per step, warps per program, pipeline stages."""
+    bm: int
+    bn: int
+    bk: int
+    warps: int
+    stages: int
+
+
+TILES = Tiles(128, 256, 64, 8, 3)
+
+
+def supported(d_model: int, dtype, tiles: Tiles = TILES) -> bool:
+    """Whether the kernel applies: a GPU, half-precision activations, d_model a multiple of bk."""
+    return jax.default_backend() == "gpu" and dtype in (jnp.bfloat16, jnp.float16) and d_model % tiles.bk == 0
+
+
+LOG2E = 1.4426950408889634
+
+
+def _exp2(x: jax.Array, interpret: bool) -> jax.Array:
+    """2**x by the hardware's ex2.approx (libdevice's expf is several more instructions per
+    logit, in the epilogue every logit tile pays for); jnp.exp2 when interpreted."""
+    if interpret:
+        return jnp.exp2(x)
+    from jax.experimental.pallas import triton as plt
+    return plt.elementwise_inline_asm("ex2.approx.ftz.f32 $0, $1;", args=[x], constraints="=f,f", pack=1,
+                                      result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, x.dtype)])[0]
+
+
+def _kernel(h_ref, w_ref, s_ref, o_ref, *, V: int, D: int, t: Tiles, interpret: bool):
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plt
-    rows = pl.ds(pl.program_id(0) * BM, BM)
-    shift = s_ref[rows]
+    rows = pl.ds(pl.program_id(0) * t.bm, t.bm)
+    shift2 = s_ref[rows] * LOG2E   # exp(z - s) = 2**(z * log2 e - s * log2 e): one FMA and one ex2
 
-    def vocab_tile(j, acc):
-        col = j * BN + jnp.arange(BN)
-
+    def logits(j, load):
         def k_step(k, z):
-            hk = h_ref[rows, pl.ds(k * BK, BK)]
-            wk = plt.load(w_ref.at[pl.ds(j * BN, BN), pl.ds(k * BK, BK)], mask=(col < V)[:, None], other=0.0)
+            hk = h_ref[rows, pl.ds(k * t.bk, t.bk)]
+            wk = load(j, k)
             return z + jax.lax.dot_general(hk, wk, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        return jax.lax.fori_loop(0, D // t.bk, k_step, jnp.zeros((t.bm, t.bn), jnp.float32))
 
-        z = jax.lax.fori_loop(0, D // BK, k_step, jnp.zeros((BM, BN), jnp.float32))
-        return acc + jnp.where(col[None, :] < V, jnp.exp(z - shift[:, None]), 0.0).sum(axis=1)
+    exp = lambda z: _exp2(z * LOG2E - shift2[:, None], interpret)
 
-    o_ref[rows] = jax.lax.fori_loop(0, pl.cdiv(V, BN), vocab_tile, jnp.zeros((BM,), jnp.float32))
+    def full_tile(j, acc):
+        return acc + exp(logits(j, lambda j, k: w_ref[pl.ds(j * t.bn, t.bn), pl.ds(k * t.bk, t.bk)])).sum(axis=1)
+
+    def last_tile(j, acc):  # the partial one: columns past V masked
+        col = j * t.bn + jnp.arange(t.bn)
+        z = logits(j, lambda j, k: plt.load(w_ref.at[pl.ds(j * t.bn, t.bn), pl.ds(k * t.bk, t.bk)],
+                                            mask=(col < V)[:, None], other=0.0))
+        return acc + jnp.where(col[None, :] < V, exp(z), 0.0).sum(axis=1)
+
+    acc = jax.lax.fori_loop(0, V // t.bn, full_tile, jnp.zeros((t.bm,), jnp.float32))
+    o_ref[rows] = jax.lax.fori_loop(V // t.bn, pl.cdiv(V, t.bn), last_tile, acc)
 
 
-def shifted_expsum(h: jax.Array, w: jax.Array, shift: jax.Array, interpret: bool = False) -> jax.Array:
+def shifted_expsum(h: jax.Array, w: jax.Array, shift: jax.Array, tiles: Tiles = TILES,
+                   interpret: bool = False) -> jax.Array:
     """sum_v exp(h @ w[v] - shift) per row. h [N, D], w [V, D] (same half dtype), shift [N] f32."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plt
     N, D = h.shape
-    pad = (-N) % BM
+    pad = (-N) % tiles.bm
     if pad:
         h = jnp.pad(h, ((0, pad), (0, 0)))
         shift = jnp.pad(shift, (0, pad))
-    kern = functools.partial(_kernel, V=w.shape[0], D=D)
-    params = {} if interpret else dict(compiler_params=plt.CompilerParams(num_warps=8, num_stages=3))
-    out = pl.pallas_call(kern, out_shape=jax.ShapeDtypeStruct((N + pad,), jnp.float32), grid=((N + pad) // BM,),
-                         interpret=interpret, **params)(h, w, shift)
+    kern = functools.partial(_kernel, V=w.shape[0], D=D, t=tiles, interpret=interpret)
+    params = {} if interpret else dict(
+        compiler_params=plt.CompilerParams(num_warps=tiles.warps, num_stages=tiles.stages))
+    out = pl.pallas_call(kern, out_shape=jax.ShapeDtypeStruct((N + pad,), jnp.float32),
+                         grid=((N + pad) // tiles.bm,), interpret=interpret, **params)(h, w, shift)
     return out[:N]
+
+
+def expsum_sharded(hs: jax.Array, w: jax.Array, shift: jax.Array, mesh: Mesh, tiles: Tiles = TILES,
+                   interpret: bool = False) -> jax.Array:
+    """sum_v exp(hs[r] @ w[v] - shift) [R, B, T] for hs [R, B, T, D], w [V, D], shift [B, T] f32.
+
+    Each device runs the kernel on its rows (the rows' mesh axis) and its part of the
+    vocabulary (the vocab's mesh axis by the sharding rules, if it divides V); the vocabulary
+    parts' sums are added with a psum. On a one-device mesh this is the kernel itself.
+    """
+    rows = spec(("rows",), hs.shape[:1], mesh)
+    vocab = spec(("vocab",), w.shape[:1], mesh)
+
+    def local(h, w, s):
+        R, B, T, D = h.shape
+        s = jnp.broadcast_to(s, (R, B, T)).reshape(-1)
+        out = shifted_expsum(h.reshape(-1, D), w, s, tiles, interpret).reshape(R, B, T)
+        return jax.lax.psum(out, vocab[0]) if vocab[0] is not None else out
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(*rows, None, None, None), P(*vocab, None), P()),
+                         out_specs=P(*rows, None, None), check_vma=False)(hs, w, shift)
