@@ -198,7 +198,7 @@ def test_packaged_config_names_resolve_from_anywhere(tmp_path, monkeypatch):
     c, wd = M.parse(["jaxcrit", "--config=smollm2", "--workdir=w"])
     assert c.model == "smollm2" and c.stage1.samples == 100 and wd == Path("w")
     c, _ = M.parse(["jaxcrit", "--config=qwen:/some/ckpt", "--config.stage2.epsilon=3"])
-    assert (c.model, c.dtype, c.stage1.batch, c.stage2.epsilon) == ("/some/ckpt", "bfloat16", 16, 3.0)
+    assert (c.model, c.dtype, c.stage1.batch, c.stage2.epsilon) == ("/some/ckpt", "bfloat16", 20, 3.0)
     c, _ = M.parse(["jaxcrit", f"--config={REPO / 'configs' / 'hf.py'}:/x"])
     assert (c.model, c.engine.chunk) == ("/x", 0)
 

@@ -20,15 +20,23 @@ def _num(x: Any) -> float | None:
         return None
 
 
-def fmt_ppl_log10(x: Any, digits: int = 2) -> str:
-    """'10^6.25 (1.76e6)' from a log10 perplexity; small ones as '10^1.26 (18.20)'."""
+def _finite_or_label(x: Any, inf: str, neg_inf: str) -> float | str:
+    """x as a finite float, or the label to print instead: n/a, NaN, or the given infinities."""
     v = _num(x)
     if v is None:
         return "n/a"
     if math.isnan(v):
         return "NaN"
     if math.isinf(v):
-        return "10^inf (inf)" if v > 0 else "10^-inf (0)"
+        return inf if v > 0 else neg_inf
+    return v
+
+
+def fmt_ppl_log10(x: Any, digits: int = 2) -> str:
+    """'10^6.25 (1.76e6)' from a log10 perplexity; small ones as '10^1.26 (18.20)'."""
+    v = _finite_or_label(x, "10^inf (inf)", "10^-inf (0)")
+    if isinstance(v, str):
+        return v
     e = math.floor(v)
     m = 10.0 ** (v - e)  # in [1, 10)
     ms = f"{m:.{digits}f}"
@@ -43,14 +51,8 @@ def fmt_ppl_log10(x: Any, digits: int = 2) -> str:
 
 
 def _fmt(x: Any, spec: str = ".3g") -> str:
-    v = _num(x)
-    if v is None:
-        return "n/a"
-    if math.isnan(v):
-        return "NaN"
-    if math.isinf(v):
-        return "inf" if v > 0 else "-inf"
-    return format(v, spec)
+    v = _finite_or_label(x, "inf", "-inf")
+    return v if isinstance(v, str) else format(v, spec)
 
 
 def _fmt_seconds(s: Any) -> str:
