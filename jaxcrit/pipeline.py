@@ -28,8 +28,18 @@ RUN_FILES = ("config.json", "manifest.json")
 
 
 def release_memory() -> None:
-    """Hands the heap a stage freed back to the OS (glibc keeps it otherwise, and the next
-    stage's peak stacks on top of it: 1.7 GB instead of 1.5 GB for the default CPU run)."""
+    """Frees what a finished stage leaves behind, so the next stage's peak does not stack on it.
+
+    On CPU, where device memory is the host's, the stage's compiled programs go too (stages
+    share almost none; ~150 MB for SmolLM2), and the freed heap is handed back to the OS
+    (glibc keeps it otherwise). Together: 1.45 GB instead of 1.7 GB peak for the default run.
+    """
+    import gc
+
+    import jax
+    if jax.default_backend() == "cpu":
+        jax.clear_caches()
+    gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):   # not glibc: nothing to hand back this way
