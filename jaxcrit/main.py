@@ -101,8 +101,12 @@ def run(c: ConfigDict, workdir: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     logging.set_verbosity(logging.WARNING)
+    argv = list(sys.argv if argv is None else argv)
+    if {"-h", "--help"} & set(argv[1:]):
+        print(__doc__.strip() + "\n\nEvery config field, with what it turns: jaxcrit/configs/common.py.")
+        return 0
     try:
-        c, workdir = parse(list(sys.argv if argv is None else argv))
+        c, workdir = parse(argv)
         run(c, workdir)
     except JaxcritError as e:
         print(f"jaxcrit: error: {e}", file=sys.stderr)

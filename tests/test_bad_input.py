@@ -175,3 +175,9 @@ def test_as_a_user_sees_it(tmp_path, args, expected):
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert len(lines) == 1 and lines[0].startswith("jaxcrit: error: ") and expected in lines[0], p.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_help_is_usage_not_an_error(capsys):
+    assert M.main(["jaxcrit", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "python -m jaxcrit.main --config=smollm2" in out and "jaxcrit/configs/common.py" in out
