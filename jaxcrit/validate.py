@@ -86,6 +86,10 @@ def _fields() -> tuple[tuple[str, Check, str], ...]:
         ("engine.loss", _one_of("auto", "xla", "pallas"), "auto, xla or pallas"),
         ("mesh.shape", _mesh, "(data, model), positive integers, one of them may be -1"),
         ("mesh.distributed", _bool, "True or False"),
+        ("mesh.coordinator", lambda v: v == "" or (isinstance(v, str) and v.rpartition(":")[2].isdigit()),
+         "'' or HOST:PORT"),
+        ("mesh.num_processes", _int(1), "an integer >= 1"),
+        ("mesh.process_id", _int(0), "an integer >= 0"),
     )
 
 
@@ -142,13 +146,11 @@ def against_model(c: ConfigDict) -> None:
     tokens(load_tokenizer(path), c.text, c.max_tokens, min_tokens=10)
     if c.evaluate.file:
         read_paragraphs(c.evaluate.file, limit=c.evaluate.limit)
+    if c.mesh.coordinator and c.mesh.process_id >= c.mesh.num_processes:
+        raise JaxcritError(f"mesh.process_id must be below mesh.num_processes ({c.mesh.num_processes}); "
+                           f"got {c.mesh.process_id}")
     make_mesh(tuple(c.mesh.shape))
     gpu_half = jax.default_backend() == "gpu" and c.dtype != "float32"
     for key, kernel in (("engine.attention", "cudnn"), ("engine.loss", "pallas")):
         if c[key.split(".")[0]][key.split(".")[1]] == kernel and not gpu_half:
             raise JaxcritError(f"{key} {kernel} needs GPUs and dtype bfloat16 or float16; use auto or xla")
-
-
-def everything(c: ConfigDict) -> None:
-    fields(c)
-    against_model(c)

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxcrit import processes
 from jaxcrit.models import decoder
 from jaxcrit.models.config import ModelConfig
 from jaxcrit.models.sites import SITE_NAMES, width
@@ -106,7 +107,7 @@ def importance(cfg: ModelConfig, params: dict, tokens: np.ndarray, *, alpha: flo
         k += n
         bar.update(n)
         if on_chunk is not None:
-            on_chunk(Importance({s: np.asarray(v) for s, v in sums.items()}, k))
+            on_chunk(Importance({s: processes.to_host(v) for s, v in sums.items()}, k))
     return Importance(sums, k)
 
 
@@ -133,7 +134,7 @@ def rank(scores: dict[str, np.ndarray | jax.Array], top_n: int, threshold: float
         meta.append((s, v.shape[1], v.shape[2]))
     flat = jnp.concatenate(blocks, axis=1)  # [L, sum_s T_s * C_s], layer-major
     per_layer = flat.shape[1]
-    vals, keep = (np.asarray(x) for x in _top_k(flat.reshape(-1), min(top_n, flat.size)))
+    vals, keep = (processes.to_host(x) for x in _top_k(flat.reshape(-1), min(top_n, flat.size)))
     above = vals > threshold
     vals, keep = vals[above], keep[above].astype(np.int64)
     order = np.lexsort((keep, -vals))
