@@ -106,6 +106,9 @@ def fields(c: ConfigDict) -> None:
             raise JaxcritError(f"config field '{key}' is missing; start configs from jaxcrit.configs.common.base")
         if not ok(flat[key]):
             raise JaxcritError(f"{key} must be {what} (got {flat[key]!r})")
+    if c.mesh.coordinator and c.mesh.process_id >= c.mesh.num_processes:
+        raise JaxcritError(f"mesh.process_id must be below mesh.num_processes ({c.mesh.num_processes}); "
+                           f"got {c.mesh.process_id}")
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -146,9 +149,6 @@ def against_model(c: ConfigDict) -> None:
     tokens(load_tokenizer(path), c.text, c.max_tokens, min_tokens=10)
     if c.evaluate.file:
         read_paragraphs(c.evaluate.file, limit=c.evaluate.limit)
-    if c.mesh.coordinator and c.mesh.process_id >= c.mesh.num_processes:
-        raise JaxcritError(f"mesh.process_id must be below mesh.num_processes ({c.mesh.num_processes}); "
-                           f"got {c.mesh.process_id}")
     make_mesh(tuple(c.mesh.shape))
     gpu_half = jax.default_backend() == "gpu" and c.dtype != "float32"
     for key, kernel in (("engine.attention", "cudnn"), ("engine.loss", "pallas")):
