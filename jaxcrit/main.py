@@ -72,10 +72,12 @@ def _one_line(e: BaseException) -> str:
     return "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
 
 
-def run(c: ConfigDict, workdir: Path) -> dict:
+def run(c: ConfigDict, workdir: Path, single_use: bool = False) -> dict:
     """The pipeline on a validated config: every stage, resumable in workdir; returns the summary.
 
     With several processes every one runs this; process 0 alone claims the workdir and writes.
+    single_use: this process exits after the run (the command line): compiled programs need not
+    outlive their stage.
     """
     from jaxcrit import processes, validate
     from jaxcrit.pipeline import Run, prepare_workdir, run_all
@@ -95,7 +97,7 @@ def run(c: ConfigDict, workdir: Path) -> dict:
         raise refused or JaxcritError("process 0 refused the workdir (its error line says why)")
 
     # --- mesh, model
-    r = Run(c, workdir)
+    r = Run(c, workdir, single_use=single_use)
     cfg = r.model.cfg
     r.say(f"{r.model.source}: {cfg.model_type}, {cfg.n_layers} layers, {len(r.tokens)} tokens, {c.dtype}, "
           f"mesh {dict(r.model.mesh.shape)}")
@@ -117,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         c, workdir = parse(argv)
-        run(c, workdir)
+        run(c, workdir, single_use=True)
     except JaxcritError as e:
         print(f"jaxcrit: error: {e}", file=sys.stderr)
         return 2

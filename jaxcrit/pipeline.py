@@ -28,17 +28,18 @@ IGNORED_FOR_IDENTITY = ("overwrite", "progress")   # config fields that do not c
 RUN_FILES = ("config.json", "manifest.json")
 
 
-def release_memory() -> None:
+def release_memory(drop_programs: bool) -> None:
     """Frees what a finished stage leaves behind, so the next stage's peak does not stack on it.
 
-    On CPU, where device memory is the host's, the stage's compiled programs go too (stages
-    share almost none; ~150 MB for SmolLM2), and the freed heap is handed back to the OS
-    (glibc keeps it otherwise). Together: 1.45 GB instead of 1.7 GB peak for the default run.
+    drop_programs: on CPU, where device memory is the host's, the compiled programs go too
+    (~150 MB for SmolLM2; stages share almost none, but a process running many pipelines, a
+    notebook or the tests, would compile them again). The freed heap is handed back to the OS
+    (glibc keeps it otherwise). Together: 1.46 GB instead of 1.7 GB peak for the default run.
     """
     import gc
 
     import jax
-    if jax.default_backend() == "cpu":
+    if drop_programs and jax.default_backend() == "cpu":
         jax.clear_caches()
     gc.collect()
     try:
@@ -94,8 +95,9 @@ class Run:
     every stage's value. `values` may be seeded with inputs a caller already has."""
 
     def __init__(self, config: ConfigDict, workdir: Path | None = None, model=None,
-                 values: dict[str, Any] | None = None):
+                 values: dict[str, Any] | None = None, single_use: bool = False):
         self.c = config
+        self.single_use = single_use   # the process runs this pipeline and exits (the CLI)
         self.workdir = Path(workdir) if workdir is not None else None
         self.values: dict[str, Any] = dict(values or {})
         self.store = Store(self.workdir / "state" if self.workdir else None)
@@ -114,7 +116,7 @@ class Run:
         from jaxcrit.sharding import make_mesh
         t = time.perf_counter()
         m = load(self.c.model, self.c.dtype, make_mesh(tuple(self.c.mesh.shape)))
-        release_memory()
+        release_memory(self.single_use)
         self._record("load", time.perf_counter() - t)
         return m
 
@@ -153,7 +155,7 @@ class Run:
         value = st.compute(self)
         if self.workdir and processes.writer():
             st.save(self, value)
-        release_memory()
+        release_memory(self.single_use)
         self._record(name, time.perf_counter() - t)
         self.values[name] = value
         return value
