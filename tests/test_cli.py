@@ -97,10 +97,10 @@ def test_run_writes_every_result_file(model_dir, tmp_path):
     assert (mp.verified == "screen").sum() == meta["verified"] and (mp.verified == "audit").sum() == 16
     assert mp.delta.isna().sum() == len(mp) - meta["verified"] - 16 and mp.importance.notna().sum() == 50
     assert [t["delta"] for t in meta["top"]] == sorted(mp.delta.dropna(), reverse=True)[:3]
-    assert "## Whole-model map" in summary and "Δ (exact)" in summary
 
     summary = (wd / "summary.md").read_text()
     assert "base perplexity" in summary and "Masked perplexity" in summary
+    assert "## Whole-model map" in summary and "Δ (exact)" in summary
     assert f"10^{crit['base_loss'] / E.LN10:.2f}" in summary and f"10^{crit['loss'] / E.LN10:.2f}" in summary
     assert abs(result["base_loss"] - crit["base_loss"]) < 1e-12
     for png in ("curve.png", "heatmap.png", "scan.png", "map.png"):
