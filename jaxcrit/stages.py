@@ -270,8 +270,9 @@ def map_of(run: Run) -> maps.Map:
         part = everyone[idx]
         return memo(key, lambda: run.engine.deltas(E.make(part.site, part.layer, part.channel, cfg=m.cfg),
                                                    desc=f"map {key}", sites=SITE_NAMES))   # one program
-    return maps.build(everyone, values, measure, top_k=c.top_k, block=c.block, max_rounds=c.max_rounds,
-                      audit=c.audit, seed=run.c.seed)
+    block = maps.round_block(c.block, run.engine.chunk, len(values))
+    return maps.build(everyone, values, measure, top_k=c.top_k, block=block, max_rounds=c.max_rounds, audit=c.audit,
+                      seed=run.c.seed)
 
 
 def save_map(run: Run, mp: maps.Map) -> None:

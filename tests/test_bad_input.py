@@ -78,7 +78,7 @@ FIELD_CASES = [
     ("baseline_ns_zero", ["--config.baselines.ns=(0,3)"], "baselines.ns must be a non-empty tuple of integers >= 1"),
     ("map_screen_unknown", ["--config.map.screens=('first_order','grad')"], "map.screens must be a non-empty tuple of distinct screens"),
     ("map_screens_empty", ["--config.map.screens=()"], "map.screens must be a non-empty tuple"),
-    ("map_block_zero", ["--config.map.block=0"], "map.block must be an integer >= 1"),
+    ("map_block_negative", ["--config.map.block=-1"], "map.block must be an integer >= 0"),
     ("map_audit_negative", ["--config.map.audit=-1"], "map.audit must be an integer >= 0"),
     ("scan_site_unknown", ["--config.scan.sites=('down',)"], "scan.sites must be distinct sites"),
     ("scan_layer_out_of_range", ["--config.scan.layers=(99,)"], "scan.layers: layer 99 out of range; the model has layers 0..1"),

@@ -1,6 +1,6 @@
 """Whole-model map wall time on Qwen2.5-shaped models (random bf16 weights on the device).
 
-    PYTHONPATH=. python tools/map_bench.py [--shape 0.5b|7b --seq 512 --block 64 --audit 128]
+    PYTHONPATH=. python tools/map_bench.py [--shape 0.5b|7b --seq 512 --block 0 --audit 128]
 
 Times the screens' gradient pass (first_order and magnitude of every neuron; compile reported
 apart), then the verification rounds and the audit through the engine (chunk planned from free
@@ -76,8 +76,9 @@ def main() -> None:
         return d
 
     t = time.perf_counter()
+    res["block"] = maps.round_block(args.block, eng.chunk, len(res["screens"]))
     mp = maps.build(everyone, {k: SC.flat(values[k]) for k in res["screens"]}, measure, top_k=args.top_k,
-                    block=args.block, max_rounds=args.max_rounds, audit=args.audit, seed=0)
+                    block=res["block"], max_rounds=args.max_rounds, audit=args.audit, seed=0)
     res["verify_s"] = time.perf_counter() - t
     rows = sum(u["rows"] for u in units)
     rate = rows / sum(u["s"] for u in units)

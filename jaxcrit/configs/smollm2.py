@@ -7,8 +7,8 @@ against the GPU configs: the random baseline has 3 repeats (not 10) and the base
 100 neurons (not 1000); the scan covers only the first critical layer's down_proj, and there only
 the 32 channels Stage 1 ranks highest (not all 576); the greedy search takes 4 steps over 8; the
 whole-model map is off (`--config.map.enabled=True`): with the first_order and magnitude screens
-alone it took 84 s on 2 CPU cores (one gradient pass, 242 neurons verified in 2 rounds, 128
-audited), longer than the rest of the run.
+alone and map.block = 64 it took 84 s on 2 CPU cores (one gradient pass, 242 neurons verified in
+2 rounds, 128 audited), longer than the rest of the run.
 """
 from jaxcrit.configs.common import base
 

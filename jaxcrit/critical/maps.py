@@ -99,6 +99,12 @@ class Map:
         return out
 
 
+def round_block(block: int, chunk: int, screens: int) -> int:
+    """Candidates per screen and round: `block`, or with 0 the engine chunk shared among the
+    screens, so a round fills about one compiled chunk (overlaps between screens leave it short)."""
+    return block or max(1, chunk // screens)
+
+
 def ranked(v: np.ndarray) -> np.ndarray:
     """Flat indices of a screen's finite values, largest first (ties: lower index first)."""
     idx = np.flatnonzero(np.isfinite(v))
