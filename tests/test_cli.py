@@ -192,7 +192,8 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 def test_cli_from_an_empty_directory_with_an_absolute_config(model_dir, tmp_path):
     """The config file named by absolute path, run from an empty directory: every result file."""
     cfg = config_file(tmp_path / "cfg.py", model_dir, stage1__batch=2, stage2__max_steps=8, baselines__ns=(1, 2),
-                      baselines__random_repeats=1, scan__top=4, scan__greedy_steps=1, engine__chunk=8)
+                      baselines__random_repeats=1, scan__top=4, scan__greedy_steps=1, map__top_k=2, map__audit=8,
+                      engine__chunk=8)
     empty = tmp_path / "empty"
     empty.mkdir()
     p = _cli(f"--config={cfg}", "--workdir=out", cwd=empty)
