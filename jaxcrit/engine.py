@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from jaxcrit import processes
 from jaxcrit.errors import JaxcritError
 from jaxcrit.models import decoder, fused_loss
 from jaxcrit.models.config import ModelConfig
@@ -367,7 +368,7 @@ class Engine:
         for done, n in pending:
             done.block_until_ready()
             bar.update(n)
-        res = np.asarray(jnp.concatenate(outs))[:R]
+        res = processes.to_host(jnp.concatenate(outs))[:R]
         out = np.empty_like(res)
         out[order] = res
         return out

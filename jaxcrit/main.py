@@ -73,36 +73,50 @@ def _one_line(e: BaseException) -> str:
 
 
 def run(c: ConfigDict, workdir: Path) -> dict:
-    """The pipeline on a validated config: every stage, resumable in workdir; returns the summary."""
-    import jax
+    """The pipeline on a validated config: every stage, resumable in workdir; returns the summary.
 
-    from jaxcrit import validate
+    With several processes every one runs this; process 0 alone claims the workdir and writes.
+    """
+    from jaxcrit import processes, validate
     from jaxcrit.pipeline import Run, prepare_workdir, run_all
     from jaxcrit.report import io, summary
 
-    # --- check everything, then claim the workdir
-    validate.everything(c)
-    prepare_workdir(workdir, c)
+    # --- check the config, join the other processes, check against the model, claim the workdir
+    validate.fields(c)
+    processes.start(c)
+    validate.against_model(c)
+    refused = None
+    if processes.writer():
+        try:
+            prepare_workdir(workdir, c)
+        except JaxcritError as e:
+            refused = e
+    if not processes.agree(refused is None):
+        raise refused or JaxcritError("process 0 refused the workdir (its error line says why)")
 
-    # --- processes, mesh, model
-    if c.mesh.distributed:
-        jax.distributed.initialize()
+    # --- mesh, model
     r = Run(c, workdir)
     cfg = r.model.cfg
     r.say(f"{r.model.source}: {cfg.model_type}, {cfg.n_layers} layers, {len(r.tokens)} tokens, {c.dtype}, "
           f"mesh {dict(r.model.mesh.shape)}")
-    io.write_json(workdir / "manifest.json", io.manifest(c.to_dict()))
+    if processes.writer():
+        io.write_json(workdir / "manifest.json", io.manifest(c.to_dict()))
 
     # --- the stages (jaxcrit/stages.py), then the summary
     result = run_all(r)
-    print(summary.terminal_table(result))
+    if processes.writer():
+        print(summary.terminal_table(result))
     return result
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.set_verbosity(logging.WARNING)
+    argv = list(sys.argv if argv is None else argv)
+    if {"-h", "--help"} & set(argv[1:]):
+        print(__doc__.strip() + "\n\nEvery config field, with what it turns: jaxcrit/configs/common.py.")
+        return 0
     try:
-        c, workdir = parse(list(sys.argv if argv is None else argv))
+        c, workdir = parse(argv)
         run(c, workdir)
     except JaxcritError as e:
         print(f"jaxcrit: error: {e}", file=sys.stderr)

@@ -21,6 +21,7 @@ from typing import Any, Callable
 import numpy as np
 from ml_collections import ConfigDict
 
+from jaxcrit import processes
 from jaxcrit.errors import JaxcritError
 from jaxcrit.report import io
 
@@ -29,8 +30,18 @@ RUN_FILES = ("config.json", "manifest.json")
 
 
 def release_memory() -> None:
-    """Hands the heap a stage freed back to the OS (glibc keeps it otherwise, and the next
-    stage's peak stacks on top of it: 1.7 GB instead of 1.5 GB for the default CPU run)."""
+    """Frees what a finished stage leaves behind, so the next stage's peak does not stack on it.
+
+    On CPU, where device memory is the host's, the stage's compiled programs go too (stages
+    share almost none; ~150 MB for SmolLM2), and the freed heap is handed back to the OS
+    (glibc keeps it otherwise). Together: 1.45 GB instead of 1.7 GB peak for the default run.
+    """
+    import gc
+
+    import jax
+    if jax.default_backend() == "cpu":
+        jax.clear_caches()
+    gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):   # not glibc: nothing to hand back this way
@@ -47,10 +58,11 @@ class Store:
         return self.root / f"{key}.npz"
 
     def get(self, key: str) -> dict[str, np.ndarray] | None:
+        """The kept arrays, on every process when process 0 has them (processes.py)."""
         if self.root is None:
             return self.mem.get(key)
         p = self._path(key)
-        if not p.exists():
+        if not processes.agree(p.exists()):
             return None
         with np.load(p) as z:
             return {k: z[k] for k in z.files}
@@ -58,6 +70,8 @@ class Store:
     def put(self, key: str, arrays: dict[str, np.ndarray]) -> None:
         if self.root is None:
             self.mem[key] = arrays
+            return
+        if not processes.writer():
             return
         p = self._path(key)
         p.parent.mkdir(parents=True, exist_ok=True)
@@ -91,7 +105,9 @@ class Run:
             self.model = model
 
     def say(self, msg: str) -> None:
-        print(f"[jaxcrit] {msg}", file=sys.stderr, flush=True)
+        import jax
+        who = f" {jax.process_index()}/{jax.process_count()}" if jax.process_count() > 1 else ""
+        print(f"[jaxcrit{who}] {msg}", file=sys.stderr, flush=True)
 
     @functools.cached_property
     def model(self):
@@ -131,12 +147,12 @@ class Run:
         if not st.enabled(self.c):
             self.values[name] = None
             return None
-        if self.workdir and st.cached and all((self.workdir / f).exists() for f in st.files):
+        if processes.agree(bool(self.workdir) and st.cached and all((self.workdir / f).exists() for f in st.files)):
             self.values[name] = st.load(self)
             return self.values[name]
         t = time.perf_counter()
         value = st.compute(self)
-        if self.workdir:
+        if self.workdir and processes.writer():
             st.save(self, value)
         release_memory()
         self._record(name, time.perf_counter() - t)
@@ -149,7 +165,7 @@ class Run:
         if self.workdir is not None and (self.workdir / "state" / "timings.json").exists():
             self.timings = {**io.read_json(self.workdir / "state" / "timings.json"), **self.timings}
         self.timings[step] = seconds
-        if self.workdir is not None:
+        if self.workdir is not None and processes.writer():
             io.write_json(self.workdir / "state" / "timings.json", self.timings)
 
 

@@ -94,6 +94,10 @@ def _fields() -> tuple[tuple[str, Check, str], ...]:
         ("engine.loss", _one_of("auto", "xla", "pallas"), "auto, xla or pallas"),
         ("mesh.shape", _mesh, "(data, model), positive integers, one of them may be -1"),
         ("mesh.distributed", _bool, "True or False"),
+        ("mesh.coordinator", lambda v: v == "" or (isinstance(v, str) and v.rpartition(":")[2].isdigit()),
+         "'' or HOST:PORT"),
+        ("mesh.num_processes", _int(1), "an integer >= 1"),
+        ("mesh.process_id", _int(0), "an integer >= 0"),
     )
 
 
@@ -110,6 +114,9 @@ def fields(c: ConfigDict) -> None:
             raise JaxcritError(f"config field '{key}' is missing; start configs from jaxcrit.configs.common.base")
         if not ok(flat[key]):
             raise JaxcritError(f"{key} must be {what} (got {flat[key]!r})")
+    if c.mesh.coordinator and c.mesh.process_id >= c.mesh.num_processes:
+        raise JaxcritError(f"mesh.process_id must be below mesh.num_processes ({c.mesh.num_processes}); "
+                           f"got {c.mesh.process_id}")
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -155,8 +162,3 @@ def against_model(c: ConfigDict) -> None:
     for key, kernel in (("engine.attention", "cudnn"), ("engine.loss", "pallas")):
         if c[key.split(".")[0]][key.split(".")[1]] == kernel and not gpu_half:
             raise JaxcritError(f"{key} {kernel} needs GPUs and dtype bfloat16 or float16; use auto or xla")
-
-
-def everything(c: ConfigDict) -> None:
-    fields(c)
-    against_model(c)

@@ -93,6 +93,9 @@ FIELD_CASES = [
     ("text_empty", ["--config.text="], "the text has 0 tokens; at least 10 are needed"),
     ("mesh_too_many_devices", ["--config.mesh.shape=(3,1)"], "mesh 3x1 needs 3 devices, found 1"),
     ("mesh_zero", ["--config.mesh.shape=(0,1)"], "mesh.shape must be (data, model)"),
+    ("coordinator_without_port", ["--config.mesh.coordinator=localhost"], "mesh.coordinator must be '' or HOST:PORT"),
+    ("process_id_too_large", ["--config.mesh.coordinator=localhost:1234", "--config.mesh.num_processes=2",
+                              "--config.mesh.process_id=2"], "mesh.process_id must be below mesh.num_processes (2)"),
     ("model_missing", ["--config.model=/nonexistent/ckpt"], "model '/nonexistent/ckpt': no such file or directory"),
     ("progress_not_bool", ["--config.progress=maybe"], "--config.progress=maybe"),
 ]
@@ -179,3 +182,9 @@ def test_as_a_user_sees_it(tmp_path, args, expected):
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert len(lines) == 1 and lines[0].startswith("jaxcrit: error: ") and expected in lines[0], p.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_help_is_usage_not_an_error(capsys):
+    assert M.main(["jaxcrit", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "python -m jaxcrit.main --config=smollm2" in out and "jaxcrit/configs/common.py" in out

@@ -69,7 +69,10 @@ def base(model: str) -> ml_collections.ConfigDict:
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.shape = (-1, 1)          # (data, model) device mesh; -1 takes the remaining devices
-    c.mesh.distributed = False      # call jax.distributed.initialize() first (one process per host)
+    c.mesh.distributed = False      # several processes: jax.distributed.initialize() from the cluster (SLURM, TPU, k8s)
+    c.mesh.coordinator = ""         # several processes, explicitly: HOST:PORT of process 0 ("" : not this way)
+    c.mesh.num_processes = 1        # with coordinator: how many processes
+    c.mesh.process_id = 0           # with coordinator: this process's index (0 writes the files)
     return c
 
 

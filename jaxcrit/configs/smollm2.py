@@ -15,7 +15,7 @@ from jaxcrit.configs.common import base
 
 def get_config(arg=None):
     c = base("smollm2")
-    c.stage1.batch = 25
+    c.stage1.batch = 20
     c.engine.chunk = 8
     c.baselines.random_repeats = 3
     c.baselines.ns = (1, 10, 100)

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcrit import engine as E
+from jaxcrit import processes
 from jaxcrit.models import decoder
 from jaxcrit.models.config import ModelConfig
 from jaxcrit.models.sites import SITE_NAMES, width
@@ -52,7 +53,7 @@ def gradient_screens(cfg: ModelConfig, params: dict, tokens: np.ndarray) -> dict
     """{"first_order": site -> [L, C], "magnitude": site -> [L, C]} of the text tokens [T]."""
     tok = jnp.asarray(np.asarray(tokens)[None], jnp.int32)
     first, mag = _gradient_pass(cfg, params, tok)
-    as_np = lambda d: {s: np.asarray(v, np.float32) for s, v in d.items()}
+    as_np = lambda d: {s: processes.to_host(v).astype(np.float32) for s, v in d.items()}
     return {"first_order": as_np(first), "magnitude": as_np(mag)}
 
 

@@ -1,0 +1,56 @@
+"""Two processes of four CPU devices each run the pipeline on one 2x4 mesh (gloo collectives).
+
+Process 0 must write exactly the files a single process with eight devices writes on the same
+mesh, byte for byte (the single process also uses gloo, so every all-reduce sums in the same
+order), and process 1 must write nothing: it is given a workdir of its own, which must not
+even be created.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from jaxcrit import pipeline
+from tiny_run import COMPARED, build_model, config_file, files
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _start(cfg: Path, workdir: Path, devices: int, processes: int, index: int, port: int) -> subprocess.Popen:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": str(devices)}
+    return subprocess.Popen(
+        [sys.executable, "-m", "jaxcrit.main", f"--config={cfg}", f"--workdir={workdir}", "--config.mesh.shape=(2,4)",
+         f"--config.mesh.coordinator=localhost:{port}", f"--config.mesh.num_processes={processes}",
+         f"--config.mesh.process_id={index}"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_two_processes_write_what_one_writes(tmp_path):
+    model = build_model(tmp_path / "model")
+    cfg = config_file(tmp_path / "cfg.py", model, stage1__batch=4, stage2__max_steps=8, baselines__ns=(1, 2),
+                      baselines__names=("random", "gradient"), baselines__random_repeats=1, scan__layers=(1,),
+                      scan__top=4, scan__greedy_steps=2, map__top_k=2, map__audit=8, engine__chunk=8)
+    one = _start(cfg, tmp_path / "one", 8, 1, 0, _port())
+    out, err = one.communicate(timeout=400)
+    assert one.returncode == 0, err[-3000:]
+
+    port = _port()
+    procs = [_start(cfg, tmp_path / f"p{i}", 4, 2, i, port) for i in range(2)]
+    logs = [p.communicate(timeout=400) for p in procs]
+    for p, (o, e) in zip(procs, logs):
+        assert p.returncode == 0, e[-3000:]
+    assert files(tmp_path / "p0") == files(tmp_path / "one") and set(files(tmp_path / "p0")) == set(COMPARED)
+    assert all((tmp_path / "p0" / f).is_file() for f in pipeline.result_files())
+    assert not (tmp_path / "p1").exists()
+    assert "[jaxcrit 1/2]" in logs[1][1] and "critical n" in logs[0][0] and "critical n" not in logs[1][0]
