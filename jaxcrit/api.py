@@ -3,13 +3,14 @@
 Each function runs the stage code of the CLI (jaxcrit/stages.py) in memory, with a config built
 from the CLI's defaults (jaxcrit/configs/common.py). Keyword arguments are config fields: first
 of the function's own section (importance: stage1, grow: stage2, scan: scan, evaluate:
-evaluate), then the top level (seed, max_tokens), then engine (chunk, vocab_chunk, ...).
+evaluate, map: map), then the top level (seed, max_tokens), then engine (chunk, vocab_chunk, ...).
 
     m = jaxcrit.load("smollm2")
     ranking = jaxcrit.importance(m, text, samples=16)          # DataFrame, best first
     curve = jaxcrit.grow(m, ranking, text, epsilon=1.0)        # DataFrame n, delta; attrs critical_n
     jaxcrit.scan(m, text, sites=["down_proj"], layers=[11])    # DataFrame ..., delta
     jaxcrit.evaluate(m, ranking[:curve.attrs["critical_n"]], [text])
+    jaxcrit.map(m, text, screens=("first_order", "magnitude"))  # every neuron; top ones verified
 """
 from __future__ import annotations
 
@@ -75,6 +76,19 @@ def scan(model: Model, text: str, sites: Sequence[str] = ("down_proj",), layers:
     return stages.scan_of(r, todo).to_pandas().rename(columns={"score": "delta"})
 
 
+def map(model: Model, text: str, **map_fields):
+    """The whole-model map: one row per neuron (site, layer, channel, each screen's value, delta,
+    verified); delta is exact (the engine's) where verified is "screen" or "audit", NaN elsewhere,
+    and screen values are estimates. attrs['summary'] holds the exact top-k, the stopping rule
+    and the audit. The importance screen runs Stage 1 with its defaults; leave it out of
+    `screens` to skip that."""
+    from jaxcrit import stages
+    mp = stages.map_of(_run(model, text, "map", map_fields))
+    df = mp.table()
+    df.attrs["summary"] = mp.summary()
+    return df
+
+
 def evaluate(model: Model, neurons, texts: Sequence[str], **fields):
     """Perplexity (log10) of each text before and after masking neurons (a DataFrame, NeuronSet or
     (site, layer, channel) tuples): one row per text; attrs['overall'] is the token-weighted total."""
@@ -105,4 +119,4 @@ def run(c: ConfigDict, workdir: str | Path) -> dict:
     return run_cli(c, Path(workdir))
 
 
-__all__ = ["Model", "DTYPES", "load", "config", "importance", "grow", "scan", "evaluate", "engine_for", "run"]
+__all__ = ["Model", "DTYPES", "load", "config", "importance", "grow", "scan", "map", "evaluate", "engine_for", "run"]

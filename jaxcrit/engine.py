@@ -338,15 +338,19 @@ class Engine:
                                "more than is free; use fewer tokens, a smaller vocab_chunk, or more devices")
         return min(rows, cap * data)
 
-    def losses(self, abl: Ablations | None, per_token: bool = False, desc: str = "ablations") -> np.ndarray:
-        """[R] mean token NLL per row (f32), or [R, B, T-1] per-token NLL; abl None: the clean run."""
+    def losses(self, abl: Ablations | None, per_token: bool = False, desc: str = "ablations",
+               sites: tuple[str, ...] | None = None) -> np.ndarray:
+        """[R] mean token NLL per row (f32), or [R, B, T-1] per-token NLL; abl None: the clean run.
+
+        sites: the sites the compiled program holds masks for (default: those the batch touches);
+        a superset lets batches touching different sites share one compiled program."""
         if abl is None:
             abl = Ablations(*(np.zeros((1, 1), dt) for dt in (np.int32,) * 3),
                             np.ones((1, 1), np.float32), np.zeros((1, 1), np.float32))
         if abl.rows == 0:
             raise JaxcritError("empty perturbation batch: give at least one row")
         order, cols, starts = self.plan(abl)
-        static = self._static(abl.sites(), bool((abl.value != 0).any()), per_token)
+        static = self._static(abl.sites() if sites is None else sites, bool((abl.value != 0).any()), per_token)
         R, C = abl.rows, self.chunk
         bar = Progress(R, desc, enabled=self.progress and R > C)
         outs, pending = [], []
@@ -369,9 +373,9 @@ class Engine:
         out[order] = res
         return out
 
-    def deltas(self, abl: Ablations, desc: str = "ablations") -> np.ndarray:
-        """[R] delta = log10(PPL_masked / PPL_base) = (loss - base) / ln 10."""
-        return (self.losses(abl, desc=desc) - self.base_loss) / LN10
+    def deltas(self, abl: Ablations, desc: str = "ablations", sites: tuple[str, ...] | None = None) -> np.ndarray:
+        """[R] delta = log10(PPL_masked / PPL_base) = (loss - base) / ln 10; sites as in losses."""
+        return (self.losses(abl, desc=desc, sites=sites) - self.base_loss) / LN10
 
 
 @partial(jax.jit, static_argnames=("cfg", "vocab_chunk"))

@@ -3,9 +3,10 @@
 A `Run` holds a config, an optional workdir and every stage's value, computed on first use
 (`run["growth"]`). With a workdir, a stage whose result files all exist is loaded instead of
 computed, a computed one is saved, and partial work inside a stage (Stage 1's running sums,
-scan and Stage 2 blocks, each baseline repeat, greedy steps, evaluation blocks) is kept under
-state/ so a killed run resumes where it stopped. Without a workdir (the Python API) the same
-stages run in memory. The CLI and the API both go through here; jaxcrit/stages.py is the table.
+scan and Stage 2 blocks, each baseline repeat, greedy steps, map screens and rounds, evaluation
+blocks) is kept under state/ so a killed run resumes where it stopped. Without a workdir (the
+Python API) the same stages run in memory. The CLI and the API both go through here;
+jaxcrit/stages.py is the table.
 """
 from __future__ import annotations
 

@@ -6,6 +6,7 @@
     baselines   random/activation/gradient/massive baselines.json
     scan        single-neuron deltas               scan.csv, scan.png
     greedy      greedy growth on measured deltas   greedy.json
+    map         every neuron screened, top verified map.csv, map.json, map.png
     evaluation  perplexity before/after masking    evaluation.json
     report      the summary of all of the above    curve.png, summary.md
 
@@ -15,6 +16,7 @@ explicitly, so the Python API (jaxcrit/api.py) runs the same code on inputs a us
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,6 +25,8 @@ from ml_collections import ConfigDict
 
 from jaxcrit import engine as E
 from jaxcrit.critical import baselines as B
+from jaxcrit.critical import maps
+from jaxcrit.critical import screens as SC
 from jaxcrit.critical import scan as S
 from jaxcrit.critical import stage1, stage2
 from jaxcrit.critical.evaluate import evaluate
@@ -248,6 +252,51 @@ def greedy(run: Run) -> list[dict]:
                     epsilon=run.c.stage2.epsilon, memo=run.store.memo("greedy"))
 
 
+# ----------------------------------------------------------------------------- whole-model map
+
+def map_of(run: Run) -> maps.Map:
+    """Every neuron's screens (map.screens), the candidates verified through the engine round by
+    round until the stopping rule, and the audit sample (critical/maps.py). Each screen and each
+    round is one unit of resume state."""
+    c, m = run.c.map, run.model
+    memo = run.store.memo("map")
+    grads = functools.cache(lambda: SC.gradient_screens(m.cfg, m.params, run.tokens))
+    source = {"first_order": lambda: grads()["first_order"], "magnitude": lambda: grads()["magnitude"],
+              "importance": lambda: SC.from_ranking(m.cfg, run["importance"])}
+    values = {name: memo(f"screen-{name}", lambda name=name: SC.flat(source[name]())) for name in c.screens}
+    everyone = SC.universe(m.cfg)
+
+    def measure(key: str, idx: np.ndarray) -> np.ndarray:
+        part = everyone[idx]
+        return memo(key, lambda: run.engine.deltas(E.make(part.site, part.layer, part.channel, cfg=m.cfg),
+                                                   desc=f"map {key}", sites=SITE_NAMES))   # one program
+    block = maps.round_block(c.block, run.engine.chunk, len(values))
+    return maps.build(everyone, values, measure, top_k=c.top_k, block=block, max_rounds=c.max_rounds, audit=c.audit,
+                      seed=run.c.seed)
+
+
+def save_map(run: Run, mp: maps.Map) -> None:
+    df = mp.table()
+    io.write_csv(run.workdir / "map.csv", df.to_dict("records"), list(df.columns))
+    io.write_json(run.workdir / "map.json", mp.summary())
+    cfg, everyone = run.model.cfg, mp.neurons
+    best = np.full((cfg.n_layers, len(SITE_NAMES)), np.nan)
+    done = mp.how != maps.NOT
+    np.fmax.at(best, (everyone.layer[done], everyone.site_index()[done]), mp.delta[done])
+    io.write_png(run.workdir / "map.png", plots.max_heatmap(best, SITE_NAMES, _title(run, "whole-model map")),
+                 close=True)
+
+
+def load_map(run: Run) -> maps.Map:
+    import pandas as pd
+    df = pd.read_csv(run.workdir / "map.csv", keep_default_na=False, na_values=["nan"])
+    meta = io.read_json(run.workdir / "map.json")
+    return maps.Map(NeuronSet.make(df["site"], df["layer"], df["channel"]),
+                    {name: df[name].to_numpy(np.float32) for name in run.c.map.screens},
+                    df["delta"].to_numpy(np.float32), df["verified"].map(maps.HOW.index).to_numpy(np.int8),
+                    meta["rounds"], meta["stopped"], meta["top_k"], meta["block"])
+
+
 # ----------------------------------------------------------------------------- evaluation
 
 def evaluation(run: Run) -> dict:
@@ -288,6 +337,8 @@ def report(run: Run) -> dict:
             for r in S.top(scanned, 5).records()]}
     if greedy_path:
         out["greedy"] = greedy_path
+    if run["map"] is not None:
+        out["map"] = run["map"].summary()
     return out
 
 
@@ -310,6 +361,7 @@ STAGES: dict[str, Stage] = {st.name: st for st in (
     Stage("greedy", ("greedy.json",), greedy, lambda run, v: io.write_json(run.workdir / "greedy.json", v),
           lambda run: io.read_json(run.workdir / "greedy.json"),
           enabled=lambda c: bool(c.scan.sites) and c.scan.greedy_steps > 0),
+    Stage("map", ("map.csv", "map.json", "map.png"), map_of, save_map, load_map, enabled=lambda c: c.map.enabled),
     Stage("evaluation", ("evaluation.json",), evaluation,
           lambda run, v: io.write_json(run.workdir / "evaluation.json", v),
           lambda run: io.read_json(run.workdir / "evaluation.json")),

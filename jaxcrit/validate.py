@@ -48,6 +48,7 @@ _str: Check = lambda v: isinstance(v, str)
 def _fields() -> tuple[tuple[str, Check, str], ...]:
     from jaxcrit.convert.load import DTYPES
     from jaxcrit.critical.baselines import BASELINES
+    from jaxcrit.critical.screens import SCREENS
     from jaxcrit.models.sites import SITE_NAMES
     return (
         ("model", lambda v: isinstance(v, str) and bool(v), "an embedded name, a checkpoint dir or a file"),
@@ -76,6 +77,13 @@ def _fields() -> tuple[tuple[str, Check, str], ...]:
         ("scan.top", _int(0), "an integer >= 0"),
         ("scan.greedy_steps", _int(0), "an integer >= 0"),
         ("scan.greedy_pool", _int(1), "an integer >= 1"),
+        ("map.enabled", _bool, "True or False"),
+        ("map.screens", lambda v: _names(SCREENS)(v) and len(v) > 0,
+         f"a non-empty tuple of distinct screens among {', '.join(SCREENS)}"),
+        ("map.top_k", _int(1), "an integer >= 1"),
+        ("map.block", _int(0), "an integer >= 0 (0: engine.chunk shared among the screens)"),
+        ("map.max_rounds", _int(0), "an integer >= 0 (0: no limit)"),
+        ("map.audit", _int(0), "an integer >= 0"),
         ("evaluate.file", _str, "a path or ''"),
         ("evaluate.limit", _int(0), "an integer >= 0"),
         ("evaluate.batch", _int(1), "an integer >= 1"),

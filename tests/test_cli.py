@@ -6,7 +6,7 @@ as a user would, from an empty directory.
 
 Resume: a run killed right after a stage kept its first unit of partial work (Stage 1's sums
 after one batch of noisy passes, a Stage 2 block, a baseline repeat, a scan block, a greedy
-step, an evaluation block) and started again with the same workdir must compute only the units
+step, a map screen, an evaluation block) and started again with the same workdir must compute only the units
 it lacks and write byte-identical result files to an uninterrupted run.
 """
 from __future__ import annotations
@@ -89,11 +89,21 @@ def test_run_writes_every_result_file(model_dir, tmp_path):
     ev = json.loads((wd / "evaluation.json").read_text())
     assert ev["overall"]["tokens"] == 39
 
+    import pandas as pd
+    mp, meta = pd.read_csv(wd / "map.csv"), json.loads((wd / "map.json").read_text())
+    assert list(mp.columns) == ["site", "layer", "channel", "first_order", "magnitude", "importance", "delta",
+                                "verified"]
+    assert len(mp) == 2 * (64 + 32 + 32 + 64 + 3 * 120 + 64 + 64)           # every neuron of the 2 layers
+    assert (mp.verified == "screen").sum() == meta["verified"] and (mp.verified == "audit").sum() == 16
+    assert mp.delta.isna().sum() == len(mp) - meta["verified"] - 16 and mp.importance.notna().sum() == 50
+    assert [t["delta"] for t in meta["top"]] == sorted(mp.delta.dropna(), reverse=True)[:3]
+
     summary = (wd / "summary.md").read_text()
     assert "base perplexity" in summary and "Masked perplexity" in summary
+    assert "## Whole-model map" in summary and "Δ (exact)" in summary
     assert f"10^{crit['base_loss'] / E.LN10:.2f}" in summary and f"10^{crit['loss'] / E.LN10:.2f}" in summary
     assert abs(result["base_loss"] - crit["base_loss"]) < 1e-12
-    for png in ("curve.png", "heatmap.png", "scan.png"):
+    for png in ("curve.png", "heatmap.png", "scan.png", "map.png"):
         assert (wd / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((wd / "manifest.json").read_text())["config"]["stage1"]["samples"] == 4
 
@@ -116,7 +126,7 @@ def test_scan_top_takes_stage1s_best_channels(model_dir, reference, texts_file, 
 
 # ----------------------------------------------------------------------------- resume
 
-@pytest.mark.parametrize("prefix", ["stage1", "growth", "baselines", "scan", "greedy", "evaluation"])
+@pytest.mark.parametrize("prefix", ["stage1", "growth", "baselines", "scan", "greedy", "map", "evaluation"])
 def test_resume_inside_each_stage_is_identical(model_dir, texts_file, reference, tmp_path, monkeypatch, prefix):
     wd = tmp_path / "run"
     put = Store.put
@@ -182,7 +192,8 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 def test_cli_from_an_empty_directory_with_an_absolute_config(model_dir, tmp_path):
     """The config file named by absolute path, run from an empty directory: every result file."""
     cfg = config_file(tmp_path / "cfg.py", model_dir, stage1__batch=2, stage2__max_steps=8, baselines__ns=(1, 2),
-                      baselines__random_repeats=1, scan__top=4, scan__greedy_steps=1, engine__chunk=8)
+                      baselines__random_repeats=1, scan__top=4, scan__greedy_steps=1, map__top_k=2, map__audit=8,
+                      engine__chunk=8)
     empty = tmp_path / "empty"
     empty.mkdir()
     p = _cli(f"--config={cfg}", "--workdir=out", cwd=empty)

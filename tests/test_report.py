@@ -162,6 +162,15 @@ def _result(huge=False):
                       "gradient": {"n_max": 1000, "delta_at_n_max": float("inf")}},
         "scan": {"rows": 442368, "top": [{"site": "down_proj", "layer": 0, "channel": 3,
                                           "delta": 4.1}]},
+        "map": {"neurons": 442368, "verified": 641, "audited": 256, "rounds": 3, "block": 256, "top_k": 2,
+                "stopped": "rule", "rule": "R", "top": [
+                    {"site": "down_proj", "layer": 21, "channel": 62, "delta": 0.31, "first_order": 2.5,
+                     "verified": "screen"},
+                    {"site": "act_fn", "layer": 3, "channel": 7, "delta": 0.2, "first_order": float("nan"),
+                     "verified": "audit"}],
+                "audit": {"sample": 256, "kth_delta": 0.2, "missed": 1, "missed_estimate": 1725.0,
+                          "screens": {"first_order": {"recall": 0.5, "spearman": 0.61, "abs_error_median": 0.01,
+                                                      "abs_error_max": 2.2}}}},
         "evaluation": [{"text": "Later reviews were | more positive. " * 5, "tokens": 115,
                         "base_ppl_log10": 1.26, "masked_ppl_log10": 6.25},
                        {"text": "x", "tokens": 12, "base_ppl_log10": 1.0,
@@ -180,6 +189,10 @@ def test_summary_markdown_huge_ppl():
     assert "| 1 | `model.layers.0.mlp.down_proj` | 3 |" in md
     assert "random" in md and "gradient" in md and "442368" in md
     assert "\\|" in md  # pipes in evaluation text escaped
+    assert "442368 neurons screened (first_order); 641 verified exactly in 3 rounds of 256" in md
+    assert "| 1 | L21.down_proj[62] | 0.31 | 2.5 | screen |" in md and "| 2 | L3.act_fn[7] | 0.2 | NaN | audit |" in md
+    assert "1 beat the k-th verified Δ (0.2), about 1.72e+03 over all unverified" in md
+    assert "| first_order | 0.50 | 0.61 | 0.01 | 2.2 |" in md
     assert summary.fmt_ppl_log10(6.2455) == "10^6.25 (1.76e6)"
     assert summary.fmt_ppl_log10(float("inf")) == "10^inf (inf)"
 

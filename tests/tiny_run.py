@@ -12,7 +12,7 @@ from jaxcrit.configs.common import base
 WORDS = 60
 TEXT = " ".join(f"w{i}" for i in np.random.default_rng(5).integers(0, WORDS, 40))   # 40 tokens
 COMPARED = ("importance.json", "curve.csv", "critical.json", "baselines.json", "scan.csv", "greedy.json",
-            "evaluation.json")
+            "map.csv", "map.json", "evaluation.json")
 
 
 def build_model(directory: Path, layers: int = 2, seed: int = 0) -> Path:
@@ -48,6 +48,9 @@ def tiny_config(model_dir: Path, **over):
     c.scan.layers = (1,)
     c.scan.greedy_steps = 2
     c.scan.greedy_pool = 3
+    c.map.top_k = 3
+    c.map.block = 8
+    c.map.audit = 16
     c.engine.chunk = 8
     for k, v in over.items():
         *path, last = k.split("__")

@@ -47,6 +47,14 @@ def base(model: str) -> ml_collections.ConfigDict:
     c.scan.greedy_steps = 8         # greedy search on measured deltas: at most this many steps (0: off)
     c.scan.greedy_pool = 32         # candidates of the greedy search: the scan's top single neurons
 
+    c.map = ml_collections.ConfigDict()
+    c.map.enabled = True            # the whole-model map: every neuron screened, the screens' best verified exactly
+    c.map.screens = ("first_order", "magnitude", "importance")  # screens whose rankings give the candidates
+    c.map.top_k = 10                # the exact top-k the stopping rule watches (and summary.md lists)
+    c.map.block = 0                 # candidates taken from each screen per round (one resumable unit); 0: engine.chunk / screens
+    c.map.max_rounds = 50           # stop after this many rounds even if the rule has not (0: no limit)
+    c.map.audit = 128               # seeded random unverified neurons verified to measure misses and screen error
+
     c.evaluate = ml_collections.ConfigDict()
     c.evaluate.file = ""            # text file evaluated before/after masking (rows > 50 chars); empty: c.text only
     c.evaluate.limit = 0            # evaluate only the first N rows of the file (0: all)

@@ -7,7 +7,7 @@ drawn as markers on the top edge of the axes (-inf on the bottom edge) and a not
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -192,6 +192,41 @@ def phase_curve(curve: Curve, epsilon: float,
 
 # ----------------------------------------------------------------------------- site heatmap
 
+def _layer_site_grid(matrix: np.ndarray, sites: Sequence[str], label: Callable[[float], str], cbar: str,
+                     title: str, vmin: float, integer: bool) -> tuple[Figure, Any]:
+    """A layers x sites matrix drawn as an annotated heatmap; NaN cells left blank."""
+    masked = np.ma.masked_invalid(matrix)
+    h = min(max(3.0, 0.28 * matrix.shape[0] + 1.6), 26.0)
+    w = min(max(4.5, 0.85 * len(sites) + 2.2), 16.0)
+    fig = _figure(w, h)
+    ax = fig.add_subplot()
+    vmax = max(float(masked.max()) if masked.count() else vmin, vmin)
+    im = ax.imshow(masked, aspect="auto", cmap="viridis", interpolation="nearest", vmin=vmin, vmax=vmax)
+    ax.set_facecolor("white")
+    fs = 8 if matrix.shape[0] <= 40 else 6
+    for (i, j), c in np.ndenumerate(matrix):
+        if np.isfinite(c):
+            ax.text(j, i, label(c), ha="center", va="center", fontsize=fs,
+                    color="white" if c < vmin + 0.6 * (vmax - vmin) else "black")
+    ax.set_xticks(range(len(sites)))
+    ax.set_xticklabels(sites, rotation=40, ha="right", fontsize=8)
+    step = max(1, matrix.shape[0] // 40)
+    ax.set_yticks(range(0, matrix.shape[0], step))
+    ax.set_ylabel("layer")
+    ax.set_xlabel("site")
+    ax.set_xticks(np.arange(-0.5, len(sites), 1), minor=True)
+    ax.set_yticks(np.arange(-0.5, matrix.shape[0], 1), minor=True)
+    ax.grid(which="minor", color="0.9", lw=0.5)
+    ax.tick_params(which="minor", length=0)
+    from matplotlib.ticker import MaxNLocator
+    cb = fig.colorbar(im, ax=ax, label=cbar, shrink=0.8)
+    if integer:
+        cb.locator = MaxNLocator(integer=True)
+        cb.update_ticks()
+    ax.set_title(title, fontsize=10)
+    return fig, ax
+
+
 def site_heatmap(neurons: Sequence[Mapping[str, Any]], n_layers: int, sites: Sequence[str],
                  title: str = "") -> Figure:
     """Counts of top neurons per (layer, site): layers on rows, sites on columns, annotated."""
@@ -205,39 +240,20 @@ def site_heatmap(neurons: Sequence[Mapping[str, Any]], n_layers: int, sites: Seq
             counts[int(layer), col[s]] += 1
         else:
             skipped += 1
-
-    h = min(max(3.0, 0.28 * counts.shape[0] + 1.6), 26.0)
-    w = min(max(4.5, 0.85 * len(sites) + 2.2), 16.0)
-    fig = _figure(w, h)
-    ax = fig.add_subplot()
-    masked = np.ma.masked_equal(counts, 0)
-    im = ax.imshow(masked, aspect="auto", cmap="viridis", interpolation="nearest",
-                   vmin=1, vmax=max(int(counts.max()), 1))
-    ax.set_facecolor("white")
-    fs = 8 if counts.shape[0] <= 40 else 6
-    vmax = max(int(counts.max()), 1)
-    for (i, j), c in np.ndenumerate(counts):
-        if c:
-            ax.text(j, i, str(c), ha="center", va="center", fontsize=fs,
-                    color="white" if c < 0.6 * vmax else "black")
-    ax.set_xticks(range(len(sites)))
-    ax.set_xticklabels(sites, rotation=40, ha="right", fontsize=8)
-    step = max(1, counts.shape[0] // 40)
-    ax.set_yticks(range(0, counts.shape[0], step))
-    ax.set_ylabel("layer")
-    ax.set_xlabel("site")
-    ax.set_xticks(np.arange(-0.5, len(sites), 1), minor=True)
-    ax.set_yticks(np.arange(-0.5, counts.shape[0], 1), minor=True)
-    ax.grid(which="minor", color="0.9", lw=0.5)
-    ax.tick_params(which="minor", length=0)
-    from matplotlib.ticker import MaxNLocator
-    cb = fig.colorbar(im, ax=ax, label="neurons", shrink=0.8)
-    cb.locator = MaxNLocator(integer=True)
-    cb.update_ticks()
     total = int(counts.sum())
-    ax.set_title(f"{title}\n{total} neurons" if title else f"{total} neurons", fontsize=10)
+    fig, ax = _layer_site_grid(np.where(counts > 0, counts, np.nan), sites, lambda c: str(int(c)), "neurons",
+                               f"{title}\n{total} neurons" if title else f"{total} neurons", 1, True)
     if skipped:
         _note(ax, [f"{skipped} neuron(s) outside layers/sites not counted"])
+    return fig
+
+
+def max_heatmap(matrix: np.ndarray, sites: Sequence[str], title: str = "", what: str = "largest exact delta"
+                ) -> Figure:
+    """The largest value per (layer, site), matrix [layers, sites] (NaN: nothing measured there)."""
+    fig, ax = _layer_site_grid(matrix, list(sites), lambda c: f"{c:.2g}", what, title,
+                               min(float(np.nanmin(matrix)), 0.0) if np.isfinite(matrix).any() else 0.0, False)
+    _note(ax, [f"{int(np.isnan(matrix).sum())} blank cell(s): no neuron measured"] if np.isnan(matrix).any() else [])
     return fig
 
 

@@ -107,7 +107,7 @@ def _md_table(header: list[str], rows: list[list[Any]], align: str | None = None
 
 
 def summary_markdown(result: Mapping[str, Any]) -> str:
-    """Markdown report: base/masked perplexity, critical neurons, baselines, scan, eval, timings."""
+    """Markdown report: base/masked perplexity, critical neurons, baselines, scan, map, eval, timings."""
     crit = result.get("critical") or {}
     eps = _num(result.get("epsilon"))
     base, masked = _log10s(result)
@@ -168,6 +168,10 @@ def summary_markdown(result: Mapping[str, Any]) -> str:
             L += _md_table(["#", "neuron", "Δ"], rows, "rlr")
         L.append("")
 
+    mp = result.get("map") or {}
+    if mp:
+        L += _map_markdown(mp)
+
     ev = result.get("evaluation") or []
     if ev:
         L.append("## Evaluation")
@@ -191,6 +195,38 @@ def summary_markdown(result: Mapping[str, Any]) -> str:
         L += _md_table(["stage", "time"], rows, "lr")
         L.append("")
     return "\n".join(L).rstrip() + "\n"
+
+
+def _map_markdown(mp: Mapping[str, Any]) -> list[str]:
+    """The whole-model map: the exact top-k (screen values beside it, marked as estimates) and
+    what the audit sample says the stopping rule may have missed."""
+    aud = mp.get("audit") or {}
+    screens = list(aud.get("screens") or {})
+    L = ["## Whole-model map", "",
+         f"{mp.get('neurons', '?')} neurons screened ({', '.join(screens)}); {mp.get('verified', '?')} verified "
+         f"exactly in {mp.get('rounds', '?')} rounds of {mp.get('block', '?')} per screen, stopped by "
+         f"{mp.get('stopped', '?')} ({mp.get('rule', '')}); {mp.get('audited', '?')} more verified as a random audit.",
+         ""]
+    top = list(mp.get("top") or [])
+    if top:
+        rows = [[i, f"L{t.get('layer', '?')}.{t.get('site', '?')}[{t.get('channel', '?')}]", _fmt(t.get("delta"), ".4g"),
+                 *(_fmt(t.get(s), ".3g") for s in screens), t.get("verified", "?")] for i, t in enumerate(top, 1)]
+        L += _md_table(["#", "neuron", "Δ (exact)", *(f"{s} (screen)" for s in screens), "verified by"], rows,
+                       "rlr" + "r" * len(screens) + "l")
+        L.append("")
+    if aud.get("sample"):
+        L.append(f"Audit: {aud['sample']} random unverified neurons; {aud.get('missed', '?')} beat the "
+                 f"k-th verified Δ ({_fmt(aud.get('kth_delta'), '.4g')}), about {_fmt(aud.get('missed_estimate'), '.3g')} "
+                 "over all unverified neurons.")
+        L.append("")
+    rows = [[s, _fmt(v.get("recall"), ".2f"), _fmt(v.get("spearman"), ".2f"),
+             _fmt(v.get("abs_error_median"), ".3g"), _fmt(v.get("abs_error_max"), ".3g")]
+            for s, v in (aud.get("screens") or {}).items()]
+    if rows:
+        L += _md_table(["screen", "top-k recall", "Spearman (audit)", "median |err| (audit)", "max |err| (audit)"],
+                       rows, "lrrrr")
+        L.append("")
+    return L
 
 
 def _align(rows: list[list[str]], right: set[int] = frozenset()) -> list[str]:

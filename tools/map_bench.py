@@ -1,0 +1,94 @@
+"""Whole-model map wall time on Qwen2.5-shaped models (random bf16 weights on the device).
+
+    PYTHONPATH=. python tools/map_bench.py [--shape 0.5b|7b --seq 512 --block 0 --audit 128]
+
+Times the screens' gradient pass (first_order and magnitude of every neuron; compile reported
+apart), then the verification rounds and the audit through the engine (chunk planned from free
+memory, one program for all sites), with the map config's defaults unless given. Also reports
+what the exhaustive exact map would take at the measured ablation rate. Random weights: the
+deltas themselves mean nothing; the cost does not depend on them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxcrit import engine as E
+from jaxcrit.bench import QWEN_05B, peak_memory
+from jaxcrit.configs.common import base
+from jaxcrit.critical import maps
+from jaxcrit.critical import screens as SC
+from jaxcrit.models import decoder
+from jaxcrit.models.config import ModelConfig
+from jaxcrit.models.sites import SITE_NAMES
+
+SHAPES = {
+    "0.5b": QWEN_05B,
+    "7b": ModelConfig(model_type="qwen2", vocab_size=152064, d_model=3584, n_layers=28, n_heads=28, n_kv_heads=4,
+                      head_dim=128, d_ff=18944, norm_eps=1e-6, rope_theta=1e6, tie_embeddings=False,
+                      max_position_embeddings=32768),
+}
+
+
+def main() -> None:
+    c = base("bench").map
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="0.5b", choices=SHAPES)
+    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--top-k", type=int, default=c.top_k)
+    ap.add_argument("--block", type=int, default=c.block)
+    ap.add_argument("--max-rounds", type=int, default=c.max_rounds)
+    ap.add_argument("--audit", type=int, default=c.audit)
+    args = ap.parse_args()
+    cfg = SHAPES[args.shape]
+    params = decoder.random_params(cfg, jax.random.key(1), jnp.bfloat16)
+    tok = np.random.default_rng(0).integers(0, cfg.vocab_size, args.seq).astype(np.int32)
+    res = {"device": jax.devices()[0].device_kind, "shape": args.shape, "seq": args.seq, "dtype": "bfloat16",
+           "screens": ["first_order", "magnitude"], "top_k": args.top_k, "block": args.block, "audit": args.audit}
+
+    t = time.perf_counter()
+    SC.gradient_screens(cfg, params, tok)
+    res["screen_pass_first_call_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    values = SC.gradient_screens(cfg, params, tok)
+    res["screen_pass_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    eng = E.Engine(cfg, params, E.Texts.from_ids([tok.tolist()]), chunk=0, progress=False)
+    everyone = SC.universe(cfg)
+    warm = everyone[np.arange(0, len(everyone), len(everyone) // eng.chunk)[:eng.chunk]]
+    eng.deltas(E.make(warm.site, warm.layer, warm.channel, cfg=cfg), sites=SITE_NAMES)   # compile
+    res.update(engine_setup_s=time.perf_counter() - t, chunk=eng.chunk)
+
+    units = []
+
+    def measure(key: str, idx: np.ndarray) -> np.ndarray:
+        part = everyone[idx]
+        t = time.perf_counter()
+        d = eng.deltas(E.make(part.site, part.layer, part.channel, cfg=cfg), sites=SITE_NAMES)
+        units.append({"unit": key, "rows": len(idx), "s": time.perf_counter() - t})
+        print(json.dumps(units[-1]), flush=True)
+        return d
+
+    t = time.perf_counter()
+    res["block"] = maps.round_block(args.block, eng.chunk, len(res["screens"]))
+    mp = maps.build(everyone, {k: SC.flat(values[k]) for k in res["screens"]}, measure, top_k=args.top_k,
+                    block=res["block"], max_rounds=args.max_rounds, audit=args.audit, seed=0)
+    res["verify_s"] = time.perf_counter() - t
+    rows = sum(u["rows"] for u in units)
+    rate = rows / sum(u["s"] for u in units)
+    s = mp.summary()
+    res.update(neurons=len(everyone), rounds=mp.rounds, stopped=mp.stopped, verified=s["verified"],
+               audited=s["audited"], ablations=rows, abl_per_s=rate, units=units,
+               map_s=res["screen_pass_s"] + res["verify_s"], exhaustive_exact_s_at_this_rate=len(everyone) / rate,
+               peak_memory_gib=(peak_memory() or 0) / 2**30, audit_result=s["audit"])
+    print(json.dumps(res, indent=1), flush=True)
+
+
+if __name__ == "__main__":
+    main()
