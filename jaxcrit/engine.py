@@ -37,6 +37,9 @@ from jaxcrit.sharding import make_mesh
 LN10 = math.log(10.0)
 
 
+INACTIVE = {"site": 0, "layer": 0, "channel": 0, "scale": 1.0, "value": 0.0}   # an entry that changes nothing
+
+
 @dataclasses.dataclass(frozen=True)
 class Ablations:
     """rows x entries of (site index, layer, channel, scale, value); numpy, built on the host."""
@@ -300,9 +303,8 @@ class Engine:
         order = np.argsort(-key, kind="stable") if self.prefix_sharing else np.arange(abl.rows)
         C = self.chunk
         pad = (-abl.rows) % C
-        fill = {"site": 0, "layer": 0, "channel": 0, "scale": 1.0, "value": 0.0}
         cols = {f.name: np.concatenate([getattr(abl, f.name)[order],
-                                        np.full((pad, abl.site.shape[1]), fill[f.name], getattr(abl, f.name).dtype)])
+                                        np.full((pad, abl.site.shape[1]), INACTIVE[f.name], getattr(abl, f.name).dtype)])
                 for f in dataclasses.fields(abl)}
         key = np.concatenate([key[order], np.full(pad, key.max())]).reshape(-1, C).min(1)
         if not self.prefix_sharing:

@@ -101,8 +101,7 @@ def load_growth(run: Run) -> stage2.Growth:
     import pandas as pd
     df = pd.read_csv(run.workdir / "curve.csv")
     ns, deltas = df["n"].to_numpy(int), df["delta"].to_numpy(np.float32)
-    hit = np.flatnonzero(deltas >= run.c.stage2.epsilon)
-    return stage2.Growth(ns, deltas, int(ns[hit[0]]) if len(hit) else None)
+    return stage2.Growth.of(ns, deltas, run.c.stage2.epsilon)
 
 
 @dataclasses.dataclass
@@ -151,8 +150,7 @@ def baselines(run: Run) -> dict[str, list[stage2.Growth]]:
     out: dict[str, list[stage2.Growth]] = {}
     for (name, r), n in sizes.items():
         d = deltas[f"{name}-{r}"]
-        hit = np.flatnonzero(d >= run.c.stage2.epsilon)
-        out.setdefault(name, []).append(stage2.Growth(n, d, int(n[hit[0]]) if len(hit) else None))
+        out.setdefault(name, []).append(stage2.Growth.of(n, d, run.c.stage2.epsilon))
     return out
 
 
@@ -178,9 +176,8 @@ def score_packed(run: Run, prefix: str, units: dict[str, Callable[[], E.Ablation
 def _concat(parts: list[E.Ablations]) -> E.Ablations:
     """Rows of several batches in one; shorter rows padded with inactive entries (scale 1, value 0)."""
     K = max(p.site.shape[1] for p in parts)
-    fill = {"site": 0, "layer": 0, "channel": 0, "scale": 1.0, "value": 0.0}
     cols = {f: np.concatenate([np.pad(getattr(p, f), ((0, 0), (0, K - p.site.shape[1])), constant_values=v)
-                               for p in parts]) for f, v in fill.items()}
+                               for p in parts]) for f, v in E.INACTIVE.items()}
     return E.Ablations(**cols)
 
 
@@ -197,8 +194,7 @@ def load_baselines(run: Run) -> dict[str, list[stage2.Growth]]:
         for curve in curves:
             n = np.array([r["n"] for r in curve], int)
             d = np.array([r["delta"] for r in curve], np.float32)
-            hit = np.flatnonzero(d >= eps)
-            out[name].append(stage2.Growth(n, d, int(n[hit[0]]) if len(hit) else None))
+            out[name].append(stage2.Growth.of(n, d, eps))
     return out
 
 

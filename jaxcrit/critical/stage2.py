@@ -24,6 +24,12 @@ class Growth:
     deltas: np.ndarray   # [M] f32
     critical_n: int | None
 
+    @staticmethod
+    def of(ns: np.ndarray, deltas: np.ndarray, epsilon: float) -> "Growth":
+        """The curve with its critical n: the first n whose delta reaches epsilon."""
+        hit = np.flatnonzero(np.asarray(deltas) >= epsilon)
+        return Growth(np.asarray(ns), np.asarray(deltas), int(ns[hit[0]]) if len(hit) else None)
+
     @property
     def last_n(self) -> int:
         """The critical n, or the largest n scored when no prefix reached epsilon."""
@@ -57,5 +63,4 @@ def grow(engine: E.Engine, ranking: NeuronSet, *, epsilon: float, max_steps: int
             break
     ns_done = np.concatenate(got_n) if got_n else np.zeros(0, int)
     deltas = np.concatenate(got_d) if got_d else np.zeros(0, np.float32)
-    hit = np.flatnonzero(deltas >= epsilon)
-    return Growth(ns_done, deltas, int(ns_done[hit[0]]) if len(hit) else None)
+    return Growth.of(ns_done, deltas, epsilon)
