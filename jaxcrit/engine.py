@@ -17,6 +17,7 @@ Rows are sorted by start point so chunks share it; results come back in the call
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from functools import partial
 from typing import Sequence
@@ -38,6 +39,12 @@ LN10 = math.log(10.0)
 
 
 INACTIVE = {"site": 0, "layer": 0, "channel": 0, "scale": 1.0, "value": 0.0}   # an entry that changes nothing
+
+
+def entries(k: int) -> int:
+    """Entries per row a compiled program holds for rows of k: the next power of two, at least 8,
+    so batches of nearby sizes (a scan's 1, a greedy step's 4, Stage 2's first 8) share one."""
+    return max(8, 1 << (k - 1).bit_length())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,7 +247,10 @@ def _chunk_nll(params, cache: decoder.Cache, valid, targets, tmask, shift, rows,
 class Engine:
     """Scores perturbation batches against a fixed set of texts on a device mesh.
 
-    chunk: rows per compiled call (one compile per distinct site set); rows are padded to it.
+    chunk: rows per compiled call; rows are padded to it. One compile per site set and
+    `entries` bucket: the program holds masks for the sites a batch touches plus `sites`, so
+    giving all nine lets every batch share one program (compiles dominate a short CPU run; on a
+    GPU each site without edits costs a pass over its activations in every layer).
     0 plans it from memory: XLA's memory analysis of two small compiled chunks gives the bytes
     per row, and the chunk fills `memory_fraction` of the free device memory (host memory on CPU).
     attention: "xla" (exact f32 softmax), "cudnn" (fused flash attention, GPU with bf16/fp16), or
@@ -255,8 +265,8 @@ class Engine:
     def __init__(self, cfg: ModelConfig, params: dict, texts: Texts, *, mesh: Mesh | None = None,
                  chunk: int = 64, prefix_sharing: bool = True, vocab_chunk: int = 16384,
                  attention: str = "auto", loss: str = "auto", memory_fraction: float = 0.7,
-                 progress: bool = True):
-        self.cfg, self.params, self.texts = cfg, params, texts
+                 sites: Sequence[str] = (), progress: bool = True):
+        self.cfg, self.params, self.texts, self.sites = cfg, params, texts, tuple(sites)
         self.mesh = mesh or make_mesh()
         data = self.mesh.shape["data"]
         self.prefix_sharing, self.vocab_chunk, self.progress = prefix_sharing, vocab_chunk, progress
@@ -283,7 +293,12 @@ class Engine:
         if chunk == 0:
             chunk = self.plan_chunk(memory_fraction)
         self.chunk = max(data, -(-chunk // data) * data)
-        self.base_loss = float(self.losses(None)[0])
+
+    @functools.cached_property
+    def base_loss(self) -> float:
+        """The clean run's mean token NLL (computed on first use: an engine that only scores
+        per-token losses never compiles the mean's program)."""
+        return float(self.losses(None)[0])
 
     def _static(self, sites: tuple[str, ...], with_values: bool, per_token: bool) -> dict:
         """_chunk_nll's static arguments."""
@@ -291,8 +306,9 @@ class Engine:
                     vocab_chunk=self.vocab_chunk, attn_impl=self.attention, loss_impl=self.loss, mesh=self.mesh)
 
     def plan(self, abl: Ablations) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
-        """How a batch runs: (order [R], its rows in that order padded to whole chunks (Ablations'
-        fields as [n * chunk, K] arrays), each chunk's start point [n, 2] as (layer, entry)).
+        """How a batch runs: (order [R], its rows in that order padded to whole chunks and to
+        `entries(K)` (Ablations' fields as [n * chunk, entries(K)] arrays), each chunk's start point
+        [n, 2] as (layer, entry)).
 
         With prefix sharing, rows are sorted by start point, latest first, and a chunk starts at
         its rows' earliest; without, every chunk starts at (0, "layer").
@@ -301,11 +317,10 @@ class Engine:
         E = len(decoder.ENTRIES)
         key = starts[:, 0] * E + starts[:, 1]
         order = np.argsort(-key, kind="stable") if self.prefix_sharing else np.arange(abl.rows)
-        C = self.chunk
+        C, K = self.chunk, abl.site.shape[1]
         pad = (-abl.rows) % C
-        cols = {f.name: np.concatenate([getattr(abl, f.name)[order],
-                                        np.full((pad, abl.site.shape[1]), INACTIVE[f.name], getattr(abl, f.name).dtype)])
-                for f in dataclasses.fields(abl)}
+        cols = {f.name: np.pad(getattr(abl, f.name)[order], ((0, pad), (0, entries(K) - K)),
+                               constant_values=INACTIVE[f.name]) for f in dataclasses.fields(abl)}
         key = np.concatenate([key[order], np.full(pad, key.max())]).reshape(-1, C).min(1)
         if not self.prefix_sharing:
             key = np.full_like(key, decoder.LAYER)
@@ -344,15 +359,15 @@ class Engine:
                sites: tuple[str, ...] | None = None) -> np.ndarray:
         """[R] mean token NLL per row (f32), or [R, B, T-1] per-token NLL; abl None: the clean run.
 
-        sites: the sites the compiled program holds masks for (default: those the batch touches);
-        a superset lets batches touching different sites share one compiled program."""
+        sites: more sites for the compiled program's masks, beside the batch's and the engine's."""
         if abl is None:
             abl = Ablations(*(np.zeros((1, 1), dt) for dt in (np.int32,) * 3),
                             np.ones((1, 1), np.float32), np.zeros((1, 1), np.float32))
         if abl.rows == 0:
             raise JaxcritError("empty perturbation batch: give at least one row")
         order, cols, starts = self.plan(abl)
-        static = self._static(abl.sites() if sites is None else sites, bool((abl.value != 0).any()), per_token)
+        held = set(abl.sites()) | set(self.sites) | set(sites or ())
+        static = self._static(tuple(n for n in SITE_NAMES if n in held), bool((abl.value != 0).any()), per_token)
         R, C = abl.rows, self.chunk
         bar = Progress(R, desc, enabled=self.progress and R > C)
         outs, pending = [], []

@@ -46,6 +46,7 @@ class Stage:
     load: Callable[[Run], Any]
     enabled: Callable[[ConfigDict], bool] = lambda c: True
     cached: bool = True                         # False: recomputed on every run (the report)
+    programs: tuple[Callable, ...] = ()         # jitted functions only this stage uses: the CLI drops them after it
 
 
 def _title(run: Run, what: str) -> str:
@@ -346,18 +347,20 @@ def save_report(run: Run, result: dict) -> None:
 
 
 STAGES: dict[str, Stage] = {st.name: st for st in (
-    Stage("importance", ("importance.json", "heatmap.png"), importance, save_importance, load_importance),
+    Stage("importance", ("importance.json", "heatmap.png"), importance, save_importance, load_importance,
+          programs=stage1.PROGRAMS),
     Stage("growth", ("curve.csv",), lambda run: growth_of(run, run["importance"]), save_growth, load_growth),
     Stage("critical", ("critical.json",), critical,
           lambda run, v: io.write_json(run.workdir / "critical.json", v.to_json()), load_critical),
     Stage("baselines", ("baselines.json",), baselines, save_baselines, load_baselines,
-          enabled=lambda c: bool(c.baselines.names)),
+          enabled=lambda c: bool(c.baselines.names), programs=B.PROGRAMS),
     Stage("scan", ("scan.csv", "scan.png"), lambda run: scan_of(run, scan_targets(run)), save_scan, load_scan,
           enabled=lambda c: bool(c.scan.sites)),
     Stage("greedy", ("greedy.json",), greedy, lambda run, v: io.write_json(run.workdir / "greedy.json", v),
           lambda run: io.read_json(run.workdir / "greedy.json"),
           enabled=lambda c: bool(c.scan.sites) and c.scan.greedy_steps > 0),
-    Stage("map", ("map.csv", "map.json", "map.png"), map_of, save_map, load_map, enabled=lambda c: c.map.enabled),
+    Stage("map", ("map.csv", "map.json", "map.png"), map_of, save_map, load_map, enabled=lambda c: c.map.enabled,
+          programs=SC.PROGRAMS),
     Stage("evaluation", ("evaluation.json",), evaluation,
           lambda run, v: io.write_json(run.workdir / "evaluation.json", v),
           lambda run: io.read_json(run.workdir / "evaluation.json")),

@@ -90,6 +90,7 @@ def _fields() -> tuple[tuple[str, Check, str], ...]:
         ("engine.chunk", _int(0), "an integer >= 0 (0: planned from free memory)"),
         ("engine.vocab_chunk", _int(1), "an integer >= 1"),
         ("engine.prefix_sharing", _bool, "True or False"),
+        ("engine.sites", _names(SITE_NAMES), f"distinct sites among {', '.join(SITE_NAMES)}"),
         ("engine.attention", _one_of("auto", "xla", "cudnn"), "auto, xla or cudnn"),
         ("engine.loss", _one_of("auto", "xla", "pallas"), "auto, xla or pallas"),
         ("mesh.shape", _mesh, "(data, model), positive integers, one of them may be -1"),

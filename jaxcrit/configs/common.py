@@ -64,6 +64,7 @@ def base(model: str) -> ml_collections.ConfigDict:
     c.engine.chunk = 64             # ablations per compiled call; 0: the largest that fits free device memory
     c.engine.vocab_chunk = 16384    # vocabulary columns per loss step
     c.engine.prefix_sharing = True  # run layers below a chunk's first perturbed layer once, clean
+    c.engine.sites = ()             # sites every compiled program holds masks for (all nine: one program for every stage)
     c.engine.attention = "auto"     # auto | xla | cudnn (fused, GPU with bf16/fp16)
     c.engine.loss = "auto"          # auto | xla | pallas (fused matmul + exp-sum kernel, one GPU, bf16/fp16)
 

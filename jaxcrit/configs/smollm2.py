@@ -11,12 +11,14 @@ alone and map.block = 64 it took 84 s on 2 CPU cores (one gradient pass, 242 neu
 2 rounds, 128 audited), longer than the rest of the run.
 """
 from jaxcrit.configs.common import base
+from jaxcrit.models.sites import SITE_NAMES
 
 
 def get_config(arg=None):
     c = base("smollm2")
     c.stage1.batch = 25
     c.engine.chunk = 8
+    c.engine.sites = SITE_NAMES     # one compiled program for every stage's rows: compiles are a third of the run
     c.baselines.random_repeats = 3
     c.baselines.ns = (1, 10, 100)
     c.scan.max_layers = 1

@@ -35,6 +35,9 @@ def _gradients(cfg: ModelConfig, params, tokens):
     return jax.grad(loss)(zeros)
 
 
+PROGRAMS = (_activations, _gradients)   # compiled for this stage alone (pipeline.release_memory drops them after it)
+
+
 def _random(cfg: ModelConfig, params: dict, tok: jax.Array, top_n: int, seed: int) -> NeuronSet:
     total = sum(cfg.n_layers * width(cfg, s) for s in SITE_NAMES)
     r = E.random_sets(cfg, SITE_NAMES, 1, min(top_n, total), seed)

@@ -49,6 +49,9 @@ def _gradient_pass(cfg: ModelConfig, params, tokens) -> tuple[dict, dict]:
     return {s: -g / E.LN10 for s, g in grads.items()}, magnitude
 
 
+PROGRAMS = (_gradient_pass,)   # compiled for this stage alone (pipeline.release_memory drops them after it)
+
+
 def gradient_screens(cfg: ModelConfig, params: dict, tokens: np.ndarray) -> dict[str, SiteArrays]:
     """{"first_order": site -> [L, C], "magnitude": site -> [L, C]} of the text tokens [T]."""
     tok = jnp.asarray(np.asarray(tokens)[None], jnp.int32)

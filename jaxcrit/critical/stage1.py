@@ -69,6 +69,9 @@ def _add(sums, diffs):
     return {s: sums[s] + diffs[s] for s in sums}
 
 
+PROGRAMS = (_differences, _add)   # compiled for this stage alone (pipeline.release_memory drops them after it)
+
+
 def _accumulate(cfg: ModelConfig, params, tokens, sums, eps, alpha, weight):
     """sums + one batch's differences (a separate program, so the big one never sees the sums'
     changing placement and compiles once)."""
