@@ -100,11 +100,13 @@ def attend(cfg: ModelConfig, q: Array, k: Array, v: Array, valid: Array, impl: s
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, query_seq_lengths=lengths,
                                             key_value_seq_lengths=lengths, local_window_size=window,
                                             implementation="cudnn")
-    q = q.reshape(B, T, KV, H // KV, hd)
-    s = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32, precision=precision(q.dtype))
+    # batch axes first, as batched GEMMs want them: XLA:CPU ran the [b, t, k, g, d] form 3.5x slower
+    q = q.reshape(B, T, KV, H // KV, hd).transpose(0, 2, 3, 1, 4)                    # [B, KV, G, T, hd]
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)                         # [B, KV, S, hd]
+    s = jnp.einsum("bkgtd,bksd->bkgts", q, k, preferred_element_type=jnp.float32, precision=precision(q.dtype))
     s = s * (1.0 / math.sqrt(hd)) + attention_bias(cfg, valid)
     a = jax.nn.softmax(s, axis=-1).astype(v.dtype)
-    return jnp.einsum("bkgts,bskd->btkgd", a, v, precision=precision(v.dtype))
+    return jnp.einsum("bkgts,bksd->bkgtd", a, v, precision=precision(v.dtype)).transpose(0, 3, 1, 2, 4)
 
 
 def _editor(masks: SiteArrays | None, values: SiteArrays | None, record: dict[str, Array] | None = None):
