@@ -58,7 +58,8 @@ def copy_bandwidth(gib: int = 4) -> float:
 
 
 # kernel name fragments by group, first match wins (cuDNN's attention kernel also ends in "_kernel0_0")
-KERNEL_GROUPS = (("attention (cuDNN)", ("cudnn", "sdpa", "flash")), ("GEMMs (cuBLAS)", ("nvjet", "gemm", "xmma", "cutlass")),
+KERNEL_GROUPS = (("attention (cuDNN)", ("cudnn", "sdpa", "flash")),
+                 ("GEMMs (cuBLAS)", ("nvjet", "gemm", "xmma", "cutlass")),
                  ("head (fused loss)", ("_kernel",)), ("XLA fusions", ("fusion",)))
 
 

@@ -119,7 +119,7 @@ def _editor(masks: SiteArrays | None, values: SiteArrays | None, record: dict[st
     return site
 
 
-def _attention_out(cfg: ModelConfig, p: Params, h: Array, valid: Array, cos: Array, sin: Array, site,
+def _attention_out(cfg: ModelConfig, p: Params, h: Array, valid: Array | None, cos: Array, sin: Array, site,
                    attn_impl: str) -> Array:
     """The attention branch's output o_proj(attn(norm(h))) [B, T, D], site-edited; h [B, T, D]."""
     B, T, _ = h.shape
@@ -153,7 +153,7 @@ def _mlp_out(cfg: ModelConfig, p: Params, mid: Array, site) -> Array:
     return site("down_proj", mm(a * u, p["down_w"]))
 
 
-def block(cfg: ModelConfig, p: Params, h: Array, valid: Array, cos: Array, sin: Array,
+def block(cfg: ModelConfig, p: Params, h: Array, valid: Array | None, cos: Array, sin: Array,
           masks: SiteArrays | None, values: SiteArrays | None, attn_impl: str = "xla"
           ) -> tuple[Array, dict[str, Array]]:
     """One decoder layer. p holds this layer's slice of the stacked params; h [B, T, D]."""
@@ -206,13 +206,13 @@ class Cache(NamedTuple):
     mlp: Array     # [L, B, T, D] each layer's down_proj output
 
 
-def clean_cache(cfg: ModelConfig, params: Params, tokens: Array, valid: Array) -> tuple[Array, Cache]:
+def clean_cache(cfg: ModelConfig, params: Params, tokens: Array, valid: Array | None) -> tuple[Array, Cache]:
     """The clean forward: (final-normed hidden state [B, T, D], the Cache)."""
     h, ys = forward(cfg, params, embed(cfg, params, tokens), valid, capture=("o_proj", "down_proj", RESID))
     return h, Cache(ys[RESID], ys["o_proj"], ys["down_proj"])
 
 
-def resume(cfg: ModelConfig, params: Params, cache: Cache, valid: Array, start: Array, *,
+def resume(cfg: ModelConfig, params: Params, cache: Cache, valid: Array | None, start: Array, *,
            masks: SiteArrays, values: SiteArrays | None = None, edited: Array | None = None,
            attn_impl: str = "xla") -> Array:
     """The perturbed forward of one row from a start point: the final-normed hidden state [B, T, D].
@@ -247,7 +247,8 @@ def resume(cfg: ModelConfig, params: Params, cache: Cache, valid: Array, start: 
         return mid + site("down_proj", d)
 
     h = jax.lax.switch(entry, (whole, mlp, out))
-    h, _ = forward(cfg, params, h, valid, masks=masks, values=values, start=S + 1, edited=edited, attn_impl=attn_impl)
+    h, _ = forward(cfg, params, h, valid, masks=masks, values=values, start=S + 1, edited=edited,
+                   attn_impl=attn_impl)
     return h
 
 
@@ -264,8 +265,8 @@ def forward(cfg: ModelConfig, params: Params, embeds: Array, valid: Array | None
     """Runs the layers.
 
     embeds [B, T, D] are E(x) (noise is added to these); valid [B, T] marks real tokens (right
-    padding; None: no padding). masks/values: site -> [L, C]. capture: site names (and RESID, the residual entering
-    each layer) whose per-layer values are returned stacked [L, B, T, C].
+    padding; None: no padding). masks/values: site -> [L, C]. capture: site names (and RESID, the
+    residual entering each layer) whose per-layer values are returned stacked [L, B, T, C].
     observe: a function of one layer's site outputs {site: [B, T, C]} returning a pytree; its
     per-layer results come back stacked under "observed" ([L, ...]). It reduces inside the layer
     scan, so nothing of size [L, B, T, C] is kept (Stage 1's |clean - noisy| sums).
