@@ -223,13 +223,19 @@ def _chunk_nll(params, cache: decoder.Cache, valid, targets, tmask, shift, rows,
     """Loss of each row of one chunk: [R] mean NLL (or [R, B, T-1] per-token NLL).
 
     start [2]: the chunk's start point (layer, entry), the earliest of its rows' (unbatched).
+    Tail layers that no row of the chunk edits run without masks (decoder.forward's `edited`):
+    in an exhaustive scan every row's edits sit at its start layer, so the whole tail runs clean.
     The logsumexp takes one pass over the logits, shifted by the clean run's max logit; if any
     row over- or underflows there, the whole chunk is redone with the exact two-pass form (a
     cond outside the vmap, so the fast path does not pay for it).
     """
+    active = (rows["scale"] != 1) | (rows["value"] != 0)
+    edited = (active[..., None] & (rows["layer"][..., None] == jnp.arange(cfg.n_layers))).any((0, 1))  # [L]
+
     def hidden(row):
         masks, values = _masks(cfg, sites, row, with_values)
-        h = decoder.resume(cfg, params, cache, valid, start, masks=masks, values=values, attn_impl=attn_impl)
+        h = decoder.resume(cfg, params, cache, valid, start, masks=masks, values=values, edited=edited,
+                           attn_impl=attn_impl)
         return h[:, :-1]
 
     hs = jax.vmap(hidden)(rows)
@@ -271,7 +277,7 @@ class Engine:
         data = self.mesh.shape["data"]
         self.prefix_sharing, self.vocab_chunk, self.progress = prefix_sharing, vocab_chunk, progress
         rep = self.replicated = NamedSharding(self.mesh, P())
-        self.valid = jax.device_put(texts.valid, rep)
+        self.valid = None if texts.valid.all() else jax.device_put(texts.valid, rep)   # None: no padding
         self.targets = jax.device_put(texts.tokens[:, 1:], rep)
         self.tmask = jax.device_put((texts.valid[:, 1:] & texts.valid[:, :-1]).astype(np.float32), rep)
         self.rows_sharding = NamedSharding(self.mesh, P("data"))

@@ -109,9 +109,10 @@ class Setup:
         self._hf_cache: dict = {}
 
     # one ablation, unbatched -------------------------------------------------------------
-    def jax_row(self, row) -> np.ndarray:
+    def jax_row(self, row, texts: Texts | None = None) -> np.ndarray:
         """Per-token NLL [B, T-1] of one row through decoder.forward with dense masks/values."""
-        key = tuple(row)
+        t = texts or self.texts
+        key = (tuple(row), t.tokens.tobytes())
         if key not in self._jax_cache:
             cfg = self.cfg
             masks = {n: np.ones((cfg.n_layers, width(cfg, n)), np.float32) for n in SITE_NAMES}
@@ -119,23 +120,22 @@ class Setup:
             for name, layer, ch, scale, value in row:
                 masks[name][layer, ch] *= scale
                 values[name][layer, ch] += value
-            t = self.texts
             logits = _jax_logits(cfg, self.params, jnp.asarray(t.tokens), jnp.asarray(t.valid),
                                  {k: jnp.asarray(v) for k, v in masks.items()},
                                  {k: jnp.asarray(v) for k, v in values.items()})
             self._jax_cache[key] = nll_from_logits(np.asarray(logits), t.tokens, t.valid)
         return self._jax_cache[key]
 
-    def hf_row(self, row) -> np.ndarray:
+    def hf_row(self, row, texts: Texts | None = None) -> np.ndarray:
         """Per-token NLL [B, T-1] of one row through transformers with forward hooks."""
-        key = tuple(row)
+        t = texts or self.texts
+        key = (tuple(row), t.tokens.tobytes())
         if key not in self._hf_cache:
             per_module: dict[torch.nn.Module, list] = {}
             for name, layer, ch, scale, value in row:
                 mod, off = hf_module(self.torch, self.arch, self.cfg, name, layer)
                 per_module.setdefault(mod, []).append((off + ch, scale, value))
             handles = [mod.register_forward_hook(edit_hook(e)) for mod, e in per_module.items()]
-            t = self.texts
             try:
                 with torch.no_grad():
                     logits = self.torch(torch.tensor(t.tokens.astype(np.int64)),
@@ -146,14 +146,15 @@ class Setup:
             self._hf_cache[key] = nll_from_logits(logits.float().numpy(), t.tokens, t.valid)
         return self._hf_cache[key]
 
-    def ref(self, abl: Ablations, which: str = "jax") -> np.ndarray:
-        """[R] reference mean NLL, one row at a time."""
+    def ref(self, abl: Ablations, which: str = "jax", texts: Texts | None = None) -> np.ndarray:
+        """[R] reference mean NLL, one row at a time (on texts, default the setup's)."""
         run = self.jax_row if which == "jax" else self.hf_row
-        return np.array([mean_nll(run(entries(abl, r)), self.texts.valid) for r in range(abl.rows)])
+        t = texts or self.texts
+        return np.array([mean_nll(run(entries(abl, r), t), t.valid) for r in range(abl.rows)])
 
-    def clean(self, which: str = "jax") -> float:
+    def clean(self, which: str = "jax", texts: Texts | None = None) -> float:
         run = self.jax_row if which == "jax" else self.hf_row
-        return mean_nll(run([]), self.texts.valid)
+        return mean_nll(run([], texts), (texts or self.texts).valid)
 
     # the ablation sets -----------------------------------------------------------------
     @functools.cached_property
@@ -407,6 +408,20 @@ def test_deltas(m):
     np.testing.assert_allclose(d, want, rtol=0, atol=2 * TOL * clean / math.log(10))
     assert (np.abs(want) > 100 * TOL).mean() >= 0.8
     assert LN10 == pytest.approx(math.log(10), rel=1e-15)
+
+
+def test_unpadded_texts(m):
+    """Texts without padding: the engine keeps no validity mask (cuDNN attention then runs without
+    sequence lengths), and rows still match transformers: a chunk whose edits all sit at its
+    start layer (its tail layers run without masks), mixed singles and multi-layer random sets."""
+    t = Texts(m.texts.tokens[:1], m.texts.valid[:1])   # the 40-token text alone
+    eng = Engine(m.cfg, m.params, t, chunk=CHUNK, vocab_chunk=VOCAB_CHUNK, progress=False)
+    assert eng.valid is None
+    abl = cat(single(m.cfg, "down_proj", layers=[0], channels=range(CHUNK)), m.singles.take(np.arange(0, 81, 9)),
+              m.random.take(np.arange(4)))
+    want = m.ref(abl, "hf", t)
+    assert (rel(want, m.clean("hf", t)) > 10 * TOL).mean() >= 0.8
+    assert_rows(eng.losses(abl), want, f"{m.arch} unpadded text vs transformers")
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -11,14 +11,19 @@ For chunks of R single-channel down_proj rows (which start after their layer: no
     and with XLA's default Triton GEMMs) with XLA's FLOP and byte counts; its matmuls alone and
     its attention alone (the rest is norms, RoPE, the activation, residual adds); the loss head
     through the fused kernel and through XLA;
-  * --sweep: the fused kernel's tiles (rows x vocab x hidden, warps, stages) on the head's shape.
+  * --sweep: the fused kernel's tiles (rows x vocab x hidden, warps, stages) on the head's shape;
+  * GPU: one engine chunk's device time by kernel (jax.profiler), grouped into the head, GEMMs,
+    attention and XLA's fusions (norms, RoPE, SiLU(gate)*up, residual adds), per ablation.
 Each piece: microseconds per ablation, GFLOP per ablation, and the time those FLOPs take at the
 measured peak (the limit); the full down_proj scan predicted from the fit, against its limit.
 """
 from __future__ import annotations
 
 import argparse
+import collections
+import glob
 import json
+import tempfile
 import time
 
 import jax
@@ -50,6 +55,39 @@ def copy_bandwidth(gib: int = 4) -> float:
     """TB/s of an elementwise pass over `gib` GiB of bf16 (bytes read plus written)."""
     x = jnp.ones((gib * 2**29,), jnp.bfloat16)
     return 2 * x.nbytes / timeit(jax.jit(lambda x: x + 1), x) / 1e12
+
+
+# kernel name fragments by group, first match wins (cuDNN's attention kernel also ends in "_kernel0_0")
+KERNEL_GROUPS = (("attention (cuDNN)", ("cudnn", "sdpa", "flash")),
+                 ("GEMMs (cuBLAS)", ("nvjet", "gemm", "xmma", "cutlass")),
+                 ("head (fused loss)", ("_kernel",)), ("XLA fusions", ("fusion",)))
+
+
+def kernel_times(f, *a) -> dict:
+    """Device milliseconds of one call of f by kernel name, from a jax.profiler trace."""
+    from jax.profiler import ProfileData
+    jax.block_until_ready(f(*a))
+    d = tempfile.mkdtemp()
+    jax.profiler.start_trace(d)
+    jax.block_until_ready(f(*a))
+    jax.profiler.stop_trace()
+    out = collections.Counter()
+    for plane in ProfileData.from_file(glob.glob(d + "/**/*.xplane.pb", recursive=True)[0]).planes:
+        if plane.name.startswith("/device:GPU"):
+            for line in plane.lines:
+                if line.name.startswith("Stream"):
+                    for e in line.events:
+                        out[e.name] += e.duration_ns / 1e6
+    return dict(out.most_common())
+
+
+def grouped(kernels: dict, rows: int) -> dict:
+    """Kernel times [ms] as microseconds per ablation by KERNEL_GROUPS (first match), plus the rest."""
+    groups = collections.Counter()
+    for name, ms in kernels.items():
+        g = next((g for g, keys in KERNEL_GROUPS if any(k in name for k in keys)), "other")
+        groups[g] += 1e3 * ms / rows
+    return dict(groups)
 
 
 def cost(f, *a) -> dict:
@@ -98,7 +136,7 @@ def main():
 
     # one decoder layer for R rows, and its matmuls / attention alone
     lp = {k: v[0] for k, v in p.items() if k not in ("embed", "final_norm")}
-    valid = jnp.ones((1, T), bool)
+    valid = None   # no padding, as the engine runs one unpadded text
     cos, sin = decoder.rope_tables(cfg, T)
     impl = "cudnn" if gpu else "xla"
     h = jax.random.normal(jax.random.key(3), (R, 1, T, cfg.d_model), jnp.bfloat16)
@@ -116,7 +154,7 @@ def main():
     pieces["layer_matmuls_only"] = timeit(matmuls, x, m, o)
     q = o.reshape(R, T, cfg.n_heads, cfg.head_dim)
     kv = jax.random.normal(jax.random.key(6), (R, T, cfg.n_kv_heads, cfg.head_dim), jnp.bfloat16)
-    attn = jax.jit(lambda q, k, v: decoder.attend(cfg, q, k, v, jnp.ones((R, T), bool), impl))
+    attn = jax.jit(lambda q, k, v: decoder.attend(cfg, q, k, v, None, impl))
     pieces["layer_attention_only"] = timeit(attn, q, kv, kv)
     flops = {"head_fused": head_f, "head_xla": head_f, "layer": layer_f, "layer_xla_triton_gemms": layer_f,
              "layer_matmuls_only": layer_f - 2 * T * T * cfg.q_dim, "layer_attention_only": 2 * T * T * cfg.q_dim}
@@ -141,6 +179,12 @@ def main():
     act = E.single(cfg, "act_fn", layers=[L - 1], channels=np.arange(R))
     res["chunks_ms"][f"act_fn_after_L{L - 1}"] = 1e3 * timeit(eng.losses, act, reps=3)
     print(json.dumps({k: res[k] for k in ("chunks_ms", "fit")}), flush=True)
+    if gpu:  # one chunk starting after layer L/2, by kernel
+        S = L // 2
+        k = kernel_times(eng.losses, E.single(cfg, "down_proj", layers=[S], channels=np.arange(R) % cfg.d_model))
+        res["kernels"] = {"chunk": f"down_proj_after_L{S}", "tail_layers": L - 1 - S,
+                          "us_per_abl": grouped(k, R), "top_ms": dict(list(k.items())[:12])}
+        print(json.dumps({"kernels": res["kernels"]}), flush=True)
 
     # the full down_proj scan as the fit predicts it, against the limit (layer L shared)
     abl = E.single(cfg, "down_proj")

@@ -74,28 +74,30 @@ def _edit(out: Array, name: str, masks: SiteArrays | None, values: SiteArrays | 
     return out
 
 
-def attention_bias(cfg: ModelConfig, valid: Array) -> Array:
-    """Additive mask [B, 1, 1, T, T]: causal, key padding, sliding window."""
-    T = valid.shape[1]
+def attention_bias(cfg: ModelConfig, T: int, valid: Array | None) -> Array:
+    """Additive mask [B, 1, 1, T, T] ([1, ...] when valid is None: no padding): causal, key
+    padding, sliding window."""
     i = jnp.arange(T)[:, None]
     j = jnp.arange(T)[None, :]
     ok = j <= i
     if cfg.sliding_window:
         ok = ok & (i - j < cfg.sliding_window)
-    ok = ok[None] & valid[:, None, :]
+    ok = ok[None] if valid is None else ok[None] & valid[:, None, :]
     return jnp.where(ok, 0.0, -jnp.inf)[:, None, None].astype(jnp.float32)
 
 
-def attend(cfg: ModelConfig, q: Array, k: Array, v: Array, valid: Array, impl: str) -> Array:
-    """Causal GQA attention. q [B, T, H, hd], k/v [B, T, KV, hd] -> [B, T, H, hd].
+def attend(cfg: ModelConfig, q: Array, k: Array, v: Array, valid: Array | None, impl: str) -> Array:
+    """Causal GQA attention. q [B, T, H, hd], k/v [B, T, KV, hd] -> [B, T, H, hd]; valid [B, T]
+    (None: no padding).
 
     impl "xla": einsum with an f32 softmax (exact reference path); "cudnn": the fused
-    flash-attention kernel (GPU, bf16/fp16), which never materialises the [T, T] scores.
+    flash-attention kernel (GPU, bf16/fp16), which never materialises the [T, T] scores (given
+    no sequence lengths when there is no padding: its faster kernel on the H200).
     """
     B, T, H, hd = q.shape
     KV = k.shape[2]
     if impl == "cudnn":
-        lengths = valid.sum(-1).astype(jnp.int32)
+        lengths = None if valid is None else valid.sum(-1).astype(jnp.int32)
         window = (cfg.sliding_window - 1, 0) if cfg.sliding_window else None
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, query_seq_lengths=lengths,
                                             key_value_seq_lengths=lengths, local_window_size=window,
@@ -104,7 +106,7 @@ def attend(cfg: ModelConfig, q: Array, k: Array, v: Array, valid: Array, impl: s
     q = q.reshape(B, T, KV, H // KV, hd).transpose(0, 2, 3, 1, 4)                    # [B, KV, G, T, hd]
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)                         # [B, KV, S, hd]
     s = jnp.einsum("bkgtd,bksd->bkgts", q, k, preferred_element_type=jnp.float32, precision=precision(q.dtype))
-    s = s * (1.0 / math.sqrt(hd)) + attention_bias(cfg, valid)
+    s = s * (1.0 / math.sqrt(hd)) + attention_bias(cfg, T, valid)
     a = jax.nn.softmax(s, axis=-1).astype(v.dtype)
     return jnp.einsum("bkgts,bksd->bkgtd", a, v, precision=precision(v.dtype)).transpose(0, 3, 1, 2, 4)
 
@@ -119,7 +121,7 @@ def _editor(masks: SiteArrays | None, values: SiteArrays | None, record: dict[st
     return site
 
 
-def _attention_out(cfg: ModelConfig, p: Params, h: Array, valid: Array, cos: Array, sin: Array, site,
+def _attention_out(cfg: ModelConfig, p: Params, h: Array, valid: Array | None, cos: Array, sin: Array, site,
                    attn_impl: str) -> Array:
     """The attention branch's output o_proj(attn(norm(h))) [B, T, D], site-edited; h [B, T, D]."""
     B, T, _ = h.shape
@@ -153,7 +155,7 @@ def _mlp_out(cfg: ModelConfig, p: Params, mid: Array, site) -> Array:
     return site("down_proj", mm(a * u, p["down_w"]))
 
 
-def block(cfg: ModelConfig, p: Params, h: Array, valid: Array, cos: Array, sin: Array,
+def block(cfg: ModelConfig, p: Params, h: Array, valid: Array | None, cos: Array, sin: Array,
           masks: SiteArrays | None, values: SiteArrays | None, attn_impl: str = "xla"
           ) -> tuple[Array, dict[str, Array]]:
     """One decoder layer. p holds this layer's slice of the stacked params; h [B, T, D]."""
@@ -206,20 +208,22 @@ class Cache(NamedTuple):
     mlp: Array     # [L, B, T, D] each layer's down_proj output
 
 
-def clean_cache(cfg: ModelConfig, params: Params, tokens: Array, valid: Array) -> tuple[Array, Cache]:
+def clean_cache(cfg: ModelConfig, params: Params, tokens: Array, valid: Array | None) -> tuple[Array, Cache]:
     """The clean forward: (final-normed hidden state [B, T, D], the Cache)."""
     h, ys = forward(cfg, params, embed(cfg, params, tokens), valid, capture=("o_proj", "down_proj", RESID))
     return h, Cache(ys[RESID], ys["o_proj"], ys["down_proj"])
 
 
-def resume(cfg: ModelConfig, params: Params, cache: Cache, valid: Array, start: Array, *,
-           masks: SiteArrays, values: SiteArrays | None = None, attn_impl: str = "xla") -> Array:
+def resume(cfg: ModelConfig, params: Params, cache: Cache, valid: Array | None, start: Array, *,
+           masks: SiteArrays, values: SiteArrays | None = None, edited: Array | None = None,
+           attn_impl: str = "xla") -> Array:
     """The perturbed forward of one row from a start point: the final-normed hidden state [B, T, D].
 
     start: int32 [2], (layer S, entry index into ENTRIES), traced: one compiled program serves
     every start point (the entry is a `lax.switch` on it, which stays a real branch under vmap as
     long as start is not batched). masks/values: site -> [L, C]; the row's edits at layers below
     S must be none, and at S only of sites its entry allows (SITE_ENTRY; "out": one hidden channel).
+    edited: [L] bool, unbatched, as in `forward` (the layers above S that any row edits).
     """
     S, entry = start[0], start[1]
     at = lambda arrs: None if arrs is None else {k: v[S] for k, v in arrs.items()}
@@ -245,7 +249,8 @@ def resume(cfg: ModelConfig, params: Params, cache: Cache, valid: Array, start: 
         return mid + site("down_proj", d)
 
     h = jax.lax.switch(entry, (whole, mlp, out))
-    h, _ = forward(cfg, params, h, valid, masks=masks, values=values, start=S + 1, attn_impl=attn_impl)
+    h, _ = forward(cfg, params, h, valid, masks=masks, values=values, start=S + 1, edited=edited,
+                   attn_impl=attn_impl)
     return h
 
 
@@ -257,25 +262,28 @@ def embed(cfg: ModelConfig, params: Params, tokens: Array) -> Array:
 def forward(cfg: ModelConfig, params: Params, embeds: Array, valid: Array | None = None, *,
             masks: SiteArrays | None = None, values: SiteArrays | None = None,
             capture: tuple[str, ...] = (), observe=None, start: Array | None = None,
-            attn_impl: str = "xla", remat: bool = False) -> tuple[Array, dict[str, Array]]:
+            edited: Array | None = None, attn_impl: str = "xla", remat: bool = False
+            ) -> tuple[Array, dict[str, Array]]:
     """Runs the layers.
 
     embeds [B, T, D] are E(x) (noise is added to these); valid [B, T] marks real tokens (right
-    padding). masks/values: site -> [L, C]. capture: site names (and RESID, the residual entering
-    each layer) whose per-layer values are returned stacked [L, B, T, C].
+    padding; None: no padding). masks/values: site -> [L, C]. capture: site names (and RESID, the
+    residual entering each layer) whose per-layer values are returned stacked [L, B, T, C].
     observe: a function of one layer's site outputs {site: [B, T, C]} returning a pytree; its
     per-layer results come back stacked under "observed" ([L, ...]). It reduces inside the layer
     scan, so nothing of size [L, B, T, C] is kept (Stage 1's |clean - noisy| sums).
     start (prefix sharing; may be traced): only layers start..L-1 run (a loop with a traced lower
     bound, so one program serves every start) and `embeds` is taken as the residual stream
     entering layer `start`, already scaled; capture and observe are then unavailable.
+    edited (with start): [L] bool, unbatched under vmap: the layers whose masks/values hold an
+    edit in any row. When none from `start` on does, the layers run without masks (a cond
+    outside the loop), as fast as the clean forward: a mask product after down_proj keeps
+    cuBLAS from adding the residual in its epilogue.
     remat: recompute each layer in the backward pass instead of keeping its activations (a
     gradient then holds one residual per layer, not every intermediate).
     Returns the final-normed hidden state [B, T, D] and the captures.
     """
-    B, T, _ = embeds.shape
-    if valid is None:
-        valid = jnp.ones((B, T), bool)
+    T = embeds.shape[1]
     h = embeds
     if start is None and cfg.family.embed_scale:
         h = h * jnp.asarray(math.sqrt(cfg.d_model), h.dtype)
@@ -284,11 +292,16 @@ def forward(cfg: ModelConfig, params: Params, embeds: Array, valid: Array | None
     cos, sin = rope_tables(cfg, T)
     layer_p = {k: v for k, v in params.items() if k not in ("embed", "lm_head", "final_norm")}
     if start is not None:  # layers start..L-1 only: a loop with a traced lower bound
-        def layer(i, h):
-            at = lambda tree: {k: jax.lax.dynamic_index_in_dim(v, i, keepdims=False) for k, v in tree.items()}
-            return block(cfg, at(layer_p), h, valid, cos, sin, at(masks or {}) or None, at(values or {}) or None,
-                         attn_impl)[0]
-        h = jax.lax.fori_loop(start, cfg.n_layers, layer, h)
+        def layers(m, vals):
+            def layer(i, h):
+                at = lambda tree: {k: jax.lax.dynamic_index_in_dim(v, i, keepdims=False) for k, v in tree.items()}
+                return block(cfg, at(layer_p), h, valid, cos, sin, at(m) or None, at(vals) or None, attn_impl)[0]
+            return lambda h: jax.lax.fori_loop(start, cfg.n_layers, layer, h)
+        edit = layers(masks or {}, values or {})
+        if edited is None or not (masks or values):
+            h = edit(h)
+        else:
+            h = jax.lax.cond((edited & (jnp.arange(cfg.n_layers) >= start)).any(), edit, layers({}, {}), h)
         return rms_norm(h, params["final_norm"], cfg.norm_eps, cfg.family.norm_plus_one), {}
 
     def step(h, x):
