@@ -170,7 +170,8 @@ def test_nnx_module_matches_transformers_and_splits(models):
     from flax import nnx
     m = models("qwen2")
     ids, valid = inputs(m.cfg.vocab_size, 37, 0, seed=3)
-    module = dec.Decoder(m.cfg, m.params)
+    from jaxcrit.models.module import Decoder
+    module = Decoder(m.cfg, m.params)
     ref = torch_logits(m.torch, ids, valid)
     assert rel_err(np.asarray(module(jnp.asarray(ids))), ref) <= TOL
     graphdef, state = nnx.split(module)

@@ -11,7 +11,6 @@ from tokenizers import Tokenizer
 from jaxcrit.convert.checkpoints import resolve
 from jaxcrit.errors import JaxcritError
 from jaxcrit.models.config import ModelConfig
-from jaxcrit.models.decoder import Decoder
 from jaxcrit.sharding import DEFAULT_RULES, make_mesh
 
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
@@ -25,9 +24,10 @@ class Model:
     mesh: Mesh
     source: str
 
-    def decoder(self) -> Decoder:
-        """The Flax NNX module over these params: `model.decoder()(tokens)` gives logits [B, T, V];
-        `nnx.split` of it gives (graphdef, state) for custom transforms."""
+    def decoder(self):
+        """The Flax NNX module over these params (models/module.py): `model.decoder()(tokens)`
+        gives logits [B, T, V]; `nnx.split` of it gives (graphdef, state) for custom transforms."""
+        from jaxcrit.models.module import Decoder
         return Decoder(self.cfg, self.params)
 
     def tokens(self, text: str, max_tokens: int = 512, min_tokens: int = 2) -> np.ndarray:

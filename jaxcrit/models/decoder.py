@@ -13,7 +13,6 @@ from typing import Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from jaxcrit.models.config import ModelConfig, rope_inv_freq
 from jaxcrit.models.params import param_table
@@ -389,26 +388,6 @@ def target_logit(cfg: ModelConfig, params: Params, h: Array, targets: Array) -> 
 def token_nll(cfg: ModelConfig, params: Params, h: Array, targets: Array, chunk: int = 16384) -> Array:
     """-log p(target) [B, T] in f32, without materialising the logits."""
     return logsumexp_vocab(cfg, params, h, chunk)[0] - target_logit(cfg, params, h, targets)
-
-
-class Decoder(nnx.Module):
-    """Holds a checkpoint's params as nnx.Params; `params` gives the pytree the pure forward takes."""
-
-    def __init__(self, cfg: ModelConfig, arrays: Mapping[str, Array]):
-        self.cfg = cfg
-        self.names = tuple(sorted(arrays))
-        for k in self.names:
-            setattr(self, k, nnx.Param(arrays[k]))
-
-    @property
-    def params(self) -> dict[str, Array]:
-        return {k: getattr(self, k)[...] for k in self.names}
-
-    def __call__(self, tokens: Array, valid: Array | None = None) -> Array:
-        """Logits [B, T, V] in f32 of a clean forward."""
-        p = self.params
-        h, _ = forward(self.cfg, p, embed(self.cfg, p, tokens), valid)
-        return logits(self.cfg, p, h)
 
 
 def random_params(cfg: ModelConfig, key: Array, dtype=jnp.float32, scale: float = 0.02) -> dict[str, Array]:
