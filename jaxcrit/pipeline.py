@@ -114,9 +114,9 @@ class Run:
     @functools.cached_property
     def model(self):
         from jaxcrit.convert.load import load
-        from jaxcrit.sharding import make_mesh
+        from jaxcrit.sharding import make_mesh, rules
         t = time.perf_counter()
-        m = load(self.c.model, self.c.dtype, make_mesh(tuple(self.c.mesh.shape)))
+        m = load(self.c.model, self.c.dtype, make_mesh(tuple(self.c.mesh.shape)), rules(self.c.mesh.params))
         release_memory(self.single_use)
         self._record("load", time.perf_counter() - t)
         return m
