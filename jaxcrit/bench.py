@@ -28,6 +28,15 @@ QWEN_05B = ModelConfig(model_type="qwen2", vocab_size=151936, d_model=896, n_lay
                        n_kv_heads=2, head_dim=64, d_ff=4864, norm_eps=1e-6, rope_theta=1e6,
                        tie_embeddings=True, max_position_embeddings=32768)
 
+_QWEN = dict(model_type="qwen2", vocab_size=152064, head_dim=128, norm_eps=1e-6, rope_theta=1e6,
+             tie_embeddings=False, max_position_embeddings=32768)
+SHAPES: dict[str, ModelConfig] = {   # Qwen2.5 shapes by size, as their config.json files give them
+    "0.5b": QWEN_05B,
+    "7b": ModelConfig(**_QWEN, d_model=3584, n_layers=28, n_heads=28, n_kv_heads=4, d_ff=18944),
+    "32b": ModelConfig(**_QWEN, d_model=5120, n_layers=64, n_heads=40, n_kv_heads=8, d_ff=27648),
+    "72b": ModelConfig(**_QWEN, d_model=8192, n_layers=80, n_heads=64, n_kv_heads=8, d_ff=29568),
+}
+
 
 def matmul_peak(n: int = 8192, reps: int = 10) -> float:
     """bf16 TFLOP/s of an n^3 matmul on random data, the device's practical peak."""

@@ -79,14 +79,27 @@ def run(c: ConfigDict, workdir: Path, single_use: bool = False) -> dict:
     single_use: this process exits after the run (the command line): compiled programs need not
     outlive their stage.
     """
+    import jax
+
     from jaxcrit import processes, validate
     from jaxcrit.pipeline import Run, prepare_workdir, run_all
     from jaxcrit.report import io, summary
 
-    # --- check the config, join the other processes, check against the model, claim the workdir
+    # --- check the config, join the other processes, check against the model, plan the memory
     validate.fields(c)
     processes.start(c)
     validate.against_model(c)
+    if c.dry_run or c.plan == "always" or (c.plan == "auto" and jax.default_backend() != "cpu"):
+        from jaxcrit.plan import plan
+        p = plan(c)
+        if processes.writer():
+            print("\n".join(p.lines()), file=sys.stderr if not c.dry_run else sys.stdout, flush=True)
+        if c.dry_run:
+            return {"plan": p}
+        if not p.fits:
+            raise JaxcritError(f"the run would not fit: {p.verdict()} (--config.dry_run=True prints the plan)")
+
+    # --- claim the workdir
     refused = None
     if processes.writer():
         try:

@@ -153,7 +153,9 @@ class Run:
             self.values[name] = st.load(self)
             return self.values[name]
         t = time.perf_counter()
-        value = st.compute(self)
+        import jax
+        with jax.set_mesh(self.model.mesh):   # FSDP's per-layer gathers (sharding.gathered) need it
+            value = st.compute(self)
         if self.workdir and processes.writer():
             st.save(self, value)
         release_memory(self.single_use)

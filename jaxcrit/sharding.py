@@ -76,3 +76,17 @@ def spec(axes: Sequence[str], shape: Sequence[int], mesh: Mesh,
 def named(axes: Sequence[str], shape: Sequence[int], mesh: Mesh,
           rules: Mapping[str, str | None] = DEFAULT_RULES) -> NamedSharding:
     return NamedSharding(mesh, spec(axes, shape, mesh, rules))
+
+
+def gathered(p: Mapping[str, jax.Array], axes: Mapping[str, Sequence[str]]) -> dict[str, jax.Array]:
+    """One layer's params as a layer uses them: split over 'model' only (the replicated layout).
+
+    Under FSDP this is where a layer's weights are all-gathered over 'data', one layer at a time
+    inside the layer loop; without it XLA gathers every layer's weights before the loop (the whole
+    model on every device). Needs the mesh in context (`jax.set_mesh`: pipeline.Run, the Engine
+    and the memory plan set it); without one, or with 'data' of 1, the params pass unchanged.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.shape.get("data", 1) == 1:
+        return dict(p)
+    return {k: jax.lax.with_sharding_constraint(v, spec(axes[k], v.shape, mesh)) for k, v in p.items()}

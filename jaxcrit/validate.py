@@ -160,7 +160,8 @@ def against_model(c: ConfigDict) -> None:
 
     kind, path = resolve(c.model)
     ranges(c, kind.config(path))
-    tokens(load_tokenizer(path), c.text, c.max_tokens, min_tokens=10)
+    if not (c.dry_run and path.is_dir() and not (path / "tokenizer.json").exists()):   # a model shape alone
+        tokens(load_tokenizer(path), c.text, c.max_tokens, min_tokens=10)
     if c.evaluate.file:
         read_paragraphs(c.evaluate.file, limit=c.evaluate.limit)
     make_mesh(tuple(c.mesh.shape))
