@@ -110,13 +110,16 @@ def single(cfg: ModelConfig, site: str, layers: Sequence[int] | None = None,
     return make(np.full(l.size, site), l.ravel(), c.ravel(), scale, cfg=cfg)
 
 
-def prefixes(cfg: ModelConfig, site, layer, channel, ns: Sequence[int]) -> Ablations:
-    """Row i zeroes the first ns[i] entries of a ranking (the paper's Stage 2 sets)."""
+def prefixes(cfg: ModelConfig, site, layer, channel, ns: Sequence[int], width: int = 0) -> Ablations:
+    """Row i zeroes the first ns[i] entries of a ranking (the paper's Stage 2 sets).
+
+    width: entries per row (at least max(ns); the rest inactive), so batches of different prefix
+    sizes share one compiled program; 0: max(ns)."""
     site, layer, channel = (np.asarray(a) for a in (site, layer, channel))
     ns = np.asarray(ns, int)
     if ns.size == 0:
         raise JaxcritError("empty perturbation batch: give at least one prefix size")
-    K = int(ns.max())
+    K = max(int(ns.max()), width)
     if K > len(site) or ns.min() < 0:
         raise JaxcritError(f"prefix sizes must lie in 0..{len(site)} (the ranking's length); got {ns.min()}..{K}")
     keep = np.arange(K)[None, :] < ns[:, None]
