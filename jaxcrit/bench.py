@@ -28,6 +28,38 @@ QWEN_05B = ModelConfig(model_type="qwen2", vocab_size=151936, d_model=896, n_lay
                        n_kv_heads=2, head_dim=64, d_ff=4864, norm_eps=1e-6, rope_theta=1e6,
                        tie_embeddings=True, max_position_embeddings=32768)
 
+_QWEN = dict(model_type="qwen2", vocab_size=152064, head_dim=128, norm_eps=1e-6, rope_theta=1e6,
+             tie_embeddings=False, max_position_embeddings=32768)
+SHAPES: dict[str, ModelConfig] = {   # Qwen2.5 shapes by size, as their config.json files give them
+    "0.5b": QWEN_05B,
+    "7b": ModelConfig(**_QWEN, d_model=3584, n_layers=28, n_heads=28, n_kv_heads=4, d_ff=18944),
+    "32b": ModelConfig(**_QWEN, d_model=5120, n_layers=64, n_heads=40, n_kv_heads=8, d_ff=27648),
+    "72b": ModelConfig(**_QWEN, d_model=8192, n_layers=80, n_heads=64, n_kv_heads=8, d_ff=29568),
+}
+
+
+def device_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.bfloat16, mesh=None,
+                  layout: str = "replicated", scale: float = 0.02) -> dict[str, jax.Array]:
+    """Random params drawn on the devices one layer at a time, placed by a layout's rules (as
+    decoder.random_params draws them, but no whole-tensor f32 draw: a 32B or 72B shape's peak
+    stays at the params plus one layer's draw)."""
+    from jaxcrit.models.params import param_table
+    from jaxcrit.sharding import make_mesh, named, rules
+    mesh = mesh or make_mesh()
+    out = {}
+    for i, (name, (shape, axes)) in enumerate(sorted(param_table(cfg).items())):
+        base, s = ((0.0 if cfg.family.norm_plus_one else 1.0), 0.1) if "norm" in name else (0.0, scale)
+        stacked = axes[0] == "layers"
+
+        def draw(k, shape=shape, base=base, s=s, stacked=stacked):
+            one = lambda k, sh: (base + s * jax.random.normal(k, sh, jnp.float32)).astype(dtype)
+            if stacked:
+                return jax.lax.map(lambda k: one(k, shape[1:]), jax.random.split(k, shape[0]))
+            return one(k, shape)
+
+        out[name] = jax.jit(draw, out_shardings=named(axes, shape, mesh, rules(layout)))(jax.random.fold_in(key, i))
+    return out
+
 
 def matmul_peak(n: int = 8192, reps: int = 10) -> float:
     """bf16 TFLOP/s of an n^3 matmul on random data, the device's practical peak."""

@@ -117,13 +117,16 @@ def single(cfg: ModelConfig, site: str, layers: Sequence[int] | None = None,
     return make(np.full(l.size, site), l.ravel(), c.ravel(), scale, cfg=cfg)
 
 
-def prefixes(cfg: ModelConfig, site, layer, channel, ns: Sequence[int]) -> Ablations:
-    """Row i zeroes the first ns[i] entries of a ranking (the paper's Stage 2 sets)."""
+def prefixes(cfg: ModelConfig, site, layer, channel, ns: Sequence[int], width: int = 0) -> Ablations:
+    """Row i zeroes the first ns[i] entries of a ranking (the paper's Stage 2 sets).
+
+    width: entries per row (at least max(ns); the rest inactive), so batches of different prefix
+    sizes share one compiled program; 0: max(ns)."""
     site, layer, channel = (np.asarray(a) for a in (site, layer, channel))
     ns = np.asarray(ns, int)
     if ns.size == 0:
         raise JaxcritError("empty perturbation batch: give at least one prefix size")
-    K = int(ns.max())
+    K = max(int(ns.max()), width)
     if K > len(site) or ns.min() < 0:
         raise JaxcritError(f"prefix sizes must lie in 0..{len(site)} (the ranking's length); got {ns.min()}..{K}")
     keep = np.arange(K)[None, :] < ns[:, None]
@@ -250,6 +253,47 @@ def _chunk_nll(params, cache: decoder.Cache, valid, targets, tmask, shift, rows,
     return nll if per_token else nll.sum((1, 2)) / tmask.sum()
 
 
+def kernels(cfg: ModelConfig, dtype, attention: str, loss: str) -> tuple[str, str]:
+    """(attention, loss) implementations for params of this dtype on this backend; "auto" picks
+    cuDNN attention and the fused loss kernel where they apply."""
+    half = dtype in (jnp.bfloat16, jnp.float16)
+    if attention == "auto":
+        attention = "cudnn" if half and jax.default_backend() == "gpu" else "xla"
+    if attention not in ("xla", "cudnn"):
+        raise JaxcritError(f"attention '{attention}' unknown: use auto, xla or cudnn")
+    fits = fused_loss.supported(cfg.d_model, dtype)
+    if loss == "auto":
+        loss = "pallas" if fits else "xla"
+    if loss not in ("xla", "pallas") or (loss == "pallas" and not fits):
+        raise JaxcritError(f"loss '{loss}' not available here: use auto or xla (pallas needs GPUs, "
+                           f"bf16/fp16 and d_model a multiple of {fused_loss.TILES.bk})")
+    return attention, loss
+
+
+def fit_chunk(ma: int, mb: int, data: int, free: float, cap: int = 1024) -> int:
+    """The largest chunk (a multiple of 8 per device, at most cap per device) whose program fits in
+    `free` bytes, from its bytes at 8 and 16 rows per device (ma, mb; a line through them)."""
+    a, b = 8 * data, 16 * data
+    per_row = max((mb - ma) / (b - a), 1.0)
+    rows = int((free - (ma - a * per_row)) / per_row) // (8 * data) * (8 * data)
+    if rows < data:
+        raise JaxcritError(f"out of device memory: one chunk of {data} rows needs {per_row * data / 2**30:.1f} GiB "
+                           "more than is free; use fewer tokens, a smaller vocab_chunk, or more devices")
+    return min(rows, cap * data)
+
+
+def chunk_memory(params, cache, valid, targets, tmask, shift, mesh: Mesh, rows: int, entries: int,
+                 static: dict):
+    """XLA's per-device memory analysis of the chunk program for `rows` rows of `entries` entries;
+    any argument may be a jax.ShapeDtypeStruct (the memory plan compiles from shapes alone)."""
+    rows_sharding, rep = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+    spec = {k: jax.ShapeDtypeStruct((rows, entries), dt, sharding=rows_sharding) for k, dt in
+            [("site", jnp.int32), ("layer", jnp.int32), ("channel", jnp.int32),
+             ("scale", jnp.float32), ("value", jnp.float32)]}
+    return _chunk_nll.lower(params, cache, valid, targets, tmask, shift, spec,
+                            jax.ShapeDtypeStruct((2,), jnp.int32, sharding=rep), **static).compile().memory_analysis()
+
+
 class Engine:
     """Scores perturbation batches against a fixed set of texts on a device mesh.
 
@@ -282,22 +326,11 @@ class Engine:
         self.tmask = jax.device_put((texts.valid[:, 1:] & texts.valid[:, :-1]).astype(np.float32), rep)
         self.rows_sharding = NamedSharding(self.mesh, P("data"))
         tokens = jax.device_put(texts.tokens, rep)
-        self.cache, self.shift = _clean_pass(cfg, params, tokens, self.valid, vocab_chunk)
-        half = params["embed"].dtype in (jnp.bfloat16, jnp.float16)
-        if attention == "auto":
-            attention = "cudnn" if half and jax.default_backend() == "gpu" else "xla"
-        if attention not in ("xla", "cudnn"):
-            raise JaxcritError(f"attention '{attention}' unknown: use auto, xla or cudnn")
-        self.attention = attention
-        fits = fused_loss.supported(cfg.d_model, params["embed"].dtype)
-        if loss == "auto":
-            loss = "pallas" if fits else "xla"
-        if loss not in ("xla", "pallas") or (loss == "pallas" and not fits):
-            raise JaxcritError(f"loss '{loss}' not available here: use auto or xla (pallas needs GPUs, "
-                               f"bf16/fp16 and d_model a multiple of {fused_loss.TILES.bk})")
-        self.loss = loss
-        if chunk == 0:
-            chunk = self.plan_chunk(memory_fraction)
+        self.attention, self.loss = kernels(cfg, params["embed"].dtype, attention, loss)
+        with jax.set_mesh(self.mesh):   # FSDP's per-layer gathers (sharding.gathered) need it
+            self.cache, self.shift = _clean_pass(cfg, params, tokens, self.valid, vocab_chunk)
+            if chunk == 0:
+                chunk = self.plan_chunk(memory_fraction)
         self.chunk = max(data, -(-chunk // data) * data)
 
     @functools.cached_property
@@ -334,38 +367,31 @@ class Engine:
 
     def _chunk_bytes(self, rows: int) -> int:
         """Device bytes one chunk of `rows` single-entry rows over all nine sites needs (XLA's plan)."""
-        spec = {k: jax.ShapeDtypeStruct((rows, 1), dt, sharding=self.rows_sharding) for k, dt in
-                [("site", jnp.int32), ("layer", jnp.int32), ("channel", jnp.int32),
-                 ("scale", jnp.float32), ("value", jnp.float32)]}
-        m = _chunk_nll.lower(self.params, self.cache, self.valid, self.targets, self.tmask, self.shift, spec,
-                             jax.ShapeDtypeStruct((2,), jnp.int32, sharding=self.replicated),
-                             **self._static(SITE_NAMES, False, False)
-                             ).compile().memory_analysis()
+        m = chunk_memory(self.params, self.cache, self.valid, self.targets, self.tmask, self.shift, self.mesh,
+                         rows, 1, self._static(SITE_NAMES, False, False))
         return int(m.temp_size_in_bytes + m.output_size_in_bytes)
 
     def plan_chunk(self, fraction: float, cap: int = 1024) -> int:
         """The largest chunk (a multiple of 8 per device) whose program fits the free memory."""
         data = self.mesh.shape["data"]
         a, b = 8 * data, 16 * data
-        ma, mb = self._chunk_bytes(a), self._chunk_bytes(b)
-        per_row = max((mb - ma) / (b - a), 1.0)
         stats = self.mesh.devices.flat[0].memory_stats()
         if stats and "bytes_limit" in stats:
             free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
         else:
             import os
             free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        rows = int((fraction * free - (ma - a * per_row)) / per_row) // (8 * data) * (8 * data)
-        if rows < data:
-            raise JaxcritError(f"out of device memory: one chunk of {data} rows needs {per_row * data / 2**30:.1f} GiB "
-                               "more than is free; use fewer tokens, a smaller vocab_chunk, or more devices")
-        return min(rows, cap * data)
+        return fit_chunk(self._chunk_bytes(a), self._chunk_bytes(b), data, fraction * free, cap)
 
     def losses(self, abl: Ablations | None, per_token: bool = False, desc: str = "ablations",
                sites: tuple[str, ...] | None = None) -> np.ndarray:
         """[R] mean token NLL per row (f32), or [R, B, T-1] per-token NLL; abl None: the clean run.
 
         sites: more sites for the compiled program's masks, beside the batch's and the engine's."""
+        with jax.set_mesh(self.mesh):   # FSDP's per-layer gathers (sharding.gathered) need it
+            return self._losses(abl, per_token, desc, sites)
+
+    def _losses(self, abl: Ablations | None, per_token: bool, desc: str, sites: tuple[str, ...] | None) -> np.ndarray:
         if abl is None:
             abl = Ablations(*(np.zeros((1, 1), dt) for dt in (np.int32,) * 3),
                             np.ones((1, 1), np.float32), np.zeros((1, 1), np.float32))

@@ -79,14 +79,27 @@ def run(c: ConfigDict, workdir: Path, single_use: bool = False) -> dict:
     single_use: this process exits after the run (the command line): compiled programs need not
     outlive their stage.
     """
+    import jax
+
     from jaxcrit import processes, validate
     from jaxcrit.pipeline import Run, prepare_workdir, run_all
     from jaxcrit.report import io, summary
 
-    # --- check the config, join the other processes, check against the model, claim the workdir
+    # --- check the config, join the other processes, check against the model, plan the memory
     validate.fields(c)
     processes.start(c)
     validate.against_model(c)
+    if c.dry_run or c.plan == "always" or (c.plan == "auto" and jax.default_backend() != "cpu"):
+        from jaxcrit.plan import plan
+        p = plan(c)
+        if processes.writer():
+            print("\n".join(p.lines()), file=sys.stderr if not c.dry_run else sys.stdout, flush=True)
+        if c.dry_run:
+            return {"plan": p}
+        if not p.fits:
+            raise JaxcritError(f"the run would not fit: {p.verdict()} (--config.dry_run=True prints the plan)")
+
+    # --- claim the workdir
     refused = None
     if processes.writer():
         try:
@@ -112,6 +125,7 @@ def run(c: ConfigDict, workdir: Path, single_use: bool = False) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from jaxcrit import processes
     logging.set_verbosity(logging.WARNING)
     argv = list(sys.argv if argv is None else argv)
     if {"-h", "--help"} & set(argv[1:]):
@@ -121,14 +135,19 @@ def main(argv: list[str] | None = None) -> int:
         c, workdir = parse(argv)
         run(c, workdir, single_use=True)
     except JaxcritError as e:
-        print(f"jaxcrit: error: {e}", file=sys.stderr)
-        return 2
+        return processes.fail(f"jaxcrit: error: {e}", 2)
     except Exception as e:  # device out of memory reaches us as an XLA runtime error
         if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower():
-            print("jaxcrit: error: out of device memory; lower --config.engine.chunk or --config.stage1.batch",
-                  file=sys.stderr)
-            return 3
+            return processes.fail("jaxcrit: error: out of device memory; lower --config.engine.chunk or "
+                                  "--config.stage1.batch (--config.dry_run=True prints the memory plan)", 3)
+        if processes.several():   # a collective that lost a dead peer: the watchdog names it and exits
+            import traceback
+            processes.wait_for_peers()
+            traceback.print_exc()
+            return processes.fail(f"jaxcrit: error: [process {processes.who()}] {type(e).__name__}: "
+                                  f"{str(e).splitlines()[0][:300] if str(e) else ''}", 1)
         raise
+    processes.done()
     return 0
 
 

@@ -112,9 +112,9 @@ class Run:
     @functools.cached_property
     def model(self):
         from jaxcrit.convert.load import load
-        from jaxcrit.sharding import make_mesh
+        from jaxcrit.sharding import make_mesh, rules
         t = time.perf_counter()
-        m = load(self.c.model, self.c.dtype, make_mesh(tuple(self.c.mesh.shape)))
+        m = load(self.c.model, self.c.dtype, make_mesh(tuple(self.c.mesh.shape)), rules(self.c.mesh.params))
         release_memory()
         self._record("load", time.perf_counter() - t)
         return m
@@ -151,7 +151,9 @@ class Run:
             self.values[name] = st.load(self)
             return self.values[name]
         t = time.perf_counter()
-        value = st.compute(self)
+        import jax
+        with jax.set_mesh(self.model.mesh):   # FSDP's per-layer gathers (sharding.gathered) need it
+            value = st.compute(self)
         if self.workdir and processes.writer():
             st.save(self, value)
         release_memory(st.programs if self.single_use else ())

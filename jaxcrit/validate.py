@@ -50,6 +50,7 @@ def _fields() -> tuple[tuple[str, Check, str], ...]:
     from jaxcrit.critical.baselines import BASELINES
     from jaxcrit.critical.screens import SCREENS
     from jaxcrit.models.sites import SITE_NAMES
+    from jaxcrit.sharding import LAYOUTS
     return (
         ("model", lambda v: isinstance(v, str) and bool(v), "an embedded name, a checkpoint dir or a file"),
         ("dtype", _one_of(*DTYPES), f"one of {', '.join(DTYPES)}"),
@@ -58,6 +59,8 @@ def _fields() -> tuple[tuple[str, Check, str], ...]:
         ("seed", _int(0), "an integer >= 0"),
         ("overwrite", _bool, "True or False"),
         ("progress", _bool, "True or False"),
+        ("dry_run", _bool, "True or False"),
+        ("plan", _one_of("auto", "always", "never"), "auto, always or never"),
         ("stage1.alpha", _num(lambda x: x > 0), "> 0"),
         ("stage1.samples", _int(1), "an integer >= 1 (K, the noisy passes)"),
         ("stage1.batch", _int(1), "an integer >= 1"),
@@ -94,11 +97,14 @@ def _fields() -> tuple[tuple[str, Check, str], ...]:
         ("engine.attention", _one_of("auto", "xla", "cudnn"), "auto, xla or cudnn"),
         ("engine.loss", _one_of("auto", "xla", "pallas"), "auto, xla or pallas"),
         ("mesh.shape", _mesh, "(data, model), positive integers, one of them may be -1"),
+        ("mesh.params", _one_of(*LAYOUTS), f"one of {', '.join(LAYOUTS)}"),
+        ("mesh.device_memory_gib", _num(lambda x: x >= 0), "a number of GiB >= 0 (0: what the device reports)"),
         ("mesh.distributed", _bool, "True or False"),
         ("mesh.coordinator", lambda v: v == "" or (isinstance(v, str) and v.rpartition(":")[2].isdigit()),
          "'' or HOST:PORT"),
         ("mesh.num_processes", _int(1), "an integer >= 1"),
         ("mesh.process_id", _int(0), "an integer >= 0"),
+        ("mesh.peer_timeout", _int(1), "an integer >= 1 (seconds)"),
     )
 
 
@@ -155,7 +161,8 @@ def against_model(c: ConfigDict) -> None:
 
     kind, path = resolve(c.model)
     ranges(c, kind.config(path))
-    tokens(load_tokenizer(path), c.text, c.max_tokens, min_tokens=10)
+    if not (c.dry_run and path.is_dir() and not (path / "tokenizer.json").exists()):   # a model shape alone
+        tokens(load_tokenizer(path), c.text, c.max_tokens, min_tokens=10)
     if c.evaluate.file:
         read_paragraphs(c.evaluate.file, limit=c.evaluate.limit)
     make_mesh(tuple(c.mesh.shape))

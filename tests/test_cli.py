@@ -223,4 +223,5 @@ def test_out_of_device_memory_is_one_error_line(model_dir, tmp_path, monkeypatch
     monkeypatch.setattr(M, "run", oom)
     assert M.main(["jaxcrit", f"--config={cfg}", f"--workdir={tmp_path / 'run'}"]) == 3
     err = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
-    assert err == ["jaxcrit: error: out of device memory; lower --config.engine.chunk or --config.stage1.batch"]
+    assert err == ["jaxcrit: error: out of device memory; lower --config.engine.chunk or --config.stage1.batch "
+                   "(--config.dry_run=True prints the memory plan)"]

@@ -1,7 +1,9 @@
-"""Engine results on one CPU device equal those on eight, rows over 'data' and params over 'model'.
+"""Engine results on one CPU device equal those on eight, rows over 'data' and params over 'model',
+and with params split over 'data' too (FSDP: mesh.params = "fsdp") on 2x4 and 8x1 meshes.
 
-The eight-device run is a subprocess (XLA_FLAGS must be set before jax starts); both sides build
-the same random params from a seed, so no checkpoint is needed.
+The eight-device runs are a subprocess (XLA_FLAGS must be set before jax starts); all build the
+same random params from a seed, so no checkpoint is needed. Each run also reports the param bytes
+every device holds, checked against a hand count of what each layout splits.
 """
 from __future__ import annotations
 
@@ -17,37 +19,59 @@ SCRIPT = textwrap.dedent("""
     from jaxcrit import engine as E
     from jaxcrit.models import decoder
     from jaxcrit.models.config import ModelConfig
-    from jaxcrit.sharding import make_mesh
+    from jaxcrit.sharding import make_mesh, rules
     from jaxcrit.models.params import shard
     cfg = ModelConfig(model_type="qwen2", vocab_size=256, d_model=64, n_layers=3, n_heads=4, n_kv_heads=2,
                       head_dim=16, d_ff=96, norm_eps=1e-6, rope_theta=1e4, tie_embeddings=True)
-    shape = tuple(int(x) for x in sys.argv[2].split("x"))
-    mesh = make_mesh(shape)
     raw = decoder.random_params(cfg, jax.random.key(0))
-    params = shard(cfg, raw, mesh)
-    rng = np.random.default_rng(0)
-    texts = E.Texts.from_ids([rng.integers(0, 256, 33).tolist(), rng.integers(0, 256, 29).tolist()])
-    eng = E.Engine(cfg, params, texts, mesh=mesh, chunk=8, progress=False)
-    single = E.single(cfg, "down_proj", channels=range(0, 64, 5))
-    rand = E.random_sets(cfg, ("q_proj", "act_fn", "post_attention_layernorm"), 13, 6, seed=1)
-    out = np.concatenate([eng.losses(single), eng.losses(rand)])
-    np.save(sys.argv[1], out)
-    print("specs", {k: str(v.sharding.spec) for k, v in params.items()})
+    for run in sys.argv[2:]:
+        shape, layout = run.split(":")
+        mesh = make_mesh(tuple(int(x) for x in shape.split("x")))
+        params = shard(cfg, raw, mesh, rules(layout))
+        rng = np.random.default_rng(0)
+        texts = E.Texts.from_ids([rng.integers(0, 256, 33).tolist(), rng.integers(0, 256, 29).tolist()])
+        eng = E.Engine(cfg, params, texts, mesh=mesh, chunk=8, progress=False)
+        single = E.single(cfg, "down_proj", channels=range(0, 64, 5))
+        rand = E.random_sets(cfg, ("q_proj", "act_fn", "post_attention_layernorm"), 13, 6, seed=1)
+        out = np.concatenate([eng.losses(single), eng.losses(rand)])
+        np.save(f"{sys.argv[1]}/{run}.npy", out)
+        held = {d: 0 for d in mesh.devices.flat}
+        for v in params.values():
+            for sh in v.addressable_shards:
+                held[sh.device] += sh.data.nbytes
+        print("RUN", run, sorted(set(held.values())), {k: str(v.sharding.spec) for k, v in params.items()})
 """)
 
 
-def run(tmp_path, devices: int, shape: str) -> np.ndarray:
-    out = tmp_path / f"losses{devices}.npy"
+def run(tmp_path, devices: int, *runs: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Losses and the printed line of each run ('DxM:layout') in one subprocess of `devices` devices."""
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(out), shape], env=env, capture_output=True,
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path), *runs], env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return np.load(out), proc.stdout
+    lines = {ln.split()[1]: ln for ln in proc.stdout.splitlines() if ln.startswith("RUN")}
+    return {r: np.load(tmp_path / f"{r}.npy") for r in runs}, lines
+
+
+# f32 bytes of the test model's params by what the layouts may split: matrices (every one has the
+# 'embed' axis), q/k/v biases (heads/kv only), norms (never split)
+L, D, Q, KV, F, V = 3, 64, 64, 32, 96, 256
+MATRICES = 4 * (V * D + L * D * (Q + 2 * KV) + L * Q * D + 3 * L * D * F)
+BIASES = 4 * L * (Q + 2 * KV)
+NORMS = 4 * (D + 2 * L * D)
 
 
 def test_engine_same_on_1_and_8_devices(tmp_path):
-    one, _ = run(tmp_path, 1, "1x1")
-    eight, specs = run(tmp_path, 8, "4x2")
-    assert "'model'" in specs  # params really split over the model axis
-    np.testing.assert_allclose(eight, one, rtol=1e-5, atol=1e-6)
-    assert np.ptp(one) > 1e-3  # the ablations really differ from one another
+    one, _ = run(tmp_path, 1, "1x1:replicated")
+    eight, lines = run(tmp_path, 8, "4x2:replicated", "2x4:fsdp", "8x1:fsdp")
+    assert "'model'" in lines["4x2:replicated"]  # params really split over the model axis
+    assert "'data'" in lines["8x1:fsdp"] and "'data'" not in lines["4x2:replicated"]
+    for r, losses in eight.items():
+        np.testing.assert_allclose(losses, one["1x1:replicated"], rtol=1e-5, atol=1e-6, err_msg=r)
+    assert np.ptp(one["1x1:replicated"]) > 1e-3  # the ablations really differ from one another
+    # every device holds the same bytes: tensor parallel halves everything but the norms; FSDP on
+    # 8 devices splits every matrix 8 ways (over 'data' x 'model'), the biases over 'model' only
+    per_device = {r: lines[r].split("[", 1)[1].split("]", 1)[0] for r in eight}
+    assert per_device["4x2:replicated"] == str(MATRICES // 2 + BIASES // 2 + NORMS)
+    assert per_device["2x4:fsdp"] == str(MATRICES // 8 + BIASES // 4 + NORMS)
+    assert per_device["8x1:fsdp"] == str(MATRICES // 8 + BIASES + NORMS)

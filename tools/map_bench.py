@@ -19,21 +19,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcrit import engine as E
-from jaxcrit.bench import QWEN_05B, peak_memory
+from jaxcrit.bench import SHAPES, peak_memory
 from jaxcrit.configs.common import base
 from jaxcrit.critical import maps
 from jaxcrit.critical import screens as SC
 from jaxcrit.models import decoder
-from jaxcrit.models.config import ModelConfig
 from jaxcrit.models.sites import SITE_NAMES
-
-SHAPES = {
-    "0.5b": QWEN_05B,
-    "7b": ModelConfig(model_type="qwen2", vocab_size=152064, d_model=3584, n_layers=28, n_heads=28, n_kv_heads=4,
-                      head_dim=128, d_ff=18944, norm_eps=1e-6, rope_theta=1e6, tie_embeddings=False,
-                      max_position_embeddings=32768),
-}
-
 
 def main() -> None:
     c = base("bench").map

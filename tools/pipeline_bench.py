@@ -1,11 +1,19 @@
-"""Stage 1 + Stage 2 wall time on a Qwen2.5-0.5B-shaped model (random bf16 weights on the device).
+"""Stage 1 + Stage 2 wall time on a Qwen2.5-shaped model (random bf16 weights on the device).
 
-    PYTHONPATH=. python tools/pipeline_bench.py [--tokens 115 --samples 100 --steps 1000]
+    PYTHONPATH=. python tools/pipeline_bench.py [--shape 0.5b|7b|32b|72b --tokens 115 --samples 100 --steps 1000]
 
 The default text is 113-115 tokens for these tokenizers; random ids of that length stand in
 for it (timing does not depend on values). Stage 2 runs the full curve n = 1..steps, the cost
-when no prefix collapses the model. Run the PyTorch peer with SEQ=<tokens> in the same call: its
-sequential forward is the reference's cost per Stage 2 step and per noisy pass.
+when no prefix collapses the model. Each program is compiled before its timing (compile times
+are reported apart). Peak device memory is for the whole process, the params drawn one layer at
+a time (bench.device_params); compare it with the memory plan of the same settings:
+
+    python tools/model_shape.py 32b /tmp/q32 && python -m jaxcrit.main --config=hf:/tmp/q32 \\
+        --config.dry_run=True --config.max_tokens=115 --config.stage1.batch=20 --config.engine.chunk=256 \\
+        --config.baselines.names='()' --config.scan.sites='()' --config.map.enabled=False
+
+Run the PyTorch peer with SEQ=<tokens> in the same call: its sequential forward is the
+reference's cost per Stage 2 step and per noisy pass.
 """
 from __future__ import annotations
 
@@ -18,40 +26,49 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcrit import engine as E
-from jaxcrit.bench import QWEN_05B
+from jaxcrit.bench import SHAPES, device_params, peak_memory
 from jaxcrit.critical import stage1, stage2
-from jaxcrit.models import decoder
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="0.5b", choices=SHAPES)
     ap.add_argument("--tokens", type=int, default=115)
     ap.add_argument("--samples", type=int, default=100)
     ap.add_argument("--batch", type=int, default=20)
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--chunk", type=int, default=256)
+    ap.add_argument("--loss", default="auto", help="auto | xla | pallas")
     args = ap.parse_args()
-    cfg = QWEN_05B
-    params = decoder.random_params(cfg, jax.random.key(1), jnp.bfloat16)
+    cfg = SHAPES[args.shape]
+    t = time.perf_counter()
+    params = device_params(cfg, jax.random.key(1), jnp.bfloat16)
+    jax.block_until_ready(params)
+    res = {"device": jax.devices()[0].device_kind, "shape": args.shape, "tokens": args.tokens,
+           "samples": args.samples, "batch": args.batch, "steps": args.steps, "chunk": args.chunk,
+           "dtype": "bfloat16", "params_s": time.perf_counter() - t}
     tok = np.random.default_rng(0).integers(0, cfg.vocab_size, args.tokens).astype(np.int32)
-    res = {"device": jax.devices()[0].device_kind, "tokens": args.tokens, "samples": args.samples,
-           "steps": args.steps, "dtype": "bfloat16"}
-    run1 = lambda: stage1.importance(cfg, params, tok, alpha=5.0, samples=args.samples, seed=42,
-                                     chunk=args.batch, progress=False)
-    stage1.importance(cfg, params, tok, alpha=5.0, samples=args.batch, seed=42, chunk=args.batch, progress=False)
-    t = time.perf_counter(); imp = run1(); res["stage1_noisy_s"] = time.perf_counter() - t
-    t = time.perf_counter(); rk = stage1.rank(imp.scores(), 10000, 1e-6, False)
-    res["rank_channel_s"] = time.perf_counter() - t
-    t = time.perf_counter(); stage1.rank(imp.scores(), 10000, 1e-6, True)
-    res["rank_position_s"] = time.perf_counter() - t
-    eng = E.Engine(cfg, params, E.Texts.from_ids([tok.tolist()]), chunk=args.chunk, progress=False)
-    stage2.grow(eng, rk, epsilon=1e9, max_steps=args.chunk, full_curve=True)   # compile
+    run1 = lambda n: stage1.importance(cfg, params, tok, alpha=5.0, samples=n, seed=42, chunk=args.batch,
+                                       progress=False)
+    t = time.perf_counter(); jax.block_until_ready(run1(args.batch).sums); res["stage1_compile_s"] = time.perf_counter() - t
+    t = time.perf_counter(); imp = run1(args.samples); jax.block_until_ready(imp.sums)
+    res["stage1_noisy_s"] = time.perf_counter() - t
+    scores = imp.scores()
+    stage1.rank(scores, 10000, 1e-6, False)   # compile
+    t = time.perf_counter(); rk = stage1.rank(scores, 10000, 1e-6, False); res["rank_channel_s"] = time.perf_counter() - t
+    del imp, scores   # the pipeline drops Stage 1's sums before Stage 2 too
+    t = time.perf_counter()
+    eng = E.Engine(cfg, params, E.Texts.from_ids([tok.tolist()]), chunk=args.chunk, loss=args.loss, progress=False)
+    stage2.grow(eng, rk, epsilon=1e9, max_steps=args.steps, full_curve=True, ns=np.arange(1, eng.chunk + 1))
+    res["stage2_setup_compile_s"] = time.perf_counter() - t
     t = time.perf_counter()
     g = stage2.grow(eng, rk, epsilon=1e9, max_steps=args.steps, full_curve=True)
     res["stage2_full_curve_s"] = time.perf_counter() - t
     res["stage2_ms_per_step"] = 1e3 * res["stage2_full_curve_s"] / len(g.ns)
     res["stage1_ms_per_noisy_pass"] = 1e3 * res["stage1_noisy_s"] / args.samples
     res["total_s"] = res["stage1_noisy_s"] + res["rank_channel_s"] + res["stage2_full_curve_s"]
+    res["attention"], res["loss"] = eng.attention, eng.loss
+    res["peak_memory_gib"] = (peak_memory() or 0) / 2**30
     print(json.dumps(res, indent=1))
 
 

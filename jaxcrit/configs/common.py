@@ -19,6 +19,8 @@ def base(model: str) -> ml_collections.ConfigDict:
     c.seed = 42                     # noise and random-baseline seed
     c.overwrite = False             # reuse a workdir that holds results of a different config
     c.progress = True               # progress bars on stderr
+    c.dry_run = False               # print the memory plan (compiled from shapes, no weight read) and stop
+    c.plan = "auto"                 # memory plan before loading, refusing a run that would not fit: auto (GPU/TPU) | always | never
 
     c.stage1 = ml_collections.ConfigDict()
     c.stage1.alpha = 5.0            # noise scale on the input embeddings (> 0)
@@ -70,10 +72,13 @@ def base(model: str) -> ml_collections.ConfigDict:
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.shape = (-1, 1)          # (data, model) device mesh; -1 takes the remaining devices
+    c.mesh.params = "replicated"    # params over 'data': replicated (a whole copy per data row) | fsdp (split over 'data' too)
+    c.mesh.device_memory_gib = 0.0  # memory of one device for the plan, GiB; 0: what the device reports (CPU: free host memory)
     c.mesh.distributed = False      # several processes: jax.distributed.initialize() from the cluster (SLURM, TPU, k8s)
     c.mesh.coordinator = ""         # several processes, explicitly: HOST:PORT of process 0 ("" : not this way)
     c.mesh.num_processes = 1        # with coordinator: how many processes
     c.mesh.process_id = 0           # with coordinator: this process's index (0 writes the files)
+    c.mesh.peer_timeout = 60        # several processes: seconds without a sign of life from another before the run ends
     return c
 
 

@@ -152,18 +152,19 @@ def _tensors(reader: gguf.GGUFReader, cfg: ModelConfig, where: str) -> dict[str,
     return out
 
 
-def _reader(cfg: ModelConfig, name: str, tensors: dict[int | None, Any]) -> Callable[[int | None], np.ndarray]:
-    """read(layer) -> that tensor dequantized, q/k unpermuted, kernels transposed to [in, out]."""
+def _reader(cfg: ModelConfig, name: str, tensors: dict[int | None, Any]) -> Callable[..., np.ndarray]:
+    """read(layer, index) -> that tensor dequantized, q/k unpermuted, kernels transposed to [in, out],
+    the part index names (quantized blocks are dequantized whole, then sliced)."""
     heads = {"q_w": cfg.n_heads, "k_w": cfg.n_kv_heads}.get(name)
 
-    def read(i: int | None) -> np.ndarray:
+    def read(i: int | None, index: tuple[slice, ...]) -> np.ndarray:
         t = tensors[i]
         w = gguf.quants.dequantize(t.data, t.tensor_type).reshape(tuple(int(n) for n in t.shape[::-1]))
         if np.shares_memory(w, t.data):  # F32 comes back as a view of the file's mmap: own the params
             w = w.copy()
         if heads:
             w = unpermute(w, heads)
-        return w.T if name.endswith("_w") else w
+        return (w.T if name.endswith("_w") else w)[index]
 
     return read
 

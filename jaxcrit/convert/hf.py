@@ -28,9 +28,15 @@ class Source:
                  fused_rows: int | None = None):
         self.key, self.transpose, self.rows, self.fused_rows = key, transpose, rows, fused_rows
 
-    def take(self, t: np.ndarray) -> np.ndarray:
+    def read(self, ckpt: Checkpoint, layer: int | None, index: tuple[slice, ...]) -> np.ndarray:
+        """The part `index` (slices over the param's dims, per layer) of this param, read from the
+        checkpoint: only that part's rows and columns of the HF tensor."""
+        raw = index[::-1] if self.transpose else index
         if self.rows is not None:
-            t = t[self.rows[0]:self.rows[1]]
+            lo, hi = self.rows
+            r = raw[0]
+            raw = (slice(lo + (r.start or 0), lo + (hi - lo if r.stop is None else r.stop)), *raw[1:])
+        t = ckpt.read(self.key.format(i=layer), raw)
         return t.T if self.transpose else t
 
     def raw_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -90,32 +96,47 @@ def read_config(directory: Path) -> ModelConfig:
 def place(cfg: ModelConfig, read: Mapping[str, callable], mesh: Mesh, rules, dtype) -> dict[str, jax.Array]:
     """Builds every param of the table straight onto its devices.
 
-    read[name](layers) returns that param's host slab for the given layer indices (None for
-    unstacked params); each shard's callback reads only what that shard holds.
+    read[name](layer, index) returns that param's host slab for one layer (None for unstacked
+    params), only the part `index` names (slices over the per-layer dims); each device's callback
+    reads only what that device holds, and a process only its own devices' parts; devices holding
+    the same part (replicas) share one read.
     """
     out = {}
     for name, (shape, axes) in param_table(cfg).items():
         stacked = axes[0] == "layers"
+        slabs: dict[tuple, np.ndarray] = {}   # this param's parts read so far, by index
 
-        def cb(index, name=name, stacked=stacked):
+        def cb(index, name=name, shape=shape, stacked=stacked, slabs=slabs):
+            key = tuple((s.start, s.stop) for s in _full(index, shape))
+            if key not in slabs:
+                slabs[key] = read_part(index, name, shape, stacked)
+            return slabs[key]
+
+        def read_part(index, name, shape, stacked):
             if stacked:
                 layers = range(cfg.n_layers)[index[0]]
                 slab = None  # filled layer by layer: one layer's read buffer alive at a time
                 for j, i in enumerate(layers):
-                    part = read[name](i)[index[1:]]
+                    part = read[name](i, _full(index[1:], shape[1:]))
                     if slab is None:
                         slab = np.empty((len(layers), *part.shape), dtype)
                     slab[j] = part
             else:
-                slab = read[name](None)[index]
+                slab = read[name](None, _full(index, shape))
             return np.ascontiguousarray(slab.astype(dtype, copy=False))  # slab is already a fresh array
 
         out[name] = jax.make_array_from_callback(shape, named(axes, shape, mesh, rules), cb)
         # jax drops its reference to a transferred host slab only from a gc callback: wait for the
-        # transfer, then run it, so at most one host slab is alive beyond the placed params
+        # transfer, then run it, so only this param's host parts are alive beyond the placed params
         out[name].block_until_ready()
+        slabs.clear()
         gc.collect(0)
     return out
+
+
+def _full(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[slice, ...]:
+    """index with one slice per dim of shape (jax may give fewer)."""
+    return tuple(index) + (slice(None),) * (len(shape) - len(index))
 
 
 def load_hf(directory: str | Path, dtype=np.float32, mesh: Mesh | None = None,
@@ -143,6 +164,5 @@ def load_hf(directory: str | Path, dtype=np.float32, mesh: Mesh | None = None,
     if extra:
         raise JaxcritError(f"{d}: {len(extra)} checkpoint tensors have no place in a {cfg.model_type} model "
                            f"(e.g. {', '.join(extra[:3])}); is model_type right?")
-    read = {name: (lambda i, s=sources[name]: s.take(ckpt.read(s.key.format(i=i))))
-            for name in table}
+    read = {name: (lambda i, index, s=sources[name]: s.read(ckpt, i, index)) for name in table}
     return cfg, place(cfg, read, mesh or make_mesh(), rules, dtype)

@@ -1,7 +1,10 @@
-"""Lazy safetensors reading: header parsed once, each tensor read on demand with pread.
+"""Lazy safetensors reading: header parsed once, each tensor (or slice of one) read on demand.
 
 Reading per tensor (not one big mmap) keeps host memory at one tensor beyond the placed params,
-and lets a corrupt or truncated file fail with a message that names it.
+and lets a corrupt or truncated file fail with a message that names it. A slice (what one
+device holds under tensor parallelism or FSDP) is read through a memory map of that tensor alone,
+so a host reads about its devices' share of the bytes (whole pages: a row's slice narrower than a
+page costs the page).
 """
 from __future__ import annotations
 
@@ -51,8 +54,11 @@ class SafetensorsFile:
                 raise JaxcritError(f"{self.path}: tensor {name} lies outside the file (truncated?); re-download it")
             self.entries[name] = (dt, shape, self.base + lo, hi - lo)
 
-    def read(self, name: str) -> np.ndarray:
+    def read(self, name: str, index: tuple[slice, ...] = ()) -> np.ndarray:
+        """The tensor, or the part of it `index` (slices, one per leading dim) names, as a new array."""
         dt, shape, off, nbytes = self.entries[name]
+        if any(s != slice(None) for s in index):
+            return np.array(np.memmap(self.path, dt, "r", off, shape)[index])
         buf = bytearray(nbytes)
         with open(self.path, "rb") as f:
             f.seek(off)
@@ -95,5 +101,5 @@ class Checkpoint:
     def dtype(self, name: str) -> np.dtype:
         return self.where[name].entries[name][0]
 
-    def read(self, name: str) -> np.ndarray:
-        return self.where[name].read(name)
+    def read(self, name: str, index: tuple[slice, ...] = ()) -> np.ndarray:
+        return self.where[name].read(name, index)

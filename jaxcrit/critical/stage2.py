@@ -48,7 +48,8 @@ def grow(engine: E.Engine, ranking: NeuronSet, *, epsilon: float, max_steps: int
     """Scores prefixes n = 1..min(max_steps, len(ranking)) (or the given ns) in engine-sized blocks.
 
     Stops after the block holding the first n with delta >= epsilon unless full_curve. memo(key,
-    compute) may keep each block's deltas, so a resumed run scores only the blocks it lacks.
+    compute) may keep each block's deltas, so a resumed run scores only the blocks it lacks. Every
+    block's rows have n_max entries (the largest prefix), so all blocks share one compiled program.
     """
     n_max = min(max_steps, len(ranking))
     todo = np.arange(1, n_max + 1) if ns is None else np.asarray([n for n in ns if 1 <= n <= n_max], int)
@@ -56,7 +57,7 @@ def grow(engine: E.Engine, ranking: NeuronSet, *, epsilon: float, max_steps: int
     got_n, got_d = [], []
     for lo in range(0, len(todo), block):
         part = todo[lo:lo + block]
-        abl = lambda: E.prefixes(engine.cfg, ranking.site, ranking.layer, ranking.channel, part)
+        abl = lambda: E.prefixes(engine.cfg, ranking.site, ranking.layer, ranking.channel, part, width=n_max)
         got_n.append(part)
         got_d.append(memo(f"block-{lo}", lambda: engine.deltas(abl(), desc=desc)))
         if not full_curve and (got_d[-1] >= epsilon).any():

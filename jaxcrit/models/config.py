@@ -154,6 +154,17 @@ def from_hf_config(cfg: dict, where: str = "config.json") -> ModelConfig:
     )
 
 
+def to_hf_config(cfg: ModelConfig) -> dict:
+    """The config.json fields from_hf_config reads, for a shape without rope scaling, sliding
+    window or attention bias (what a model shape for a memory plan needs; tools/model_shape.py)."""
+    return {"model_type": cfg.model_type, "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
+            "intermediate_size": cfg.d_ff, "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
+            "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "rms_norm_eps": cfg.norm_eps,
+            "rope_theta": cfg.rope_theta, "tie_word_embeddings": cfg.tie_embeddings,
+            "max_position_embeddings": cfg.max_position_embeddings,
+            "hidden_act": "gelu_pytorch_tanh" if cfg.family.act == "gelu_tanh" else "silu"}
+
+
 def rope_inv_freq(cfg: ModelConfig, seq_len: int) -> tuple[np.ndarray, float]:
     """Inverse frequencies [head_dim/2] (float32, as transformers computes them) and the cos/sin scale."""
     dim = cfg.head_dim

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from jaxcrit.models.config import ModelConfig, rope_inv_freq
 from jaxcrit.models.params import param_table
+from jaxcrit.sharding import gathered
 
 Array = jax.Array
 Params = Mapping[str, Array]
@@ -154,10 +155,17 @@ def _mlp_out(cfg: ModelConfig, p: Params, mid: Array, site) -> Array:
     return site("down_proj", mm(a * u, p["down_w"]))
 
 
+def layer_params(cfg: ModelConfig, p: Params) -> Params:
+    """One layer's slice of the stacked params, gathered over 'data' under FSDP (sharding.gathered)."""
+    table = param_table(cfg)
+    return gathered(p, {k: table[k][1][1:] for k in p})
+
+
 def block(cfg: ModelConfig, p: Params, h: Array, valid: Array | None, cos: Array, sin: Array,
           masks: SiteArrays | None, values: SiteArrays | None, attn_impl: str = "xla"
           ) -> tuple[Array, dict[str, Array]]:
     """One decoder layer. p holds this layer's slice of the stacked params; h [B, T, D]."""
+    p = layer_params(cfg, p)
     sites: dict[str, Array] = {}
     site = _editor(masks, values, sites)
     mid = h + _attention_out(cfg, p, h, valid, cos, sin, site, attn_impl)
@@ -227,7 +235,7 @@ def resume(cfg: ModelConfig, params: Params, cache: Cache, valid: Array | None, 
     S, entry = start[0], start[1]
     at = lambda arrs: None if arrs is None else {k: v[S] for k, v in arrs.items()}
     take = lambda a: jax.lax.dynamic_index_in_dim(a, S, keepdims=False)
-    p = {k: take(v) for k, v in params.items() if k not in ("embed", "lm_head", "final_norm")}
+    p = layer_params(cfg, {k: take(v) for k, v in params.items() if k not in ("embed", "lm_head", "final_norm")})
     h, o, d = take(cache.resid), take(cache.attn), take(cache.mlp)
     m, vals = at(masks), at(values)
     site = _editor(m, vals)
