@@ -196,7 +196,7 @@ def _plan(c: ConfigDict) -> Plan:
         except JaxcritError:
             chunk = 8 * data
     entries = max(c.stage2.max_steps, *c.baselines.ns) if c.baselines.names else c.stage2.max_steps
-    entries = min(entries, c.stage1.top_n)
+    entries = E.entries(min(entries, c.stage1.top_n))   # rows are padded as the engine pads them
     rows = dict(site=jnp.int32, layer=jnp.int32, channel=jnp.int32, scale=jnp.float32, value=jnp.float32)
 
     def chunk_program(name: str, entries: int, sites: tuple[str, ...]) -> Program:
@@ -209,8 +209,9 @@ def _plan(c: ConfigDict) -> Plan:
     programs.append(chunk_program(f"stage 2 chunk {chunk} x {entries} entries", entries, SITE_NAMES))
     scan_sites = SITE_NAMES if c.map.enabled else tuple(c.scan.sites)
     if scan_sites:
-        programs.append(chunk_program(f"scan/map chunk {chunk} x 1 entry", 1, tuple(sorted(scan_sites,
-                                                                                           key=SITE_NAMES.index))))
+        one = E.entries(1)
+        programs.append(chunk_program(f"scan/map chunk {chunk} x {one} entries", one,
+                                      tuple(sorted(scan_sites, key=SITE_NAMES.index))))
     others = max(p.peak for p in programs) - param_bytes(params)
     return Plan(tuple(mesh.shape.values()), c.mesh.params, T, c.dtype, cap, param_bytes(params), chunk,
                 tuple(programs), suggest(cfg, dtype, mesh.devices.size, cap, others))
