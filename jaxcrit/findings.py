@@ -81,8 +81,9 @@ def command(r: Results) -> str:
 
 
 def _arg(v) -> str:
+    """A config value as the shell argument --config.field= takes."""
     if isinstance(v, list):
-        return "'(" + ",".join(repr(x) if isinstance(x, str) else str(x) for x in v) + ("," if len(v) == 1 else "") + ")'"
+        return '"(' + ",".join(repr(x) for x in v) + ("," if len(v) == 1 else "") + ')"'
     return repr(v) if isinstance(v, str) and (" " in v or not v) else str(v)
 
 
@@ -96,6 +97,11 @@ def _f(x, spec: str = ".3f") -> str:
 
 def _ppl(log10: float | None) -> str:
     return "n/a" if log10 is None else fmt_ppl_log10(log10)
+
+
+def _text(r: Results) -> str:
+    from jaxcrit.data.texts import BOOKENDS
+    return "the default text (the Bookends paragraph)" if r.config["text"] == BOOKENDS else "the config text"
 
 
 def _neurons(records: list[dict], at_most: int = 8) -> str:
@@ -118,7 +124,7 @@ def q1_size(r: Results) -> list[str]:
         rows.append([f"{eps:g}", _n(hit), _ppl(base), _ppl(base + d) if d is not None else "n/a", _f(d),
                      _neurons(imp["neurons"][:hit]) if hit else "no prefix up to n = " + str(int(g.ns[-1]))])
     out += [f"Stage 1 ranking: {imp['ranking']} mode, alpha {imp['alpha']:g}, K = {imp['samples']}, "
-            f"{imp['tokens']} tokens of the default text (the Bookends paragraph). Stage 2 grows prefixes of that "
+            f"{imp['tokens']} tokens of {_text(r)}. Stage 2 grows prefixes of that "
             "ranking; n is the first prefix whose delta = log10(PPL_masked / PPL_base) reaches epsilon.", ""]
     out += _md_table(["epsilon", "n", "PPL before", "PPL after", "delta", "neurons"], rows, "rrllrl") + [""]
     ev = r["evaluation.json"]
@@ -158,6 +164,8 @@ def q2_where(r: Results) -> list[str]:
                 f"random others ({mp['audit'].get('missed', 'n/a')} of them beat the exact top-{mp['top_k']}). "
                 "The largest exact single-neuron deltas anywhere in the model (`map.png`):", ""]
         out += _md_table(["#", "neuron", "delta"], rows, "rlr") + [""]
+    else:
+        out += ["The whole-model map did not run.", ""]
     if scan is not None:
         per_layer = scan.groupby("layer")["delta"].max()
         best = per_layer.sort_values(ascending=False).head(5)
@@ -253,7 +261,7 @@ def q6_relations(r: Results) -> list[str]:
     out += [f"The largest |down_proj output| channels of the default text (max over positions; "
             f"{rel['down_proj_channels']:,} channels):", ""]
     out += _md_table(["#", "channel", "max abs", "position", "token", "median abs"], rows, "rlrrlr") + [""]
-    for c in rel["critical"]:
+    for c in rel["critical"][:10]:
         if c.get("rank"):
             out.append(f"- critical `{neuron_path(c)}`: rank {c['rank']} of {rel['down_proj_channels']:,} by max "
                        f"|output| ({c['max_abs']:.1f} at position {c['position']}, token `{c['token']}`; median "
@@ -267,7 +275,9 @@ def q6_relations(r: Results) -> list[str]:
             f"(dimension {big['dim']}, position {big['position']}, token `{big['token']}`, against a median of "
             f"{big['median_abs']:.2f}); the per-layer maxima sit in dimensions {dims}.", ""]
     base = r["baselines.json"]
-    if base and "massive" in base:
+    if not base:
+        out += ["The baselines did not run.", ""]
+    elif "massive" in base:
         m = base["massive"][0]
         out += ["The massive-activation baseline (channels ranked by max |down_proj output|) grown like Stage 2: "
                 + ", ".join(f"n = {x['n']}: delta {x['delta']:.2f}" for x in m) + ".", ""]

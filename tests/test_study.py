@@ -161,3 +161,60 @@ def test_learned_mask_verified_and_pruned(model):
         assert got >= eps and abs(got - step["delta"]) < 1e-5
     last = NeuronSet.of(path[-1]["neurons"])
     assert len(last) == 1 or all(one(last[[j for j in range(len(last)) if j != i]]) < eps for i in range(len(last)))
+
+
+# ----------------------------------------------------------------------------- the study end to end
+
+def test_study_stages_and_findings(model_dir, tmp_path):
+    """Every study stage on the tiny llama, checked against the main run's own files: a variant
+    equal to the main run is the main run, float32's dtype curve is curve.csv, the main mode's
+    curve in modes.json is curve.csv; the evaluation's prefix@E is the curve's first prefix
+    reaching E; findings.md answers every question from these files."""
+    from jaxcrit.pipeline import result_files
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    rng = np.random.default_rng(1)
+    (corpus / "c.raw").write_text("\n".join(" ".join(f"w{i}" for i in rng.integers(0, WORDS, n)) for n in (20, 9, 30)))
+    c = tiny_config(model_dir, stage2__full_curve=True, stage2__epsilon=0.02, stage2__max_steps=8,
+                    evaluate__file=str(corpus), evaluate__sets=("prefix@0.01", "greedy", "learned"),
+                    baselines__names=(), map__enabled=False, scan__greedy_steps=1,
+                    study__other_ranking=True, study__seeds=(42, 7),
+                    study__texts=("en_story",), study__dtypes=("float32", "bfloat16"), study__massive=5,
+                    learned__candidates=8, learned__steps=2)
+    wd = tmp_path / "study"
+    M.run(c, wd)
+    for name in ("modes.json", "modes.png", "stability.json", "texts.png", "dtypes.json", "dtypes.png", "learned.json",
+                 "relations.json"):
+        assert (wd / name).is_file() and name in result_files(), name
+    curve = pd.read_csv(wd / "curve.csv")
+    modes = json.loads((wd / "modes.json").read_text())
+    assert [r["delta"] for r in modes["curves"]["channel"]] == pytest.approx(curve["delta"].tolist(), abs=1e-7)
+    assert modes["top"]["position"][0]["position"] >= 0 and len(modes["curves"]["position"]) == 8
+    st = json.loads((wd / "stability.json").read_text())
+    by = {(v["kind"], v["value"]): v for v in st["variants"]}
+    assert set(by) == {("seed", 42), ("seed", 7), ("text", "en_story")}
+    assert by[("seed", 42)]["top10_overlap"] == 10 and by[("seed", 42)]["critical_jaccard"] == 1.0
+    assert by[("seed", 7)]["top100_jaccard"] < 1.0 and math.isfinite(by[("text", "en_story")]["main_set_delta"])
+    assert st["texts"]["labels"] == ["main", "en_story"] and st["texts"]["jaccard"][0][0] == 1.0
+    dt = json.loads((wd / "dtypes.json").read_text())
+    f32 = {r["n"]: r["delta"] for r in dt["float32"]["curve"]}
+    for n, d in zip(curve["n"], curve["delta"]):
+        assert abs(f32[n] - d) < 1e-5
+    assert set(dt) == {"float32", "bfloat16"} and dt["bfloat16"]["base_loss"] != dt["float32"]["base_loss"]
+    ev = json.loads((wd / "evaluation.json").read_text())
+    assert list(ev["sets"]) == ["critical", "prefix@0.01", "greedy", "learned"] and len(ev["texts"]) == 2
+    hit = next((int(n) for n, d in zip(curve["n"], curve["delta"]) if d >= 0.01), int(curve["n"].iloc[-1]))
+    assert ev["sets"]["prefix@0.01"]["n"] == hit
+    assert ev["overall"]["masked_ppl_log10"] == ev["sets"]["critical"]["overall_ppl_log10"]
+    rel = json.loads((wd / "relations.json").read_text())
+    assert [t["max_abs"] for t in rel["top"]] == sorted((t["max_abs"] for t in rel["top"]), reverse=True)
+    assert [t["rank"] for t in rel["top"]] == [1, 2, 3, 4, 5] and len(rel["residual"]) == 3
+    lm = json.loads((wd / "learned.json").read_text())
+    assert len(lm["gates"]) == 8 and len(lm["history"]) == 2
+
+    page = findings.write(wd, tmp_path / "docs" / "findings.md").read_text()
+    for q in range(1, 9):
+        assert f"## ({q})" in page
+    assert "python -m jaxcrit.main --config=configs/study.py:" in page and "--config.learned.steps=2" in page
+    assert (tmp_path / "docs" / "findings" / "modes.png").is_file() and "does not run" not in page
+    assert "The whole-model map did not run" in page and "baselines did not run" in page
