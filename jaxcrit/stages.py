@@ -8,6 +8,7 @@
     greedy      greedy growth on measured deltas   greedy.json
     map         every neuron screened, top verified map.csv, map.json, map.png
     evaluation  perplexity before/after masking    evaluation.json
+    modes, stability, dtypes, learned, relations: the study's stages (jaxcrit/study.py)
     report      the summary of all of the above    curve.png, summary.md
 
 A stage reads earlier stages' values as run[name]; the functions named *_of take their input

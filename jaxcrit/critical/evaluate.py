@@ -15,7 +15,7 @@ from jaxcrit.critical.stage2 import Memo, no_memo
 from jaxcrit.models.config import ModelConfig
 from jaxcrit.neurons import NeuronSet
 
-BUCKET = 64   # texts are padded to a multiple of this many tokens: one compiled program per bucket
+BUCKET = 128  # texts are padded to a multiple of this many tokens: one set of compiled programs per bucket (4 at 512 tokens)
 
 
 def nll_sums(cfg: ModelConfig, params: dict, seqs: Sequence[Sequence[int]], sets: Sequence[NeuronSet], *,
