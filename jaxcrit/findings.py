@@ -25,6 +25,7 @@ from jaxcrit.report.summary import _fmt_seconds, _md_table, fmt_ppl_log10, neuro
 
 EPSILONS = (1.0, 3.0)   # the thresholds question (1) asks about
 PLOTS = ("curve.png", "heatmap.png", "map.png", "scan.png", "modes.png", "texts.png", "dtypes.png")
+OUTER = 3              # "outer layers": the first and the last OUTER layers
 CURVE_AT = (1, 2, 3, 5, 8, 10, 14, 20, 30, 50, 100, 200)
 LN10 = math.log(10.0)
 
@@ -155,12 +156,28 @@ def q2_where(r: Results) -> list[str]:
         layers = Counter(x["layer"] for x in top)
         out += [f"Stage 1's top 100: by site {dict(sites.most_common())}; by layer "
                 f"{dict(sorted(layers.items()))} (`heatmap.png`).", ""]
+    rel = r["relations.json"]
+    L = len(rel["residual"]) - 1 if rel else None
+    outer = (lambda l: l < OUTER or l >= L - OUTER) if L else None
     if crit and crit["neurons"]:
-        out += ["Critical set: " + ", ".join(f"layer {x['layer']} {x['site']}" for x in crit["neurons"][:10]) + ".", ""]
+        out += ["Critical set: " + ", ".join(f"layer {x['layer']}{f' of {L}' if L else ''} {x['site']}"
+                                             for x in crit["neurons"][:10]) + ".", ""]
+    if L:
+        out += [f"\"Outer\" below means the first or last {OUTER} of the model's {L} layers."]
+        if imp:
+            n_out = sum(outer(x["layer"]) for x in imp["neurons"][:100])
+            out += [f"Of Stage 1's top 100, {n_out} sit in outer layers."]
+        if crit and crit["neurons"]:
+            out += [f"Of the critical set's {len(crit['neurons'])}, {sum(outer(x['layer']) for x in crit['neurons'])} "
+                    "sit in outer layers."]
+        if mp:
+            out += [f"Of the map's exact top {len(mp['top'])}, {sum(outer(x['layer']) for x in mp['top'])} sit in outer "
+                    f"layers and {sum(x['site'] == 'down_proj' for x in mp['top'])} are down_proj channels."]
+        out += [""]
     if mp:
         rows = [[i + 1, f"`{neuron_path(t)}`", _f(t["delta"])] for i, t in enumerate(mp["top"])]
-        out += [f"The whole-model map screened all {mp['neurons']:,} neurons (first-order, magnitude and Stage 1 "
-                f"screens), verified {mp['verified']} exactly in {mp['rounds']} rounds and audited {mp['audited']} "
+        out += [f"The whole-model map screened all {mp['neurons']:,} neurons (screens: "
+                f"{', '.join(r.config['map']['screens'])}), verified {mp['verified']} exactly in {mp['rounds']} rounds and audited {mp['audited']} "
                 f"random others ({mp['audit'].get('missed', 'n/a')} of them beat the exact top-{mp['top_k']}). "
                 "The largest exact single-neuron deltas anywhere in the model (`map.png`):", ""]
         out += _md_table(["#", "neuron", "delta"], rows, "rlr") + [""]
@@ -188,15 +205,19 @@ def q3_transition(r: Results) -> list[str]:
             f"{falls} of {len(g.ns) - 1} steps; its maximum is {g.deltas.max():.2f} at n = {int(g.ns[g.deltas.argmax()])}.", ""]
     modes = r["modes.json"]
     if modes:
+        first = g.delta(1) if 1 in set(g.ns.tolist()) else None
+        undo = 0
         for drop in modes["drops"]:
             a = drop["added"]
+            undo += first is not None and drop["with_first"] < first - 0.5
             out.append(f"- n = {drop['n'] - 1} -> {drop['n']}: delta {drop['before']:.2f} -> {drop['after']:.2f} when "
                        f"`{neuron_path(a)}` joins. Alone it gives delta {drop['alone']:.2f}; with the ranking's first "
-                       f"neuron alone, {drop['with_first']:.2f}.")
+                       f"neuron alone (delta {_f(first, '.2f')}), {drop['with_first']:.2f}.")
         if modes["drops"]:
-            out += ["", "A prefix is not a monotone family of effects: zeroing a later channel can undo part of the "
-                    "collapse an earlier one caused (the pair's delta is below the first neuron's alone), so the "
-                    "ranked curve falls where such a channel joins.", ""]
+            out += ["", f"A prefix is not a monotone family of effects. At {undo} of these {len(modes['drops'])} falls "
+                    "the joining neuron, paired with the first neuron alone, already lowers the first neuron's delta "
+                    "by more than 0.5: zeroing both is milder than zeroing the first alone. At the others the fall "
+                    "needs the other members of the prefix too.", ""]
         else:
             out += ["No step of the curve lowers delta by more than 0.5.", ""]
         other = modes["other"]

@@ -27,7 +27,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcrit import engine as E
-from jaxcrit.critical import learned as LM
 from jaxcrit.critical import stage1, stage2
 from jaxcrit.errors import JaxcritError
 from jaxcrit.models import decoder
@@ -192,8 +191,9 @@ def dtypes(run: Run) -> dict:
     for dt in c.study.dtypes:
         def measure(dt=dt) -> np.ndarray:
             m = run.model if dt == c.dtype else load(c.model, dt, run.model.mesh)
-            eng = E.Engine(m.cfg, m.params, E.Texts.from_ids([run.tokens.tolist()]), chunk=c.engine.chunk,
-                           progress=c.progress, **run.engine_kw())
+            eng = run.engine if dt == c.dtype else E.Engine(
+                m.cfg, m.params, E.Texts.from_ids([run.tokens.tolist()]), chunk=c.engine.chunk, progress=c.progress,
+                **run.engine_kw())
             d = eng.deltas(E.prefixes(m.cfg, ranked.site, ranked.layer, ranked.channel, ns), desc=f"dtype {dt}")
             res = np.concatenate([[eng.base_loss], d]).astype(np.float64)
             del m, eng
@@ -219,6 +219,7 @@ def save_dtypes(run: Run, v: dict) -> None:
 def learned(run: Run) -> dict:
     """critical/learned.py on learned.candidates of Stage 1's ranking, pushing delta to
     stage2.epsilon + learned.margin; verified through the engine and pruned."""
+    from jaxcrit.critical import learned as LM
     c, m, eps = run.c.learned, run.model, run.c.stage2.epsilon
     cand = LM.candidates(run["importance"], c.candidates)
     z, history = LM.optimise(m.cfg, m.params, run.tokens, run.engine.base_loss, cand, target=eps + c.margin,
@@ -252,7 +253,7 @@ def relations(run: Run) -> dict:
     order = np.argsort(-peak.ravel(), kind="stable")
     rank = np.empty(L * C, int)
     rank[order] = np.arange(1, L * C + 1)
-    token = lambda t: m.tokenizer.id_to_token(int(run.tokens[t]))
+    token = lambda t: m.tokenizer.decode([int(run.tokens[t])])
 
     def row(l: int, ch: int) -> dict:
         t = int(where[l, ch])

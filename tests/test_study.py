@@ -69,12 +69,15 @@ def test_wikitext_test_split():
     assert all(len(r) > 50 and r == r.strip() for r in rows)
 
 
-def test_corpus_evaluation_against_unbatched_engines(model):
-    """Seven texts of 12-70 tokens in blocks of 3 (sorted by length, padded to buckets, the last
-    block filled with copies) against one engine per text, and the reference's overall rule
-    exp(sum_i mean_i * T_i / sum_i T_i) by hand."""
+def test_corpus_evaluation_against_unbatched_forwards(model, tmp_path):
+    """Seven rows of a corpus file, 18-60 tokens, in blocks of 3 (sorted by length, padded to a
+    bucket, the last block filled with copies) against one plain forward per text and set, and
+    the reference's overall rule exp(sum_i mean_i * T_i / sum_i T_i) by hand."""
     rng = np.random.default_rng(3)
-    seqs = [model.tokens(" ".join(f"w{i}" for i in rng.integers(0, WORDS, n))) for n in (40, 12, 60, 25, 33, 12, 51)]
+    (tmp_path / "corpus.raw").write_text("\n".join(" " + " ".join(f"w{i}" for i in rng.integers(0, WORDS, n)) + " "
+                                                   for n in (40, 18, 60, 25, 33, 18, 51)))
+    seqs = [model.tokens(t) for t in read_paragraphs(tmp_path)]
+    assert sorted(map(len, seqs)) == [18, 18, 25, 33, 40, 51, 60]
     sets = {"three": SET, "one": SET[:1], "none": SET[:0]}
     kept = {}
     ev = evaluate_sets(model.cfg, model.params, seqs, sets, batch=3, memo=lambda k, f: kept.setdefault(k, f()))

@@ -1,16 +1,17 @@
 """The learned mask: a small collapsing set found by optimising continuous gates, then verified exactly.
 
-Each candidate neuron i gets a gate z_i = sigmoid(theta_i) in (0, 1): its channel's output is
-scaled by 1 - z_i (z = 1 ablates it, z = 0 leaves it), through the decoder's own per-site masks
-(the same [L, C] arrays the engine builds from scale entries), so a gate means what an engine
-row with scale 1 - z means. Adam (optax) minimises
+Each candidate neuron i gets a gate z_i in (0, 1) from a logit theta_i: its channel's output is
+scaled by 1 - z_i (z = 1 ablates it, z = 0 leaves it) through the decoder's own per-site [L, C]
+masks, so a gate means exactly what an engine row with scale 1 - z means. Adam (optax) minimises
 
-    relu(target - delta(z)) + sparsity * sum(z)
+    relu(target - delta(z)) + sparsity * sum_i sigmoid(theta_i)
 
 with delta(z) = (loss(z) - loss_clean) / ln 10: push delta to the target, then shrink the gates
-that are not needed to stay there. The gates are binarised by ranking the candidates by z, and
-the prefixes of that ranking are scored exactly through the engine (stage2.grow): the learned
-set is the shortest prefix reaching epsilon. Candidates are distinct neurons (a gate per channel).
+not needed to stay there. z = sigmoid(theta) (temperature 0), or binary-concrete samples of it at
+a temperature (sample()). Then the gates are binarised: the candidates ranked by gate, the
+ranking's prefixes scored exactly through the engine (stage2.grow) up to the first reaching
+epsilon, and that prefix pruned neuron by neuron on measured deltas (prune()). Candidates are
+distinct neurons (one gate per channel).
 """
 from __future__ import annotations
 
