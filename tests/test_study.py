@@ -70,36 +70,39 @@ def test_wikitext_test_split():
 
 
 def test_corpus_evaluation_against_unbatched_forwards(model, tmp_path):
-    """Seven rows of a corpus file, 18-60 tokens, in blocks of 3 (sorted by length, padded to a
+    """Seven rows of a corpus file, 18-51 tokens, in blocks of 3 (sorted by length, padded to a
     bucket, the last block filled with copies) against one plain forward per text and set, and
     the reference's overall rule exp(sum_i mean_i * T_i / sum_i T_i) by hand."""
     rng = np.random.default_rng(3)
     (tmp_path / "corpus.raw").write_text("\n".join(" " + " ".join(f"w{i}" for i in rng.integers(0, WORDS, n)) + " "
-                                                   for n in (40, 18, 60, 25, 33, 18, 51)))
+                                                   for n in (40, 18, 51, 25, 40, 18, 25)))
     seqs = [model.tokens(t) for t in read_paragraphs(tmp_path)]
-    assert sorted(map(len, seqs)) == [18, 18, 25, 33, 40, 51, 60]
-    sets = {"three": SET, "one": SET[:1], "none": SET[:0]}
+    assert sorted(map(len, seqs)) == [18, 18, 25, 25, 40, 40, 51]
+    sets = {"three": SET, "one": SET[:1], "none": SET[:0], "again": SET[[2, 0, 1]]}   # "again" is "three"
     kept = {}
     ev = evaluate_sets(model.cfg, model.params, seqs, sets, batch=3, memo=lambda k, f: kept.setdefault(k, f()))
     assert sorted(kept) == ["block-0", "block-3", "block-6"]
+
+    @jax.jit
+    def nll(tok, masks):   # the reference: one plain forward per text and set (a program per length)
+        h, _ = decoder.forward(model.cfg, model.params, decoder.embed(model.cfg, model.params, tok), masks=masks)
+        logp = jax.nn.log_softmax(decoder.logits(model.cfg, model.params, h)[0, :-1].astype(jnp.float32))
+        return -jnp.take_along_axis(logp, tok[0, 1:, None], 1).mean()
+
     means = {k: [] for k in ["base", *sets]}
-    with jax.disable_jit():   # the reference: one plain forward per text and set, no compiling
-        for i, s in enumerate(seqs):
-            for k, ns in {"base": SET[:0], **sets}.items():
-                masks = {site: np.ones((model.cfg.n_layers, width(model.cfg, site)), np.float32) for site in SITES}
-                for site, layer, ch in ns.keys():
-                    masks[site][layer, ch] = 0.0
-                tok = jnp.asarray(s[None])
-                h, _ = decoder.forward(model.cfg, model.params, decoder.embed(model.cfg, model.params, tok), masks=masks)
-                logp = jax.nn.log_softmax(decoder.logits(model.cfg, model.params, h)[0, :-1].astype(jnp.float32))
-                means[k].append(-float(jnp.take_along_axis(logp, tok[0, 1:, None], 1).mean()))
-            assert ev["tokens"][i] == len(s) - 1
+    for i, s in enumerate(seqs):
+        for k, ns in {"base": SET[:0], **sets}.items():
+            masks = {site: np.ones((model.cfg.n_layers, width(model.cfg, site)), np.float32) for site in SITES}
+            for site, layer, ch in ns.keys():
+                masks[site][layer, ch] = 0.0
+            means[k].append(float(nll(jnp.asarray(s[None]), masks)))
+        assert ev["tokens"][i] == len(s) - 1
     for k in means:
         got = ev["base"] if k == "base" else ev["sets"][k]
         np.testing.assert_allclose(got, np.array(means[k]) / math.log(10), rtol=0, atol=2e-6)
         w = np.array([len(s) for s in seqs])
         assert abs(ev["overall"][k] - (np.array(means[k]) * w).sum() / w.sum() / math.log(10)) < 2e-6
-    assert ev["sets"]["none"] == ev["base"]
+    assert ev["sets"]["none"] == ev["base"] and ev["sets"]["again"] == ev["sets"]["three"]
 
 
 # ----------------------------------------------------------------------------- learned mask
@@ -153,17 +156,24 @@ def test_learned_mask_verified_and_pruned(model):
     np.testing.assert_array_equal(hist, hist2)
     ranked, growth, _ = LM.verify(eng, cand, z, epsilon=eps)
     assert list(ranked.score) == sorted(z, reverse=True)
-    one = lambda s: eng.deltas(E.make(s.site_index()[None], s.layer[None], s.channel[None], cfg=model.cfg))[0]
-    for n, delta in zip(growth.ns, growth.deltas):
-        assert abs(delta - one(ranked[:n])) < 1e-5
+    rows = np.arange(len(ranked))[None] < growth.ns[:, None]          # prefix n: its first n entries zeroed
+    full = lambda a: np.broadcast_to(a, rows.shape)
+    by_hand = eng.deltas(E.make(full(ranked.site_index()), full(ranked.layer), full(ranked.channel),
+                                np.where(rows, 0.0, 1.0), cfg=model.cfg))
+    np.testing.assert_allclose(growth.deltas, by_hand, rtol=0, atol=1e-5)
     assert growth.critical_n is not None
     path = LM.prune(eng, ranked[:growth.critical_n], epsilon=eps)
     assert path[0]["n"] == growth.critical_n
-    for step in path:
-        got = one(NeuronSet.of(step["neurons"]))
-        assert got >= eps and abs(got - step["delta"]) < 1e-5
     last = NeuronSet.of(path[-1]["neurons"])
-    assert len(last) == 1 or all(one(last[[j for j in range(len(last)) if j != i]]) < eps for i in range(len(last)))
+    sets = [NeuronSet.of(step["neurons"]) for step in path] + [last[[j for j in range(len(last)) if j != i]]
+                                                              for i in range(len(last)) if len(last) > 1]
+    K = max(map(len, sets))
+    pad = lambda a, fill: np.array([np.pad(a(x), (0, K - len(x)), constant_values=fill) for x in sets])
+    d = eng.deltas(E.make(pad(NeuronSet.site_index, 0), pad(lambda x: x.layer, 0), pad(lambda x: x.channel, 0),
+                          pad(lambda x: np.zeros(len(x)), 1.0), cfg=model.cfg))
+    for step, got in zip(path, d):
+        assert got >= eps and abs(got - step["delta"]) < 1e-5       # every set on the path collapses
+    assert (d[len(path):] < eps).all()                               # the last loses it without any one neuron
 
 
 # ----------------------------------------------------------------------------- the study end to end

@@ -24,13 +24,16 @@ def nll_sums(cfg: ModelConfig, params: dict, seqs: Sequence[Sequence[int]], sets
 
     Texts are sorted by length and go through the engine `batch` at a time, padded to a multiple
     of BUCKET tokens (and short blocks to `batch` texts with copies of their last text), so a
-    corpus compiles a handful of programs. Row 0 of every block is the clean run; row 1 + s
-    masks sets[s] (an empty set: the clean run again). memo(key, compute) may keep each block.
+    corpus compiles a handful of programs. Each block's rows are the clean run and each distinct
+    set masked (an empty set: the clean run again). memo(key, compute) may keep each block.
     """
-    K = max([1] + [len(s) for s in sets])
-    entries = np.zeros((3, 1 + len(sets), K), np.int64)
-    scale = np.ones((1 + len(sets), K), np.float32)
-    for r, s in enumerate(sets, start=1):
+    keys = [frozenset(s.keys()) for s in sets]
+    distinct = [sets[keys.index(k)] for k in dict.fromkeys(keys)]        # a set named twice is scored once
+    row_of = np.array([0] + [1 + list(dict.fromkeys(keys)).index(k) for k in keys])
+    K = max([1] + [len(s) for s in distinct])
+    entries = np.zeros((3, 1 + len(distinct), K), np.int64)
+    scale = np.ones((1 + len(distinct), K), np.float32)
+    for r, s in enumerate(distinct, start=1):
         for i, a in enumerate((s.site_index(), s.layer, s.channel)):
             entries[i, r, :len(s)] = a
         scale[r, :len(s)] = 0.0
@@ -45,7 +48,7 @@ def nll_sums(cfg: ModelConfig, params: dict, seqs: Sequence[Sequence[int]], sets
         t = E.Texts(np.pad(t.tokens, ((0, 0), (0, pad))), np.pad(t.valid, ((0, 0), (0, pad))))
         eng = E.Engine(cfg, params, t, **{**engine_kw, "chunk": 1, "progress": False})
         n = (t.valid[:, 1:] & t.valid[:, :-1]).sum(1)
-        sums = eng.losses(abl, per_token=True).sum(-1)                              # [1 + S, B]
+        sums = eng.losses(abl, per_token=True).sum(-1)[row_of]                      # [1 + S, B]
         return np.concatenate([n[None], sums]).T.astype(np.float64)                 # [B, 2 + S]
 
     out = np.zeros((len(seqs), 2 + len(sets)))

@@ -16,6 +16,7 @@ distinct neurons (one gate per channel).
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 from typing import Callable
 
 import jax
@@ -84,6 +85,16 @@ def objective(cfg: ModelConfig, cand: NeuronSet, target: float, sparsity: float,
     return f
 
 
+@partial(jax.jit, static_argnames=("cfg", "keys", "target", "sparsity", "temperature", "lr"))
+def _step(params, tokens, base_loss, theta, state, key, *, cfg: ModelConfig, keys: tuple, target: float,
+          sparsity: float, temperature: float, lr: float):
+    """One Adam step on the gates' logits: (theta, Adam's state, [objective, delta, sum of gates])."""
+    f = objective(cfg, NeuronSet.of(list(keys)), target, sparsity, temperature)
+    (value, (delta, size)), g = jax.value_and_grad(f, argnums=3, has_aux=True)(params, tokens, base_loss, theta, key)
+    updates, state = optax.adam(lr).update(g, state, theta)
+    return optax.apply_updates(theta, updates), state, jnp.stack([value, delta, size])
+
+
 @dataclasses.dataclass
 class Learned:
     """The optimised gates and their exact verification."""
@@ -120,16 +131,9 @@ def optimise(cfg: ModelConfig, params: dict, tokens: np.ndarray, base_loss: floa
     """
     if not 0 < init < 1:
         raise JaxcritError(f"learned mask: the initial gate must lie in (0, 1), got {init}")
+    static = dict(cfg=cfg, keys=tuple(cand.keys()), target=float(target), sparsity=float(sparsity),
+                  temperature=float(temperature), lr=float(lr))
     opt = optax.adam(lr)
-    grad = jax.value_and_grad(objective(cfg, cand, float(target), float(sparsity), float(temperature)),
-                              argnums=3, has_aux=True)
-
-    @jax.jit
-    def step(params, tokens, base_loss, theta, state, key):
-        (f, (delta, size)), g = grad(params, tokens, base_loss, theta, key)
-        updates, state = opt.update(g, state, theta)
-        return optax.apply_updates(theta, updates), state, jnp.stack([f, delta, size])
-
     theta = jnp.full(len(cand), np.log(init / (1 - init)), jnp.float32)
     state = opt.init(theta)
     history = np.zeros((0, 3), np.float32)
@@ -145,7 +149,7 @@ def optimise(cfg: ModelConfig, params: dict, tokens: np.ndarray, base_loss: floa
     while sum(len(r) for r in rows) < steps:
         for _ in range(min(block, steps - sum(len(r) for r in rows))):
             key = jax.random.fold_in(jax.random.key(seed), sum(len(r) for r in rows))
-            theta, state, h = step(params, tok, base, theta, state, key)
+            theta, state, h = _step(params, tok, base, theta, state, key, **static)
             rows.append(np.asarray(h)[None])
         if memo_state:
             memo_state[1]({"theta": np.asarray(theta), "history": np.concatenate(rows),
@@ -174,17 +178,20 @@ def prune(engine: E.Engine, neurons: NeuronSet, *, epsilon: float, memo: stage2.
     delta >= epsilon, drop the one whose removal leaves the largest delta. One record per set
     visited, the given set first: {"n", "delta", "neurons" (keys)}; the last is a set from which
     no single neuron can be removed (a local minimum of the collapsing sets)."""
-    keep = list(range(len(neurons)))
-    full = memo("prune-0", lambda: engine.deltas(E.make(neurons.site[None], neurons.layer[None],
-                                                         neurons.channel[None], cfg=engine.cfg)))
-    path = [{"n": len(keep), "delta": float(full[0]), "neurons": neurons[keep].keys()}]
+    n = len(neurons)
+    row = lambda live: E.make(*(np.broadcast_to(a, live.shape) for a in (neurons.site_index(), neurons.layer,
+                                                                          neurons.channel)),
+                              np.where(live, 0.0, 1.0), cfg=engine.cfg)   # every row holds all n entries: one program
+    keep = list(range(n))
+    full = memo("prune-0", lambda: engine.deltas(row(np.ones((1, n), bool))))
+    path = [{"n": n, "delta": float(full[0]), "neurons": neurons.keys()}]
     while len(keep) > 1:
-        drops = np.array([[j for j in keep if j != i] for i in keep])
-        d = memo(f"prune-{len(path)}", lambda: engine.deltas(E.make(neurons.site[drops], neurons.layer[drops],
-                                                                    neurons.channel[drops], cfg=engine.cfg),
-                                                             desc="learned mask pruning"))
+        live = np.zeros((len(keep), n), bool)
+        for r, i in enumerate(keep):
+            live[r, [j for j in keep if j != i]] = True
+        d = memo(f"prune-{len(path)}", lambda: engine.deltas(row(live), desc="learned mask pruning"))
         if d.max() < epsilon:
             break
-        keep = drops[int(np.argmax(d))].tolist()
+        keep = np.flatnonzero(live[int(np.argmax(d))]).tolist()
         path.append({"n": len(keep), "delta": float(d.max()), "neurons": neurons[keep].keys()})
     return path
