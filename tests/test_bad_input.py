@@ -164,7 +164,7 @@ def test_workdir_of_another_config(cfg, tmp_path, capsys):
 
 def test_no_config_flag(tmp_path, capsys):
     code, lines = _main([f"--workdir={tmp_path / 'run'}"], capsys)
-    assert code == 2 and lines == ["jaxcrit: error: give --config=configs/smollm2.py (or a packaged name: smollm2, hf, qwen)"]
+    assert code == 2 and lines == ["jaxcrit: error: give --config=configs/smollm2.py (or a packaged name: smollm2, hf, qwen, study)"]
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
