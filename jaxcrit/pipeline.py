@@ -171,10 +171,11 @@ class Run:
             io.write_json(self.workdir / "state" / "timings.json", self.timings)
 
 
-def result_files() -> tuple[str, ...]:
-    """Every file a run may write in its workdir: the stage table's files and the run's own."""
+def result_files(c: ConfigDict | None = None) -> tuple[str, ...]:
+    """Every file a run may write in its workdir (with a config: a run of that config writes):
+    the stage table's files and the run's own."""
     from jaxcrit.stages import STAGES
-    return tuple(f for st in STAGES.values() for f in st.files) + RUN_FILES
+    return tuple(f for st in STAGES.values() if c is None or st.enabled(c) for f in st.files) + RUN_FILES
 
 
 def prepare_workdir(workdir: Path, c: ConfigDict) -> None:

@@ -8,6 +8,7 @@
     greedy      greedy growth on measured deltas   greedy.json
     map         every neuron screened, top verified map.csv, map.json, map.png
     evaluation  perplexity before/after masking    evaluation.json
+    modes, stability, dtypes, learned, relations: the study's stages (jaxcrit/study.py)
     report      the summary of all of the above    curve.png, summary.md
 
 A stage reads earlier stages' values as run[name]; the functions named *_of take their input
@@ -24,6 +25,7 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from jaxcrit import engine as E
+from jaxcrit import study
 from jaxcrit.critical import baselines as B
 from jaxcrit.critical import maps
 from jaxcrit.critical import screens as SC
@@ -55,21 +57,28 @@ def _title(run: Run, what: str) -> str:
 
 # ----------------------------------------------------------------------------- Stage 1
 
-def importance(run: Run) -> NeuronSet:
-    """Stage 1's ranking; the running sums are kept after every batch of noisy passes."""
+def importance_scores(run: Run) -> stage1.Importance:
+    """Stage 1's mean |A_clean - A_noisy|; the running sums are kept after every batch of noisy
+    passes (a finished run's sums are found there again)."""
     c, m = run.c.stage1, run.model
     got = run.store.get("stage1")
     state = stage1.Importance({k: v for k, v in got.items() if k != "_k"}, int(got["_k"])) if got else None
-    if state is not None:
+    if state is not None and state.k < c.samples:
         run.say(f"stage 1: resuming after {state.k} of {c.samples} noisy passes")
     keep = (lambda s: run.store.put("stage1", {**s.sums, "_k": np.asarray(s.k)})) if run.workdir else None
-    imp = stage1.importance(m.cfg, m.params, run.tokens, alpha=c.alpha, samples=c.samples, seed=run.c.seed,
-                            chunk=c.batch, state=state, on_chunk=keep, progress=run.c.progress)
-    ranking = stage1.rank(imp.scores(), c.top_n, c.threshold, c.ranking == "position")
-    if not len(ranking):
+    return stage1.importance(m.cfg, m.params, run.tokens, alpha=c.alpha, samples=c.samples, seed=run.c.seed,
+                             chunk=c.batch, state=state, on_chunk=keep, progress=run.c.progress)
+
+
+def importance(run: Run, ranking: str | None = None) -> NeuronSet:
+    """Stage 1's ranking (stage1.ranking, or the mode given)."""
+    c = run.c.stage1
+    ranked = stage1.rank(importance_scores(run).scores(), c.top_n, c.threshold,
+                         (ranking or c.ranking) == "position")
+    if not len(ranked):
         raise JaxcritError(f"stage 1 ranked no neuron: no importance score is above stage1.threshold "
                            f"({c.threshold}); lower stage1.threshold or raise stage1.alpha")
-    return ranking
+    return ranked
 
 
 def save_importance(run: Run, ranking: NeuronSet) -> None:
@@ -297,11 +306,25 @@ def load_map(run: Run) -> maps.Map:
 # ----------------------------------------------------------------------------- evaluation
 
 def evaluation(run: Run) -> dict:
-    """The critical set evaluated on evaluate.file's rows (or the config text)."""
+    """The critical set evaluated on evaluate.file's rows (or the config text), and with it the
+    sets evaluate.sets names (study.eval_set), all in one pass over the texts: evaluation.json's
+    "texts" and "overall" are the critical set's, "sets" holds each set's overall and per-text PPL."""
+    from jaxcrit.critical.evaluate import evaluate_sets
     from jaxcrit.data.texts import read_paragraphs
+    from jaxcrit.study import eval_set
     c = run.c.evaluate
     texts = read_paragraphs(c.file, limit=c.limit) if c.file else [run.c.text]
-    return evaluate_texts(run, run["critical"].neurons, texts)
+    sets = {"critical": run["critical"].neurons, **{name: eval_set(run, name) for name in c.sets}}
+    seqs = [run.model.tokens(t, run.c.max_tokens) for t in texts]
+    ev = evaluate_sets(run.model.cfg, run.model.params, seqs, sets, batch=c.batch,
+                       memo=run.store.memo("evaluation"), **run.engine_kw())
+    rows = [{"text": t, "tokens": n, "base_ppl_log10": b, "masked_ppl_log10": m}
+            for t, n, b, m in zip(texts, ev["tokens"], ev["base"], ev["sets"]["critical"])]
+    o = ev["overall"]
+    return {"texts": rows, "overall": {"base_ppl_log10": o["base"], "masked_ppl_log10": o["critical"],
+                                       "tokens": o["tokens"]},
+            "sets": {k: {"n": len(v), "neurons": v.records(), "overall_ppl_log10": o[k], "ppl_log10": ev["sets"][k]}
+                     for k, v in sets.items()}}
 
 
 def evaluate_texts(run: Run, neurons: NeuronSet, texts: list[str]) -> dict:
@@ -364,5 +387,19 @@ STAGES: dict[str, Stage] = {st.name: st for st in (
     Stage("evaluation", ("evaluation.json",), evaluation,
           lambda run, v: io.write_json(run.workdir / "evaluation.json", v),
           lambda run: io.read_json(run.workdir / "evaluation.json")),
+    # --- issue 15: the study's stages (jaxcrit/study.py)
+    Stage("modes", ("modes.json", "modes.png"), study.modes, study.save_modes,
+          lambda run: io.read_json(run.workdir / "modes.json"), enabled=lambda c: c.study.other_ranking),
+    Stage("stability", ("stability.json", "texts.png"), study.stability, study.save_stability,
+          lambda run: io.read_json(run.workdir / "stability.json"),
+          enabled=lambda c: any(c.study[f] for f in study.VARIANTS)),
+    Stage("dtypes", ("dtypes.json", "dtypes.png"), study.dtypes, study.save_dtypes,
+          lambda run: io.read_json(run.workdir / "dtypes.json"), enabled=lambda c: bool(c.study.dtypes)),
+    Stage("learned", ("learned.json",), study.learned, lambda run, v: io.write_json(run.workdir / "learned.json", v),
+          lambda run: io.read_json(run.workdir / "learned.json"), enabled=lambda c: c.learned.candidates > 0),
+    Stage("relations", ("relations.json",), study.relations,
+          lambda run, v: io.write_json(run.workdir / "relations.json", v),
+          lambda run: io.read_json(run.workdir / "relations.json"), enabled=lambda c: c.study.massive > 0),
+    # --- end issue 15
     Stage("report", ("curve.png", "summary.md"), report, save_report, lambda run: report(run), cached=False),
 )}

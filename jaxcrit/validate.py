@@ -49,8 +49,10 @@ def _fields() -> tuple[tuple[str, Check, str], ...]:
     from jaxcrit.convert.load import DTYPES
     from jaxcrit.critical.baselines import BASELINES
     from jaxcrit.critical.screens import SCREENS
+    from jaxcrit.data.texts import STUDY_TEXTS
     from jaxcrit.models.sites import SITE_NAMES
     from jaxcrit.sharding import LAYOUTS
+    from jaxcrit.study import valid_set_name
     return (
         ("model", lambda v: isinstance(v, str) and bool(v), "an embedded name, a checkpoint dir or a file"),
         ("dtype", _one_of(*DTYPES), f"one of {', '.join(DTYPES)}"),
@@ -90,12 +92,32 @@ def _fields() -> tuple[tuple[str, Check, str], ...]:
         ("evaluate.file", _str, "a path or ''"),
         ("evaluate.limit", _int(0), "an integer >= 0"),
         ("evaluate.batch", _int(1), "an integer >= 1"),
+        ("evaluate.sets", lambda v: isinstance(v, (tuple, list)) and all(isinstance(x, str) and valid_set_name(x)
+                                                                         for x in v) and len(set(v)) == len(v),
+         "distinct names among greedy, learned, prefix@E (E a number)"),
         ("engine.chunk", _int(0), "an integer >= 0 (0: planned from free memory)"),
         ("engine.vocab_chunk", _int(1), "an integer >= 1"),
         ("engine.prefix_sharing", _bool, "True or False"),
         ("engine.sites", _names(SITE_NAMES), f"distinct sites among {', '.join(SITE_NAMES)}"),
         ("engine.attention", _one_of("auto", "xla", "cudnn"), "auto, xla or cudnn"),
         ("engine.loss", _one_of("auto", "xla", "pallas"), "auto, xla or pallas"),
+        # --- issue 15: the study and the learned mask
+        ("study.other_ranking", _bool, "True or False"),
+        ("study.seeds", _ints(0), "a tuple of seeds >= 0"),
+        ("study.alphas", lambda v: isinstance(v, (tuple, list)) and all(_num(lambda x: x > 0)(x) for x in v),
+         "a tuple of numbers > 0"),
+        ("study.samples", _ints(1), "a tuple of integers >= 1"),
+        ("study.texts", _names(STUDY_TEXTS), f"distinct names among {', '.join(STUDY_TEXTS)}"),
+        ("study.dtypes", _names(DTYPES), f"distinct names among {', '.join(DTYPES)}"),
+        ("study.massive", _int(0), "an integer >= 0"),
+        ("learned.candidates", _int(0), "an integer >= 0 (0: off)"),
+        ("learned.steps", _int(1), "an integer >= 1"),
+        ("learned.lr", _num(lambda x: x > 0), "> 0"),
+        ("learned.sparsity", _num(lambda x: x >= 0), ">= 0"),
+        ("learned.margin", _num(lambda x: x >= 0), ">= 0"),
+        ("learned.init", _num(lambda x: 0 < x < 1), "a number in (0, 1)"),
+        ("learned.temperature", _num(lambda x: x >= 0), ">= 0"),
+        # --- end issue 15
         ("mesh.shape", _mesh, "(data, model), positive integers, one of them may be -1"),
         ("mesh.params", _one_of(*LAYOUTS), f"one of {', '.join(LAYOUTS)}"),
         ("mesh.device_memory_gib", _num(lambda x: x >= 0), "a number of GiB >= 0 (0: what the device reports)"),
@@ -121,6 +143,10 @@ def fields(c: ConfigDict) -> None:
             raise JaxcritError(f"config field '{key}' is missing; start configs from jaxcrit.configs.common.base")
         if not ok(flat[key]):
             raise JaxcritError(f"{key} must be {what} (got {flat[key]!r})")
+    if "learned" in c.evaluate.sets and not c.learned.candidates:
+        raise JaxcritError("evaluate.sets names learned but the learned mask is off: set learned.candidates")
+    if "greedy" in c.evaluate.sets and not (c.scan.sites and c.scan.greedy_steps):
+        raise JaxcritError("evaluate.sets names greedy but the greedy search is off: set scan.sites and scan.greedy_steps")
     if c.mesh.coordinator and c.mesh.process_id >= c.mesh.num_processes:
         raise JaxcritError(f"mesh.process_id must be below mesh.num_processes ({c.mesh.num_processes}); "
                            f"got {c.mesh.process_id}")

@@ -101,6 +101,11 @@ FIELD_CASES = [
                               "--config.mesh.process_id=2"], "mesh.process_id must be below mesh.num_processes (2)"),
     ("model_missing", ["--config.model=/nonexistent/ckpt"], "model '/nonexistent/ckpt': no such file or directory"),
     ("progress_not_bool", ["--config.progress=maybe"], "--config.progress=maybe"),
+    ("study_text_unknown", ["--config.study.texts=('klingon',)"], "study.texts must be distinct names among en_science"),
+    ("evaluate_set_unknown", ["--config.evaluate.sets=('best',)"], "evaluate.sets must be distinct names among greedy"),
+    ("evaluate_learned_off", ["--config.evaluate.sets=('learned',)"], "evaluate.sets names learned but the learned mask is off"),
+    ("learned_init_one", ["--config.learned.init=1.0"], "learned.init must be a number in (0, 1)"),
+    ("corpus_dir_without_file", ["--config.evaluate.file=/"], "a corpus directory must hold exactly one"),
 ]
 
 
@@ -162,7 +167,7 @@ def test_workdir_of_another_config(cfg, tmp_path, capsys):
 
 def test_no_config_flag(tmp_path, capsys):
     code, lines = _main([f"--workdir={tmp_path / 'run'}"], capsys)
-    assert code == 2 and lines == ["jaxcrit: error: give --config=configs/smollm2.py (or a packaged name: smollm2, hf, qwen)"]
+    assert code == 2 and lines == ["jaxcrit: error: give --config=configs/smollm2.py (or a packaged name: smollm2, hf, qwen, study)"]
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-NAMES = ("smollm2", "hf", "qwen")
+NAMES = ("smollm2", "hf", "qwen", "study")
 
 
 def path(name: str) -> Path:

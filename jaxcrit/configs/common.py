@@ -61,6 +61,7 @@ def base(model: str) -> ml_collections.ConfigDict:
     c.evaluate.file = ""            # text file evaluated before/after masking (rows > 50 chars); empty: c.text only
     c.evaluate.limit = 0            # evaluate only the first N rows of the file (0: all)
     c.evaluate.batch = 8            # texts per resumable evaluation block
+    c.evaluate.sets = ()            # neuron sets scored next to the critical set: greedy, learned, prefix@E (the ranking's first prefix reaching delta E)
 
     c.engine = ml_collections.ConfigDict()
     c.engine.chunk = 64             # ablations per compiled call; 0: the largest that fits free device memory
@@ -69,6 +70,26 @@ def base(model: str) -> ml_collections.ConfigDict:
     c.engine.sites = ()             # sites every compiled program holds masks for (all nine: one program for every stage)
     c.engine.attention = "auto"     # auto | xla | cudnn (fused, GPU with bf16/fp16)
     c.engine.loss = "auto"          # auto | xla | pallas (fused matmul + exp-sum kernel, one GPU, bf16/fp16)
+
+    # --- issue 15: the study (jaxcrit/study.py; configs/study.py turns it on) and the learned mask
+    c.study = ml_collections.ConfigDict()
+    c.study.other_ranking = False   # rank Stage 1's scores the other way too (channel <-> position) and grow that curve
+    c.study.seeds = ()              # Stage 1 + Stage 2 again with each seed (stability; the main seed is the main run)
+    c.study.alphas = ()             # ... with each stage1.alpha
+    c.study.samples = ()            # ... with each stage1.samples (K)
+    c.study.texts = ()              # ... on each text of jaxcrit.data.texts.STUDY_TEXTS (by name)
+    c.study.dtypes = ()             # the ranking's prefixes and the critical set scored in each dtype
+    c.study.massive = 0             # list the N largest |down_proj output| channels and where the critical set ranks (0: off)
+
+    c.learned = ml_collections.ConfigDict()
+    c.learned.candidates = 0        # gate the first N distinct neurons of Stage 1's ranking (0: no learned mask)
+    c.learned.steps = 200           # Adam steps on the gates
+    c.learned.lr = 0.1              # Adam's learning rate (on the gates' logits)
+    c.learned.sparsity = 0.01       # penalty per unit of gate (a gate is the share of a channel removed)
+    c.learned.margin = 1.0          # the gates push delta to stage2.epsilon + margin
+    c.learned.init = 0.95           # every gate's starting value, in (0, 1)
+    c.learned.temperature = 0.0     # > 0: binary-concrete gates sampled at this temperature; 0: deterministic sigmoid gates
+    # --- end issue 15
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.shape = (-1, 1)          # (data, model) device mesh; -1 takes the remaining devices

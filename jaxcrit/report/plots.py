@@ -361,3 +361,22 @@ def scan_distribution(scan: Sequence[Mapping[str, Any]], n_layers: int, title: s
               bbox_to_anchor=(0.5, -0.14), frameon=False)
     _note(ax, notes)
     return fig
+
+
+# ----------------------------------------------------------------------------- issue 15: study overlaps
+
+def overlap_matrix(matrix: np.ndarray, labels: Sequence[str], title: str = "") -> Figure:
+    """A symmetric [n, n] matrix of overlaps in [0, 1] (e.g. Jaccard indices), annotated."""
+    n = len(labels)
+    fig = _figure(max(4.0, 0.55 * n + 2.0), max(3.5, 0.5 * n + 1.6))
+    ax = fig.add_subplot()
+    im = ax.imshow(matrix, cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
+    for (i, j), v in np.ndenumerate(matrix):
+        ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="white" if v < 0.6 else "black")
+    ax.set_xticks(range(n))
+    ax.set_xticklabels(labels, rotation=40, ha="right", fontsize=8)
+    ax.set_yticks(range(n))
+    ax.set_yticklabels(labels, fontsize=8)
+    fig.colorbar(im, ax=ax, shrink=0.8)
+    ax.set_title(title, fontsize=9)
+    return fig
