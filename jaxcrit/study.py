@@ -197,7 +197,7 @@ def dtypes(run: Run) -> dict:
             d = eng.deltas(E.prefixes(m.cfg, ranked.site, ranked.layer, ranked.channel, ns), desc=f"dtype {dt}")
             res = np.concatenate([[eng.base_loss], d]).astype(np.float64)
             del m, eng
-            release_memory(run.single_use)
+            release_memory()
             return res
         got = run.store.memo("dtypes")(dt, measure)
         out[dt] = {"base_loss": float(got[0]), "base_ppl_log10": float(got[0] / E.LN10),
