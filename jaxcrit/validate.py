@@ -87,6 +87,12 @@ def _fields() -> tuple[tuple[str, Check, str], ...]:
         ("evaluate.file", _str, "a path or ''"),
         ("evaluate.limit", _int(0), "an integer >= 0"),
         ("evaluate.batch", _int(1), "an integer >= 1"),
+        ("generate.prompts", lambda v: isinstance(v, (tuple, list)) and all(isinstance(x, str) and x for x in v),
+         "a tuple of non-empty strings (empty: no generations)"),
+        ("generate.max_new_tokens", _int(1), "an integer >= 1"),
+        ("generate.temperature", _num(lambda x: x >= 0), ">= 0 (0: greedy)"),
+        ("generate.top_k", _int(0), "an integer >= 0 (0: no cut)"),
+        ("generate.top_p", _num(lambda x: 0 < x <= 1), "in (0, 1] (1: no cut)"),
         ("engine.chunk", _int(0), "an integer >= 0 (0: planned from free memory)"),
         ("engine.vocab_chunk", _int(1), "an integer >= 1"),
         ("engine.prefix_sharing", _bool, "True or False"),
@@ -149,12 +155,16 @@ def against_model(c: ConfigDict) -> None:
     from jaxcrit.convert.checkpoints import resolve
     from jaxcrit.convert.load import tokens
     from jaxcrit.data.texts import read_paragraphs
-    from jaxcrit.data.tokenize import load_tokenizer
+    from jaxcrit.data.tokenize import encode, load_tokenizer
     from jaxcrit.sharding import make_mesh
 
     kind, path = resolve(c.model)
     ranges(c, kind.config(path))
-    tokens(load_tokenizer(path), c.text, c.max_tokens, min_tokens=10)
+    tok = load_tokenizer(path)
+    tokens(tok, c.text, c.max_tokens, min_tokens=10)
+    for prompt in c.generate.prompts:
+        if not encode(tok, prompt):
+            raise JaxcritError(f"generate.prompts: {prompt!r} has no tokens; give prompts of at least one token")
     if c.evaluate.file:
         read_paragraphs(c.evaluate.file, limit=c.evaluate.limit)
     make_mesh(tuple(c.mesh.shape))

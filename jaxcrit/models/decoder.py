@@ -52,8 +52,21 @@ def _act(name: str, x: Array) -> Array:
 
 def rope_tables(cfg: ModelConfig, seq_len: int) -> tuple[Array, Array]:
     """cos, sin [seq, head_dim] in f32, rotate-half layout."""
-    inv, scale = rope_inv_freq(cfg, seq_len)
-    ang = jnp.arange(seq_len, dtype=jnp.float32)[:, None] * jnp.asarray(inv)[None, :]
+    return rope_at(cfg, jnp.arange(seq_len), seq_len)
+
+
+def rope_at(cfg: ModelConfig, positions: Array, length) -> tuple[Array, Array]:
+    """cos, sin [T, head_dim] in f32 at positions [T] of a sequence `length` tokens long.
+
+    Both may be traced (generation's cached steps). The length matters for longrope alone: past
+    rope_original_max its long factors apply, as transformers picks them (from the largest
+    position + 1 of each forward call).
+    """
+    inv, scale = rope_inv_freq(cfg, 0)
+    if cfg.rope_type == "longrope":
+        long, _ = rope_inv_freq(cfg, cfg.rope_original_max + 1)
+        inv = jnp.where(length > cfg.rope_original_max, jnp.asarray(long), jnp.asarray(inv))
+    ang = jnp.asarray(positions, jnp.float32)[:, None] * jnp.asarray(inv)[None, :]
     ang = jnp.concatenate([ang, ang], axis=-1)
     return jnp.cos(ang) * scale, jnp.sin(ang) * scale
 
@@ -74,10 +87,11 @@ def _edit(out: Array, name: str, masks: SiteArrays | None, values: SiteArrays | 
     return out
 
 
-def attention_bias(cfg: ModelConfig, valid: Array) -> Array:
-    """Additive mask [B, 1, 1, T, T]: causal, key padding, sliding window."""
+def attention_bias(cfg: ModelConfig, valid: Array, positions: Array | None = None) -> Array:
+    """Additive mask [B, 1, 1, Tq, T]: causal, key padding, sliding window. valid [B, T] marks the
+    keys; positions [Tq]: the queries' positions (default: arange(T), the keys' own)."""
     T = valid.shape[1]
-    i = jnp.arange(T)[:, None]
+    i = (jnp.arange(T) if positions is None else positions)[:, None]
     j = jnp.arange(T)[None, :]
     ok = j <= i
     if cfg.sliding_window:
@@ -86,11 +100,14 @@ def attention_bias(cfg: ModelConfig, valid: Array) -> Array:
     return jnp.where(ok, 0.0, -jnp.inf)[:, None, None].astype(jnp.float32)
 
 
-def attend(cfg: ModelConfig, q: Array, k: Array, v: Array, valid: Array, impl: str) -> Array:
-    """Causal GQA attention. q [B, T, H, hd], k/v [B, T, KV, hd] -> [B, T, H, hd].
+def attend(cfg: ModelConfig, q: Array, k: Array, v: Array, valid: Array, impl: str,
+           positions: Array | None = None) -> Array:
+    """Causal GQA attention. q [B, Tq, H, hd], k/v [B, T, KV, hd] -> [B, Tq, H, hd].
 
     impl "xla": einsum with an f32 softmax (exact reference path); "cudnn": the fused
     flash-attention kernel (GPU, bf16/fp16), which never materialises the [T, T] scores.
+    positions [Tq] (xla only): the queries' positions among the keys, for queries that are not
+    the keys' own sequence (generation's KV cache); default: Tq = T, the same positions.
     """
     B, T, H, hd = q.shape
     KV = k.shape[2]
@@ -102,12 +119,12 @@ def attend(cfg: ModelConfig, q: Array, k: Array, v: Array, valid: Array, impl: s
                                             implementation="cudnn")
     q = q.reshape(B, T, KV, H // KV, hd)
     s = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32, precision=precision(q.dtype))
-    s = s * (1.0 / math.sqrt(hd)) + attention_bias(cfg, valid)
+    s = s * (1.0 / math.sqrt(hd)) + attention_bias(cfg, valid, positions)
     a = jax.nn.softmax(s, axis=-1).astype(v.dtype)
     return jnp.einsum("bkgts,bskd->btkgd", a, v, precision=precision(v.dtype))
 
 
-def _editor(masks: SiteArrays | None, values: SiteArrays | None, record: dict[str, Array] | None = None):
+def editor(masks: SiteArrays | None, values: SiteArrays | None, record: dict[str, Array] | None = None):
     """site(name, out): applies the site's edit to a module output (and records it in `record`)."""
     def site(name: str, out: Array) -> Array:
         out = _edit(out, name, masks, values)
@@ -120,6 +137,13 @@ def _editor(masks: SiteArrays | None, values: SiteArrays | None, record: dict[st
 def _attention_out(cfg: ModelConfig, p: Params, h: Array, valid: Array, cos: Array, sin: Array, site,
                    attn_impl: str) -> Array:
     """The attention branch's output o_proj(attn(norm(h))) [B, T, D], site-edited; h [B, T, D]."""
+    q, k, v = qkv(cfg, p, h, cos, sin, site)
+    return attention_output(cfg, p, attend(cfg, q, k, v, valid, attn_impl), site)
+
+
+def qkv(cfg: ModelConfig, p: Params, h: Array, cos: Array, sin: Array, site) -> tuple[Array, Array, Array]:
+    """The attention's q [B, T, H, hd] and k, v [B, T, KV, hd] of the residual h [B, T, D]:
+    site-edited projections, q/k-normed (Qwen3) and rotated (cos, sin [T, hd])."""
     B, T, _ = h.shape
     x = rms_norm(h, p["input_norm"], cfg.norm_eps, cfg.family.norm_plus_one)
     q, k, v = mm(x, p["q_w"]), mm(x, p["k_w"]), mm(x, p["v_w"])
@@ -133,15 +157,19 @@ def _attention_out(cfg: ModelConfig, p: Params, h: Array, valid: Array, cos: Arr
     if cfg.family.qk_norm:
         q = rms_norm(q, p["q_norm"], cfg.norm_eps, False)
         k = rms_norm(k, p["k_norm"], cfg.norm_eps, False)
-    q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-    o = attend(cfg, q, k, v, valid, attn_impl).reshape(B, T, cfg.q_dim)
-    o = mm(o, p["o_w"])
+    return _rotate(q, cos, sin), _rotate(k, cos, sin), v
+
+
+def attention_output(cfg: ModelConfig, p: Params, o: Array, site) -> Array:
+    """o_proj of the heads' outputs o [B, T, H, hd]: [B, T, D], site-edited."""
+    B, T = o.shape[:2]
+    o = mm(o.reshape(B, T, cfg.q_dim), p["o_w"])
     if "o_b" in p:
         o = o + p["o_b"]
     return site("o_proj", o)
 
 
-def _mlp_out(cfg: ModelConfig, p: Params, mid: Array, site) -> Array:
+def mlp_out(cfg: ModelConfig, p: Params, mid: Array, site) -> Array:
     """The MLP's output down_proj(act(gate(x)) * up(x)) [B, T, D], site-edited, of the
     post-attention residual `mid` [B, T, D] (x is its post_attention_layernorm)."""
     x = site("post_attention_layernorm", rms_norm(mid, p["post_norm"], cfg.norm_eps, cfg.family.norm_plus_one))
@@ -156,9 +184,9 @@ def block(cfg: ModelConfig, p: Params, h: Array, valid: Array, cos: Array, sin: 
           ) -> tuple[Array, dict[str, Array]]:
     """One decoder layer. p holds this layer's slice of the stacked params; h [B, T, D]."""
     sites: dict[str, Array] = {}
-    site = _editor(masks, values, sites)
+    site = editor(masks, values, sites)
     mid = h + _attention_out(cfg, p, h, valid, cos, sin, site, attn_impl)
-    return mid + _mlp_out(cfg, p, mid, site), sites
+    return mid + mlp_out(cfg, p, mid, site), sites
 
 
 # Where a perturbed row can start inside its first perturbed layer S (site-level prefix sharing).
@@ -193,7 +221,7 @@ def _hidden_change(cfg: ModelConfig, p: Params, mid: Array, masks: SiteArrays, v
     def m(site) -> Array:
         return site("act_fn", _act(cfg.family.act, site("gate_proj", g))) * site("up_proj", u)
 
-    change = m(_editor(at_j(masks), at_j(values))).astype(jnp.float32) - m(_editor(None, None)).astype(jnp.float32)
+    change = m(editor(at_j(masks), at_j(values))).astype(jnp.float32) - m(editor(None, None)).astype(jnp.float32)
     return change[..., None] * p["down_w"][j].astype(jnp.float32)
 
 
@@ -222,10 +250,10 @@ def resume(cfg: ModelConfig, params: Params, cache: Cache, valid: Array, start: 
     S, entry = start[0], start[1]
     at = lambda arrs: None if arrs is None else {k: v[S] for k, v in arrs.items()}
     take = lambda a: jax.lax.dynamic_index_in_dim(a, S, keepdims=False)
-    p = {k: take(v) for k, v in params.items() if k not in ("embed", "lm_head", "final_norm")}
+    p = {k: take(v) for k, v in layer_params(params).items()}
     h, o, d = take(cache.resid), take(cache.attn), take(cache.mlp)
     m, vals = at(masks), at(values)
-    site = _editor(m, vals)
+    site = editor(m, vals)
 
     def whole() -> Array:
         cos, sin = rope_tables(cfg, h.shape[1])
@@ -233,7 +261,7 @@ def resume(cfg: ModelConfig, params: Params, cache: Cache, valid: Array, start: 
 
     def mlp() -> Array:
         mid = h + site("o_proj", o)
-        return mid + _mlp_out(cfg, p, mid, site)
+        return mid + mlp_out(cfg, p, mid, site)
 
     def out() -> Array:
         mid = h + o
@@ -247,9 +275,21 @@ def resume(cfg: ModelConfig, params: Params, cache: Cache, valid: Array, start: 
     return h
 
 
+def layer_params(params: Params) -> dict[str, Array]:
+    """The stacked per-layer params [L, ...] (all but the embedding, lm_head and final norm)."""
+    return {k: v for k, v in params.items() if k not in ("embed", "lm_head", "final_norm")}
+
+
 def embed(cfg: ModelConfig, params: Params, tokens: Array) -> Array:
     """Token embeddings E(x) [B, T, D], before any model-internal scaling."""
     return jnp.take(params["embed"], tokens, axis=0)
+
+
+def scale_embeds(cfg: ModelConfig, embeds: Array) -> Array:
+    """The residual stream entering layer 0 from E(x) [B, T, D] (Gemma scales by sqrt(d_model))."""
+    if cfg.family.embed_scale:
+        return embeds * jnp.asarray(math.sqrt(cfg.d_model), embeds.dtype)
+    return embeds
 
 
 def forward(cfg: ModelConfig, params: Params, embeds: Array, valid: Array | None = None, *,
@@ -274,13 +314,11 @@ def forward(cfg: ModelConfig, params: Params, embeds: Array, valid: Array | None
     B, T, _ = embeds.shape
     if valid is None:
         valid = jnp.ones((B, T), bool)
-    h = embeds
-    if start is None and cfg.family.embed_scale:
-        h = h * jnp.asarray(math.sqrt(cfg.d_model), h.dtype)
+    h = embeds if start is not None else scale_embeds(cfg, embeds)
     if start is not None and (capture or observe is not None):
         raise ValueError("capture and observe need start=None")
     cos, sin = rope_tables(cfg, T)
-    layer_p = {k: v for k, v in params.items() if k not in ("embed", "lm_head", "final_norm")}
+    layer_p = layer_params(params)
     if start is not None:  # layers start..L-1 only: a loop with a traced lower bound
         def layer(i, h):
             at = lambda tree: {k: jax.lax.dynamic_index_in_dim(v, i, keepdims=False) for k, v in tree.items()}
