@@ -43,11 +43,21 @@ class Sampling:
     """How each token is chosen. temperature 0: greedy (the argmax). Otherwise the logits are
     divided by temperature, cut to the top_k largest (0: no cut), then to the smallest set whose
     probability reaches top_p (1: no cut), as transformers' warpers do in that order, and sampled
-    with a key from seed and the token's index (the same tokens however the batch is chunked)."""
+    with a key from seed and the token's index (the same tokens however the batch is chunked).
+    Only greedy-or-not is compiled in; the numbers are arguments of the compiled programs."""
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
     seed: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def args(self) -> tuple[Array, Array]:
+        """(temperature, top_k, top_p) as a float32 [3] array, and the seed's key data."""
+        return (jnp.asarray([self.temperature or 1.0, self.top_k, self.top_p], jnp.float32),
+                jax.random.key_data(jax.random.key(self.seed)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,28 +79,27 @@ def bucket(n: int) -> int:
 
 # ----------------------------------------------------------------------------- choosing tokens
 
-def filter_logits(z: Array, s: Sampling) -> Array:
-    """Logits [..., V] / temperature with the top_k and top_p cuts as -inf (s.temperature > 0)."""
-    z = z / s.temperature
-    if s.top_k:
-        kth = jax.lax.top_k(z, min(s.top_k, z.shape[-1]))[0][..., -1:]
-        z = jnp.where(z < kth, -jnp.inf, z)
-    if s.top_p < 1.0:
-        order = jnp.argsort(z, axis=-1)                           # ascending, as transformers sorts
-        cum = jnp.cumsum(jax.nn.softmax(jnp.take_along_axis(z, order, -1), -1), -1)
-        drop = (cum <= 1.0 - s.top_p).at[..., -1].set(False)      # the most likely token stays
-        z = jnp.where(jnp.take_along_axis(drop, jnp.argsort(order, -1), -1), -jnp.inf, z)
-    return z
+def filter_logits(z: Array, knobs: Array) -> Array:
+    """Logits [..., V] / temperature with the top_k and top_p cuts as -inf; knobs: Sampling.args()[0]."""
+    temperature, top_k, top_p = knobs[0], knobs[1].astype(jnp.int32), knobs[2]
+    z = z / temperature
+    ascending = jnp.sort(z, axis=-1)
+    kth = jnp.take(ascending, z.shape[-1] - jnp.clip(top_k, 1, z.shape[-1]), axis=-1)[..., None]
+    z = jnp.where((top_k > 0) & (z < kth), -jnp.inf, z)
+    order = jnp.argsort(z, axis=-1)                               # ascending, as transformers sorts
+    cum = jnp.cumsum(jax.nn.softmax(jnp.take_along_axis(z, order, -1), -1), -1)
+    drop = (cum <= 1.0 - top_p).at[..., -1].set(False)            # the most likely token stays
+    return jnp.where(jnp.take_along_axis(drop, jnp.argsort(order, -1), -1), -jnp.inf, z)
 
 
-def pick(logits: Array, index: Array, s: Sampling) -> tuple[Array, Array]:
+def pick(logits: Array, index: Array, greedy: bool, knobs: Array, key: Array) -> tuple[Array, Array]:
     """The next token of each row from logits [B, V] (f32), the index-th token generated: ids [B]
-    int32 and their log-probabilities [B] under the unfiltered logits."""
-    if s.temperature == 0:
+    int32 and their log-probabilities [B] under the unfiltered logits. knobs, key: Sampling.args()."""
+    if greedy:
         tok = jnp.argmax(logits, -1)
     else:
-        keys = jax.random.split(jax.random.fold_in(jax.random.key(s.seed), index), logits.shape[0])
-        tok = jax.vmap(jax.random.categorical)(keys, filter_logits(logits, s))
+        keys = jax.random.split(jax.random.fold_in(jax.random.wrap_key_data(key), index), logits.shape[0])
+        tok = jax.vmap(jax.random.categorical)(keys, filter_logits(logits, knobs))
     tok = tok.astype(jnp.int32)
     return tok, jnp.take_along_axis(jax.nn.log_softmax(logits, -1), tok[:, None], -1)[:, 0]
 
@@ -127,9 +136,9 @@ def _next_logits(cfg: ModelConfig, params: dict, h: Array) -> Array:
     return decoder.logits(cfg, params, h[:, None])[:, 0]
 
 
-@partial(jax.jit, static_argnames=("cfg", "cache_len", "sampling"))
-def _prefill(params, tokens, lengths, masks, values, index, *, cfg: ModelConfig, cache_len: int,
-             sampling: Sampling):
+@partial(jax.jit, static_argnames=("cfg", "cache_len", "greedy"))
+def _prefill(params, tokens, lengths, masks, values, index, knobs, key, *, cfg: ModelConfig, cache_len: int,
+             greedy: bool):
     """Sequences [B, T] (right-padded; lengths [B]) into fresh caches of cache_len positions; the
     next token of each [B] (the index-th generated), its log-probability [B] and the caches
     [B, L, S, KV, hd]."""
@@ -141,19 +150,19 @@ def _prefill(params, tokens, lengths, masks, values, index, *, cfg: ModelConfig,
         return h[n - 1], kv
 
     h, kv = jax.vmap(row)(tokens, lengths, masks, values)
-    tok, lp = pick(_next_logits(cfg, params, h), index, sampling)
+    tok, lp = pick(_next_logits(cfg, params, h), index, greedy, knobs, key)
     return tok, lp, kv
 
 
-@partial(jax.jit, static_argnames=("cfg", "sampling"), donate_argnames=("kv",))
-def _decode(params, kv, tok, pos, masks, values, index, *, cfg: ModelConfig, sampling: Sampling):
+@partial(jax.jit, static_argnames=("cfg", "greedy"), donate_argnames=("kv",))
+def _decode(params, kv, tok, pos, masks, values, index, knobs, key, *, cfg: ModelConfig, greedy: bool):
     """STEPS tokens after tok [B], which sits at positions pos [B]; index: the index of the first
     token generated here. Returns the caches, the tokens [B, STEPS] and their log-probabilities."""
     def one(carry, i):
         kv, tok, pos = carry
         h, kv = jax.vmap(lambda kv, t, p, m, vals: step(cfg, params, kv, t[None], p, p + 1, m, vals))(
             kv, tok, pos, masks, values)
-        new, lp = pick(_next_logits(cfg, params, h[:, 0]), i, sampling)
+        new, lp = pick(_next_logits(cfg, params, h[:, 0]), i, greedy, knobs, key)
         return (kv, new, pos + 1), (new, lp)
 
     (kv, _, _), (toks, lps) = jax.lax.scan(one, (kv, tok, pos), index + jnp.arange(STEPS))
@@ -195,6 +204,7 @@ def generate_ids(cfg: ModelConfig, params: dict, prompts: Sequence[Sequence[int]
     B, lengths = len(prompts), np.array([len(p) for p in prompts], np.int32)
     masks, values = _dense(cfg, ablations, B)
     stops = np.asarray(list(stop_ids), np.int32)
+    knobs = sampling.args()
     # counts g of generated tokens at which a sequence reaches rope_original_max + 1 tokens
     switch = cfg.rope_original_max + 1 - lengths if cfg.rope_type == "longrope" else np.zeros(0, np.int32)
     new = np.zeros((B, 0), np.int32)
@@ -208,12 +218,12 @@ def generate_ids(cfg: ModelConfig, params: dict, prompts: Sequence[Sequence[int]
             for i, p in enumerate(prompts):
                 seqs[i, :len(p) + g] = np.concatenate([p, new[i]])
             cache_len = T + -(-(max_new_tokens - g - 1) // STEPS) * STEPS
-            tok, lp, kv = _prefill(params, seqs, jnp.asarray(lengths + g), masks, values, jnp.int32(g), cfg=cfg,
-                                   cache_len=cache_len, sampling=sampling)
+            tok, lp, kv = _prefill(params, seqs, jnp.asarray(lengths + g), masks, values, jnp.int32(g), *knobs,
+                                   cfg=cfg, cache_len=cache_len, greedy=sampling.greedy)
             toks, lp = np.asarray(tok)[:, None], np.asarray(lp)[:, None]
         else:
             kv, toks, lp = _decode(params, kv, tok, jnp.asarray(lengths + g - 1), masks, values, jnp.int32(g),
-                                   cfg=cfg, sampling=sampling)
+                                   *knobs, cfg=cfg, greedy=sampling.greedy)
             keep = min([STEPS] + [int(c) - g for c in switch if c > g])   # up to the next restart
             toks, lp = np.asarray(toks)[:, :keep], np.asarray(lp)[:, :keep]
         tok = jnp.asarray(toks[:, -1])
