@@ -248,11 +248,11 @@ GREEDY_TOLERANCE = 1e-5
 
 
 @partial(jax.jit, static_argnames=("cfg", "vocab_chunk"))
-def _score(params, tokens, valid, masks, values, *, cfg: ModelConfig, vocab_chunk: int):
-    h, _ = decoder.forward(cfg, params, decoder.embed(cfg, params, tokens), valid, masks=masks, values=values)
-    h = h[:, :-1]
+def _score(params, inputs, targets, valid, masks, values, *, cfg: ModelConfig, vocab_chunk: int):
+    """log p(targets | inputs up to there) [B, T] and whether each target is the argmax [B, T]."""
+    h, _ = decoder.forward(cfg, params, decoder.embed(cfg, params, inputs), valid, masks=masks, values=values)
     lse, top = decoder.logsumexp_vocab(cfg, params, h, vocab_chunk)
-    z = decoder.target_logit(cfg, params, h, tokens[:, 1:])
+    z = decoder.target_logit(cfg, params, h, targets)
     return z - lse, z >= top - GREEDY_TOLERANCE * jnp.maximum(1.0, jnp.abs(top))
 
 
@@ -262,8 +262,9 @@ def token_logprobs(cfg: ModelConfig, params: dict, seqs: Sequence[Sequence[int]]
     """For each sequence [T] (T >= 2): log p(token t | tokens before it) [T-1] (f32) and whether
     token t is the greedy choice there [T-1], with ablations' one row applied to every sequence.
 
-    Sequences go `batch` at a time, longest first, padded to a bucket of tokens and to whole
-    batches, so a few programs serve any mix of lengths."""
+    Sequences go `batch` at a time, longest first, their first T-1 tokens padded to a bucket and
+    to whole batches (short batches repeat their last sequence), so a few programs serve any
+    mix of lengths."""
     if any(len(s) < 2 for s in seqs):
         raise JaxcritError("each sequence needs at least 2 tokens to score")
     if ablations is not None and ablations.rows != 1:
@@ -275,13 +276,14 @@ def token_logprobs(cfg: ModelConfig, params: dict, seqs: Sequence[Sequence[int]]
     out: list = [None] * len(seqs)
     for lo in range(0, len(order), batch):
         idx = order[lo:lo + batch]
-        T = bucket(len(seqs[idx[0]]))
-        tokens = np.zeros((batch, T), np.int32)
+        T = bucket(len(seqs[idx[0]]) - 1)
+        inputs, targets = np.zeros((batch, T), np.int32), np.zeros((batch, T), np.int32)
         valid = np.zeros((batch, T), bool)
         for r in range(batch):
-            s = seqs[idx[min(r, len(idx) - 1)]]     # short batches repeat their last sequence
-            tokens[r, :len(s)], valid[r, :len(s)] = s, True
-        lp, greedy = (np.asarray(a) for a in _score(params, tokens, valid, masks, values, cfg=cfg,
+            s = np.asarray(seqs[idx[min(r, len(idx) - 1)]], np.int32)
+            n = len(s) - 1
+            inputs[r, :n], targets[r, :n], valid[r, :n] = s[:-1], s[1:], True
+        lp, greedy = (np.asarray(a) for a in _score(params, inputs, targets, valid, masks, values, cfg=cfg,
                                                     vocab_chunk=vocab_chunk))
         for r, i in enumerate(idx):
             n = len(seqs[i]) - 1
