@@ -19,9 +19,7 @@ the decoder's forward with the loss computed in vocabulary chunks.
 from __future__ import annotations
 
 import dataclasses
-import json
 from functools import partial
-from pathlib import Path
 from typing import Callable, NamedTuple, Sequence
 
 import jax
@@ -293,27 +291,6 @@ def token_logprobs(cfg: ModelConfig, params: dict, seqs: Sequence[Sequence[int]]
 
 # ----------------------------------------------------------------------------- on a loaded model
 
-def special_ids(source: str) -> tuple[int | None, tuple[int, ...]]:
-    """(BOS id or None, EOS ids) a checkpoint names: a GGUF's tokenizer.ggml.*_token_id, a
-    directory's generation_config.json, else its config.json."""
-    from jaxcrit.convert.checkpoints import resolve
-    kind, path = resolve(source)
-    if kind.name == "gguf":
-        from jaxcrit.convert.gguf_io import field, open_gguf
-        reader = open_gguf(path)
-        meta = {k: field(reader, f"tokenizer.ggml.{k}") for k in ("bos_token_id", "eos_token_id")}
-    else:
-        meta = {}
-        for name in ("config.json", "generation_config.json"):
-            f = Path(path) / name
-            if f.is_file():
-                meta.update({k: v for k, v in json.loads(f.read_text()).items() if v is not None})
-    eos = meta.get("eos_token_id")
-    eos = () if eos is None else tuple(int(e) for e in (eos if isinstance(eos, list) else [eos]))
-    bos = meta.get("bos_token_id")
-    return (None if bos is None else int(bos)), eos
-
-
 def ablation(cfg: ModelConfig, neurons: NeuronSet | None, scales: Sequence[float] = (0.0,)) -> E.Ablations | None:
     """Ablations zeroing (scale 0) or keeping (scale 1) a neuron set: one row per scale (None for
     an empty or absent set)."""
@@ -329,7 +306,7 @@ def continue_texts(model, prompts: Sequence[str], ablations: E.Ablations | None 
     {prompt, text, tokens, logprobs} per prompt (text decoded without special tokens)."""
     seqs = [model.tokens(p, max_tokens, min_tokens=1).tolist() for p in prompts]
     outs = generate_ids(model.cfg, model.params, seqs, ablations, max_new_tokens=max_new_tokens,
-                        sampling=sampling, stop_ids=special_ids(model.source)[1])
+                        sampling=sampling, stop_ids=model.eos)
     return [{"prompt": p, "text": model.tokenizer.decode(o.tokens), "tokens": o.tokens, "logprobs": o.logprobs}
             for p, o in zip(prompts, outs)]
 

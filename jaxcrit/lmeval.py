@@ -1,7 +1,7 @@
 """jaxcrit as an lm-evaluation-harness model: downstream task scores with a neuron set masked.
 
     pip install 'jaxcrit[eval]'
-    python -m jaxcrit.lmeval --model jaxcrit --tasks arc_easy --limit 100 \\
+    python -m jaxcrit.lmeval run --model jaxcrit --tasks arc_easy --limit 100 \\
         --model_args model=smollm2,neurons=runs/smollm2/critical.json
 
 `python -m jaxcrit.lmeval` is lm-eval's own command line with the model "jaxcrit" registered;
@@ -90,22 +90,20 @@ class JaxcritLM(TemplateLM):
         self.batch_size = int(batch_size)
         self.max_length = int(max_length) if max_length else min(self.m.cfg.max_position_embeddings, 2048)
         self.max_gen_toks, self.seed = int(max_gen_toks), int(seed)
-        bos, self.eos = G.special_ids(self.m.source)
-        if not self.eos:
+        if not self.m.eos:
             raise JaxcritError(f"{self.m.source} names no EOS token (config.json / generation_config.json "
                                "eos_token_id, or the GGUF's tokenizer.ggml.eos_token_id)")
-        self.bos = bos
 
     # ------------------------------------------------------------------------- tokens
 
     @property
     def eot_token_id(self) -> int:
-        return self.eos[0]
+        return self.m.eos[0]
 
     @property
     def prefix_token_id(self) -> int:
         """What an empty context is conditioned on: BOS when the model has one (as lm-eval's HF model)."""
-        return self.eot_token_id if self.bos is None else self.bos
+        return self.eot_token_id if self.m.bos is None else self.m.bos
 
     @property
     def tokenizer_name(self) -> str:
@@ -115,7 +113,7 @@ class JaxcritLM(TemplateLM):
                    **kwargs) -> list[int]:
         """Token ids; special tokens as transformers adds them unless the string starts with BOS."""
         if add_special_tokens is None:
-            add_special_tokens = self.bos is None or not string.startswith(self.tok_decode([self.bos], False))
+            add_special_tokens = self.m.bos is None or not string.startswith(self.tok_decode([self.m.bos], False))
         ids = self.m.tokenizer.encode(string, add_special_tokens=add_special_tokens).ids
         return ids[-left_truncate_len:] if left_truncate_len else ids
 
@@ -186,7 +184,7 @@ class JaxcritLM(TemplateLM):
             for lo in range(0, len(order), self.batch_size):
                 part = order[lo:lo + self.batch_size]
                 conts = G.generate_ids(self.m.cfg, self.m.params, [ctx[i] for i in part], self.ablation,
-                                       max_new_tokens=max_new, sampling=sampling, stop_ids=self.eos,
+                                       max_new_tokens=max_new, sampling=sampling, stop_ids=self.m.eos,
                                        finished=lambda r, toks: any(u in self.tok_decode(toks) for u in stop))
                 for i, c in zip(part, conts):
                     out[i] = postprocess_generated_text(self.tok_decode(c.tokens), until, None)

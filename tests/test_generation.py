@@ -21,6 +21,7 @@ import hf_models
 from jaxcrit import engine as E
 from jaxcrit import generation as G
 from jaxcrit.convert.hf import load_hf
+from jaxcrit.data.tokenize import special_ids
 from jaxcrit.models import decoder as dec
 from jaxcrit.neurons import NeuronSet
 
@@ -202,3 +203,11 @@ def test_token_logprobs_equal_transformers(models):
     eng = E.Engine(cfg, params, E.Texts.from_ids(seqs[:1]), chunk=1, progress=False)
     np.testing.assert_allclose(-masked[0][0], eng.losses(abl, per_token=True)[0, 0], atol=2e-5)
     assert np.abs(masked[0][0] - clean[0][0]).max() > 1e-3
+
+
+def test_special_ids_of_a_checkpoint_dir(tmp_path):
+    """generation_config.json's EOS (a list here) over config.json's; BOS from config.json."""
+    (tmp_path / "config.json").write_text('{"bos_token_id": 1, "eos_token_id": 2}')
+    assert special_ids(tmp_path) == (1, (2,))
+    (tmp_path / "generation_config.json").write_text('{"eos_token_id": [5, 7], "bos_token_id": null}')
+    assert special_ids(tmp_path) == (1, (5, 7))
