@@ -378,6 +378,6 @@ STAGES: dict[str, Stage] = {st.name: st for st in (
           lambda run: io.read_json(run.workdir / "evaluation.json")),
     Stage("generations", ("generations.json",), generations,
           lambda run, v: io.write_json(run.workdir / "generations.json", v),
-          lambda run: io.read_json(run.workdir / "generations.json"), enabled=lambda c: bool(c.generate.prompts)),
+          lambda run: io.read_json(run.workdir / "generations.json"), enabled=lambda c: c.generate.enabled),
     Stage("report", ("curve.png", "summary.md"), report, save_report, lambda run: report(run), cached=False),
 )}

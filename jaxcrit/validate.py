@@ -87,8 +87,10 @@ def _fields() -> tuple[tuple[str, Check, str], ...]:
         ("evaluate.file", _str, "a path or ''"),
         ("evaluate.limit", _int(0), "an integer >= 0"),
         ("evaluate.batch", _int(1), "an integer >= 1"),
-        ("generate.prompts", lambda v: isinstance(v, (tuple, list)) and all(isinstance(x, str) and x for x in v),
-         "a tuple of non-empty strings (empty: no generations)"),
+        ("generate.enabled", _bool, "True or False"),
+        ("generate.prompts", lambda v: isinstance(v, (tuple, list)) and len(v) > 0 and all(isinstance(x, str) and x
+                                                                                       for x in v),
+         "a non-empty tuple of non-empty strings"),
         ("generate.max_new_tokens", _int(1), "an integer >= 1"),
         ("generate.temperature", _num(lambda x: x >= 0), ">= 0 (0: greedy)"),
         ("generate.top_k", _int(0), "an integer >= 0 (0: no cut)"),
@@ -162,7 +164,7 @@ def against_model(c: ConfigDict) -> None:
     ranges(c, kind.config(path))
     tok = load_tokenizer(path)
     tokens(tok, c.text, c.max_tokens, min_tokens=10)
-    for prompt in c.generate.prompts:
+    for prompt in c.generate.prompts if c.generate.enabled else ():
         if not encode(tok, prompt):
             raise JaxcritError(f"generate.prompts: {prompt!r} has no tokens; give prompts of at least one token")
     if c.evaluate.file:

@@ -91,7 +91,7 @@ FIELD_CASES = [
     ("evaluate_batch_zero", ["--config.evaluate.batch=0"], "evaluate.batch must be an integer >= 1"),
     ("generate_top_p_zero", ["--config.generate.top_p=0"], "generate.top_p must be in (0, 1]"),
     ("generate_temperature_negative", ["--config.generate.temperature=-1"], "generate.temperature must be >= 0"),
-    ("generate_prompt_empty", ["--config.generate.prompts=('w1', '')"], "generate.prompts must be a tuple of non-empty"),
+    ("generate_prompt_empty", ["--config.generate.prompts=('w1', '')"], "generate.prompts must be a non-empty tuple"),
     ("generate_prompt_no_tokens", ["--config.generate.prompts=(' ',)"], "generate.prompts: ' ' has no tokens"),
     ("text_too_short", ["--config.text=w1 w2 w3"], "the text has 3 tokens; at least 10 are needed"),
     ("text_empty", ["--config.text="], "the text has 0 tokens; at least 10 are needed"),

@@ -64,7 +64,8 @@ def base(model: str) -> ml_collections.ConfigDict:
 
     # --- generations: what the model says with the critical set masked (jaxcrit/generation.py)
     c.generate = ml_collections.ConfigDict()
-    c.generate.prompts = PROMPTS      # prompts continued by the clean and the masked model (empty: no generations stage)
+    c.generate.enabled = True         # the generations stage: prompts continued by the clean and the masked model
+    c.generate.prompts = PROMPTS      # the prompts (one batch)
     c.generate.max_new_tokens = 24    # tokens generated per prompt (fewer when the model's EOS token comes first)
     c.generate.temperature = 0.0      # 0: greedy; > 0: sampled (seeded by `seed`) at this temperature
     c.generate.top_k = 0              # sampling: keep the k most likely tokens (0: all)
