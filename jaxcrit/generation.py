@@ -41,7 +41,7 @@ class Sampling:
     """How each token is chosen. temperature 0: greedy (the argmax). Otherwise the logits are
     divided by temperature, cut to the top_k largest (0: no cut), then to the smallest set whose
     probability reaches top_p (1: no cut), as transformers' warpers do in that order, and sampled
-    with a key from seed and the token's index (the same tokens however the batch is chunked).
+    with a key from seed, the token's index and the row (the same tokens whatever STEPS is).
     Only greedy-or-not is compiled in; the numbers are arguments of the compiled programs."""
     temperature: float = 0.0
     top_k: int = 0

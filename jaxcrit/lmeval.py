@@ -7,7 +7,7 @@
 `python -m jaxcrit.lmeval` is lm-eval's own command line with the model "jaxcrit" registered;
 in Python, `import jaxcrit.lmeval` registers it for `lm_eval.simple_evaluate(model="jaxcrit",
 model_args={...}, tasks=[...])`. Only this module imports lm_eval; nothing on jaxcrit's main
-path does, and lm_eval's core does not import torch.
+path does. jaxcrit never imports torch (simple_evaluate seeds torch where it is installed).
 
 Model args (`--model_args k=v,k=v`, or a dict from Python):
   model         an embedded name (smollm2), a HF checkpoint dir, a .gguf file or a converted dir;
