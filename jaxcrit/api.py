@@ -3,7 +3,8 @@
 Each function runs the stage code of the CLI (jaxcrit/stages.py) in memory, with a config built
 from the CLI's defaults (jaxcrit/configs/common.py). Keyword arguments are config fields: first
 of the function's own section (importance: stage1, grow: stage2, scan: scan, evaluate:
-evaluate, map: map), then the top level (seed, max_tokens), then engine (chunk, vocab_chunk, ...).
+evaluate, map: map, generate: generate), then the top level (seed, max_tokens), then engine
+(chunk, vocab_chunk, ...).
 
     m = jaxcrit.load("smollm2")
     ranking = jaxcrit.importance(m, text, samples=16)          # DataFrame, best first
@@ -11,6 +12,7 @@ evaluate, map: map), then the top level (seed, max_tokens), then engine (chunk, 
     jaxcrit.scan(m, text, sites=["down_proj"], layers=[11])    # DataFrame ..., delta
     jaxcrit.evaluate(m, ranking[:curve.attrs["critical_n"]], [text])
     jaxcrit.map(m, text, screens=("first_order", "magnitude"))  # every neuron; top ones verified
+    jaxcrit.generate(m, "The capital of France is", neurons=ranking[:1])  # prompt, text, tokens, logprobs
 """
 from __future__ import annotations
 
@@ -106,6 +108,26 @@ def evaluate(model: Model, neurons, texts: Sequence[str], **fields):
     return df
 
 
+def generate(model: Model, prompts: str | Sequence[str], neurons=None, **fields):
+    """Continuations of prompts (one string or several, one batch) with neurons zeroed (a
+    DataFrame, NeuronSet or (site, layer, channel) tuples; None: the clean model), stopping at
+    the model's EOS tokens. Fields of generate (max_new_tokens, temperature, top_k, top_p) and
+    the top level (seed, max_tokens). One row per prompt: prompt, text (the continuation),
+    tokens, logprobs (of each new token under the model that wrote it)."""
+    import pandas as pd
+
+    from jaxcrit import generation as G
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts:
+        raise JaxcritError("give at least one prompt")
+    r = _run(model, prompts[0], "generate", {"prompts": prompts, **fields})
+    c = r.c.generate
+    abl = None if neurons is None else G.ablation(model.cfg, NeuronSet.of(neurons))
+    return pd.DataFrame(G.continue_texts(model, prompts, abl, max_new_tokens=c.max_new_tokens,
+                                         sampling=G.Sampling(c.temperature, c.top_k, c.top_p, r.c.seed),
+                                         max_tokens=r.c.max_tokens))
+
+
 def engine_for(model: Model, texts: Sequence[str] | str, max_tokens: int = 512, **kw) -> E.Engine:
     """An Engine scoring ablations on these texts (the low-level interface)."""
     texts = [texts] if isinstance(texts, str) else list(texts)
@@ -119,4 +141,5 @@ def run(c: ConfigDict, workdir: str | Path) -> dict:
     return run_cli(c, Path(workdir))
 
 
-__all__ = ["Model", "DTYPES", "load", "config", "importance", "grow", "scan", "map", "evaluate", "engine_for", "run"]
+__all__ = ["Model", "DTYPES", "load", "config", "importance", "grow", "scan", "map", "evaluate", "generate", "engine_for",
+           "run"]

@@ -176,8 +176,9 @@ class Texts:
         return int((self.valid[:, 1:] & self.valid[:, :-1]).sum())
 
 
-def _masks(cfg: ModelConfig, sites: tuple[str, ...], row: dict, with_values: bool):
-    """Dense per-site [L, C] masks (and values) of one row."""
+def row_masks(cfg: ModelConfig, sites: tuple[str, ...], row: dict, with_values: bool):
+    """Dense per-site [L, C] masks (and values, or None) of one row ({field: [K]} of Ablations),
+    for the sites given (a superset of the row's: the others get all-ones masks)."""
     masks, values = {}, {}
     for s in sites:
         mine = row["site"] == SITE_INDEX[s]
@@ -236,7 +237,7 @@ def _chunk_nll(params, cache: decoder.Cache, valid, targets, tmask, shift, rows,
     edited = (active[..., None] & (rows["layer"][..., None] == jnp.arange(cfg.n_layers))).any((0, 1))  # [L]
 
     def hidden(row):
-        masks, values = _masks(cfg, sites, row, with_values)
+        masks, values = row_masks(cfg, sites, row, with_values)
         h = decoder.resume(cfg, params, cache, valid, start, masks=masks, values=values, edited=edited,
                            attn_impl=attn_impl)
         return h[:, :-1]

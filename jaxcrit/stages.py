@@ -8,6 +8,7 @@
     greedy      greedy growth on measured deltas   greedy.json
     map         every neuron screened, top verified map.csv, map.json, map.png
     evaluation  perplexity before/after masking    evaluation.json
+    generations prompts continued, clean vs masked  generations.json
     modes, stability, dtypes, learned, relations: the study's stages (jaxcrit/study.py)
     report      the summary of all of the above    curve.png, summary.md
 
@@ -334,6 +335,18 @@ def evaluate_texts(run: Run, neurons: NeuronSet, texts: list[str]) -> dict:
                     memo=run.store.memo("evaluation"), **run.engine_kw())
 
 
+# ----------------------------------------------------------------------------- generations
+
+def generations(run: Run) -> dict:
+    """generate.prompts continued by the clean model and with the critical set zeroed (one batch;
+    jaxcrit/generation.py)."""
+    from jaxcrit import generation as G
+    c = run.c.generate
+    sampling = G.Sampling(c.temperature, c.top_k, c.top_p, run.c.seed)
+    return G.base_vs_masked(run.model, list(c.prompts), run["critical"].neurons, max_new_tokens=c.max_new_tokens,
+                            sampling=sampling, max_tokens=run.c.max_tokens)
+
+
 # ----------------------------------------------------------------------------- report
 
 def report(run: Run) -> dict:
@@ -359,6 +372,8 @@ def report(run: Run) -> dict:
         out["greedy"] = greedy_path
     if run["map"] is not None:
         out["map"] = run["map"].summary()
+    if run["generations"] is not None:
+        out["generations"] = run["generations"]
     return out
 
 
@@ -387,6 +402,9 @@ STAGES: dict[str, Stage] = {st.name: st for st in (
     Stage("evaluation", ("evaluation.json",), evaluation,
           lambda run, v: io.write_json(run.workdir / "evaluation.json", v),
           lambda run: io.read_json(run.workdir / "evaluation.json")),
+    Stage("generations", ("generations.json",), generations,
+          lambda run, v: io.write_json(run.workdir / "generations.json", v),
+          lambda run: io.read_json(run.workdir / "generations.json"), enabled=lambda c: c.generate.enabled),
     # --- issue 15: the study's stages (jaxcrit/study.py)
     Stage("modes", ("modes.json", "modes.png"), study.modes, study.save_modes,
           lambda run: io.read_json(run.workdir / "modes.json"), enabled=lambda c: c.study.other_ranking),

@@ -95,6 +95,14 @@ def _fields() -> tuple[tuple[str, Check, str], ...]:
         ("evaluate.sets", lambda v: isinstance(v, (tuple, list)) and all(isinstance(x, str) and valid_set_name(x)
                                                                          for x in v) and len(set(v)) == len(v),
          "distinct names among greedy, learned, prefix@E (E a number)"),
+        ("generate.enabled", _bool, "True or False"),
+        ("generate.prompts", lambda v: isinstance(v, (tuple, list)) and len(v) > 0 and all(isinstance(x, str) and x
+                                                                                       for x in v),
+         "a non-empty tuple of non-empty strings"),
+        ("generate.max_new_tokens", _int(1), "an integer >= 1"),
+        ("generate.temperature", _num(lambda x: x >= 0), ">= 0 (0: greedy)"),
+        ("generate.top_k", _int(0), "an integer >= 0 (0: no cut)"),
+        ("generate.top_p", _num(lambda x: 0 < x <= 1), "in (0, 1] (1: no cut)"),
         ("engine.chunk", _int(0), "an integer >= 0 (0: planned from free memory)"),
         ("engine.vocab_chunk", _int(1), "an integer >= 1"),
         ("engine.prefix_sharing", _bool, "True or False"),
@@ -182,13 +190,17 @@ def against_model(c: ConfigDict) -> None:
     from jaxcrit.convert.checkpoints import resolve
     from jaxcrit.convert.load import tokens
     from jaxcrit.data.texts import read_paragraphs
-    from jaxcrit.data.tokenize import load_tokenizer
+    from jaxcrit.data.tokenize import encode, load_tokenizer
     from jaxcrit.sharding import make_mesh
 
     kind, path = resolve(c.model)
     ranges(c, kind.config(path))
     if not (c.dry_run and path.is_dir() and not (path / "tokenizer.json").exists()):   # a model shape alone
-        tokens(load_tokenizer(path), c.text, c.max_tokens, min_tokens=10)
+        tok = load_tokenizer(path)
+        tokens(tok, c.text, c.max_tokens, min_tokens=10)
+        for prompt in c.generate.prompts if c.generate.enabled else ():
+            if not encode(tok, prompt):
+                raise JaxcritError(f"generate.prompts: {prompt!r} has no tokens; give prompts of at least one token")
     if c.evaluate.file:
         read_paragraphs(c.evaluate.file, limit=c.evaluate.limit)
     make_mesh(tuple(c.mesh.shape))

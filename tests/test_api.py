@@ -91,6 +91,21 @@ def test_evaluate_against_the_engines_losses(model, cli):
     assert abs(tuples["masked_ppl_log10"][0] - ev["masked_ppl_log10"][0]) < 1e-6
 
 
+def test_generate_equals_the_cli_generations(model, cli):
+    """jaxcrit.generate, clean and with the critical set zeroed, gives the continuations the CLI's
+    generations stage wrote (there both ran as one batch, the clean rows at scale 1)."""
+    gen = json.loads((cli / "generations.json").read_text())
+    crit = json.loads((cli / "critical.json").read_text())["neurons"]
+    prompts = [g["prompt"] for g in gen["prompts"]]
+    clean = jaxcrit.generate(model, prompts, max_new_tokens=6)
+    masked = jaxcrit.generate(model, prompts, neurons=crit, max_new_tokens=6)
+    assert list(clean.columns) == ["prompt", "text", "tokens", "logprobs"]
+    assert list(clean["tokens"]) == [g["base_tokens"] for g in gen["prompts"]]
+    assert list(masked["tokens"]) == [g["masked_tokens"] for g in gen["prompts"]]
+    assert list(masked["text"]) == [g["masked"] for g in gen["prompts"]]
+    assert gen["neurons"] == len(crit) and all(len(t) == 6 for t in clean["tokens"])
+
+
 def test_bad_arguments(model):
     with pytest.raises(JaxcritError, match="unknown argument 'sampels'"):
         jaxcrit.importance(model, TEXT, sampels=4)
@@ -100,3 +115,5 @@ def test_bad_arguments(model):
         jaxcrit.scan(model, TEXT, layers=[7])
     with pytest.raises(JaxcritError, match="at least one text"):
         jaxcrit.evaluate(model, [("down_proj", 0, 1)], [])
+    with pytest.raises(JaxcritError, match=r"generate\.top_p must be in \(0, 1\]"):
+        jaxcrit.generate(model, "w1 w2", top_p=0.0)

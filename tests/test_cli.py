@@ -25,7 +25,7 @@ from jaxcrit import engine as E
 from jaxcrit import main as M
 from jaxcrit import pipeline
 from jaxcrit.pipeline import Store
-from tiny_run import COMPARED, TEXT, build_model, config_file, files, paragraphs, tiny_config
+from tiny_run import COMPARED, PROMPTS, TEXT, build_model, config_file, files, paragraphs, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -101,7 +101,13 @@ def test_run_writes_every_result_file(model_dir, tmp_path):
     assert mp.delta.isna().sum() == len(mp) - meta["verified"] - 16 and mp.importance.notna().sum() == 50
     assert [t["delta"] for t in meta["top"]] == sorted(mp.delta.dropna(), reverse=True)[:3]
 
+    gen = json.loads((wd / "generations.json").read_text())
+    assert [g["prompt"] for g in gen["prompts"]] == list(PROMPTS) and gen["sampling"]["temperature"] == 0
+    for g in gen["prompts"]:
+        assert len(g["base_tokens"]) == len(g["masked_tokens"]) == 6 and isinstance(g["masked"], str)
+
     summary = (wd / "summary.md").read_text()
+    assert "## Generations" in summary and "log p clean / masked" in summary
     assert "base perplexity" in summary and "Masked perplexity" in summary
     assert "## Whole-model map" in summary and "Δ (exact)" in summary
     assert f"10^{crit['base_loss'] / E.LN10:.2f}" in summary and f"10^{crit['loss'] / E.LN10:.2f}" in summary

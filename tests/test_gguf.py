@@ -12,7 +12,7 @@ import pytest
 from gguf_files import write_llama
 from jaxcrit.convert.embedded import embedded_path
 from jaxcrit.convert.gguf_io import load_gguf
-from jaxcrit.data.tokenize import encode, load_tokenizer
+from jaxcrit.data.tokenize import encode, load_tokenizer, special_ids
 from jaxcrit.errors import JaxcritError
 from jaxcrit.models import decoder
 
@@ -93,6 +93,7 @@ def test_smollm2_tokenizer_matches_transformers(smollm2, hf_tokenizer):
     assert json.loads(tok.to_str()) == json.loads(hf_tokenizer.backend_tokenizer.to_str())
     for text in PARAGRAPHS + ["<|im_start|>user\nHi  there!\t$1,000.00<|im_end|>\n", " leading space, déjà vu 🙂"]:
         assert encode(tok, text) == hf_tokenizer(text)["input_ids"]
+    assert special_ids(smollm2) == (hf_tokenizer.bos_token_id, (hf_tokenizer.eos_token_id,))
 
 
 @needs_smollm2

@@ -12,7 +12,8 @@ from jaxcrit.configs.common import base
 WORDS = 60
 TEXT = " ".join(f"w{i}" for i in np.random.default_rng(5).integers(0, WORDS, 40))   # 40 tokens
 COMPARED = ("importance.json", "curve.csv", "critical.json", "baselines.json", "scan.csv", "greedy.json",
-            "map.csv", "map.json", "evaluation.json")
+            "map.csv", "map.json", "evaluation.json", "generations.json")
+PROMPTS = ("w3 w14 w15 w9 w26", "w53 w5 w8")
 
 
 def build_model(directory: Path, layers: int = 2, seed: int = 0) -> Path:
@@ -52,6 +53,8 @@ def tiny_config(model_dir: Path, **over):
     c.map.block = 8
     c.map.audit = 16
     c.engine.chunk = 8
+    c.generate.prompts = PROMPTS
+    c.generate.max_new_tokens = 6
     for k, v in over.items():
         *path, last = k.split("__")
         obj = c
@@ -65,6 +68,7 @@ def config_file(path: Path, model_dir: Path, **fields) -> Path:
     """A config file for the CLI: base(model_dir), the tiny text, no progress bars, `fields` set."""
     lines = ["from jaxcrit.configs.common import base", "", "", "def get_config(arg=None):",
              f"    c = base({str(model_dir)!r})", f"    c.text = {TEXT!r}", "    c.progress = False",
+             f"    c.generate.prompts = {PROMPTS!r}",
              "    c.stage1.samples = 4"]
     lines += [f"    c.{k.replace('__', '.')} = {v!r}" for k, v in fields.items()]
     path.write_text("\n".join(lines + ["    return c", ""]))

@@ -9,6 +9,8 @@ import ml_collections
 
 from jaxcrit.data.texts import BOOKENDS
 
+PROMPTS = ("The capital of France is", "Water boils at a temperature of", "Once upon a time, there was a")
+
 
 def base(model: str) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -62,6 +64,15 @@ def base(model: str) -> ml_collections.ConfigDict:
     c.evaluate.limit = 0            # evaluate only the first N rows of the file (0: all)
     c.evaluate.batch = 8            # texts per resumable evaluation block
     c.evaluate.sets = ()            # neuron sets scored next to the critical set: greedy, learned, prefix@E (the ranking's first prefix reaching delta E)
+
+    # --- generations: what the model says with the critical set masked (jaxcrit/generation.py)
+    c.generate = ml_collections.ConfigDict()
+    c.generate.enabled = True         # the generations stage: prompts continued by the clean and the masked model
+    c.generate.prompts = PROMPTS      # the prompts (one batch)
+    c.generate.max_new_tokens = 24    # tokens generated per prompt (fewer when the model's EOS token comes first)
+    c.generate.temperature = 0.0      # 0: greedy; > 0: sampled (seeded by `seed`) at this temperature
+    c.generate.top_k = 0              # sampling: keep the k most likely tokens (0: all)
+    c.generate.top_p = 1.0            # sampling: keep the smallest set of tokens with this much probability (1: all)
 
     c.engine = ml_collections.ConfigDict()
     c.engine.chunk = 64             # ablations per compiled call; 0: the largest that fits free device memory

@@ -23,6 +23,8 @@ class Model:
     tokenizer: Tokenizer
     mesh: Mesh
     source: str
+    bos: int | None = None          # the checkpoint's BOS token id (data/tokenize.special_ids)
+    eos: tuple[int, ...] = ()       # its EOS token ids: where generation stops
 
     def decoder(self):
         """The Flax NNX module over these params (models/module.py): `model.decoder()(tokens)`
@@ -48,11 +50,12 @@ def load(name_or_path: str = "smollm2", dtype: str = "float32", mesh: Mesh | Non
          rules=DEFAULT_RULES) -> Model:
     """An embedded model name ('smollm2'), a HF checkpoint dir, a .gguf file, or a dir saved by
     jaxcrit.convert.orbax_io.save (holding jaxcrit.json)."""
-    from jaxcrit.data.tokenize import load_tokenizer
+    from jaxcrit.data.tokenize import load_tokenizer, special_ids
     if dtype not in DTYPES:
         raise JaxcritError(f"dtype '{dtype}' unknown: use one of {', '.join(DTYPES)}")
     mesh = mesh or make_mesh()
     kind, path = resolve(str(name_or_path))
     tokenizer = load_tokenizer(path)
+    bos, eos = special_ids(path)        # before the weights: a GGUF's parsed metadata is still kept
     cfg, params = kind.load(path, DTYPES[dtype], mesh, rules)
-    return Model(cfg, params, tokenizer, mesh, str(name_or_path))
+    return Model(cfg, params, tokenizer, mesh, str(name_or_path), bos, eos)

@@ -52,8 +52,21 @@ def _act(name: str, x: Array) -> Array:
 
 def rope_tables(cfg: ModelConfig, seq_len: int) -> tuple[Array, Array]:
     """cos, sin [seq, head_dim] in f32, rotate-half layout."""
-    inv, scale = rope_inv_freq(cfg, seq_len)
-    ang = jnp.arange(seq_len, dtype=jnp.float32)[:, None] * jnp.asarray(inv)[None, :]
+    return rope_at(cfg, jnp.arange(seq_len), seq_len)
+
+
+def rope_at(cfg: ModelConfig, positions: Array, length) -> tuple[Array, Array]:
+    """cos, sin [T, head_dim] in f32 at positions [T] of a sequence `length` tokens long.
+
+    Both may be traced (generation's cached steps). The length matters for longrope alone: past
+    rope_original_max its long factors apply, as transformers picks them (from the largest
+    position + 1 of each forward call).
+    """
+    inv, scale = rope_inv_freq(cfg, 0)
+    if cfg.rope_type == "longrope":
+        long, _ = rope_inv_freq(cfg, cfg.rope_original_max + 1)
+        inv = jnp.where(length > cfg.rope_original_max, jnp.asarray(long), jnp.asarray(inv))
+    ang = jnp.asarray(positions, jnp.float32)[:, None] * jnp.asarray(inv)[None, :]
     ang = jnp.concatenate([ang, ang], axis=-1)
     return jnp.cos(ang) * scale, jnp.sin(ang) * scale
 
@@ -74,10 +87,11 @@ def _edit(out: Array, name: str, masks: SiteArrays | None, values: SiteArrays | 
     return out
 
 
-def attention_bias(cfg: ModelConfig, T: int, valid: Array | None) -> Array:
-    """Additive mask [B, 1, 1, T, T] ([1, ...] when valid is None: no padding): causal, key
-    padding, sliding window."""
-    i = jnp.arange(T)[:, None]
+def attention_bias(cfg: ModelConfig, T: int, valid: Array | None, positions: Array | None = None) -> Array:
+    """Additive mask [B, 1, 1, Tq, T] ([1, ...] when valid is None: no padding): causal, key
+    padding, sliding window. T keys; positions [Tq]: the queries' positions (default: arange(T),
+    the keys' own)."""
+    i = (jnp.arange(T) if positions is None else positions)[:, None]
     j = jnp.arange(T)[None, :]
     ok = j <= i
     if cfg.sliding_window:
@@ -86,13 +100,16 @@ def attention_bias(cfg: ModelConfig, T: int, valid: Array | None) -> Array:
     return jnp.where(ok, 0.0, -jnp.inf)[:, None, None].astype(jnp.float32)
 
 
-def attend(cfg: ModelConfig, q: Array, k: Array, v: Array, valid: Array | None, impl: str) -> Array:
-    """Causal GQA attention. q [B, T, H, hd], k/v [B, T, KV, hd] -> [B, T, H, hd]; valid [B, T]
-    (None: no padding).
+def attend(cfg: ModelConfig, q: Array, k: Array, v: Array, valid: Array | None, impl: str,
+           positions: Array | None = None) -> Array:
+    """Causal GQA attention. q [B, Tq, H, hd], k/v [B, T, KV, hd] -> [B, Tq, H, hd]; valid [B, T]
+    marks the keys (None: no padding).
 
     impl "xla": einsum with an f32 softmax (exact reference path); "cudnn": the fused
     flash-attention kernel (GPU, bf16/fp16), which never materialises the [T, T] scores (given
     no sequence lengths when there is no padding: its faster kernel on the H200).
+    positions [Tq] (xla only): the queries' positions among the keys, for queries that are not
+    the keys' own sequence (generation's KV cache); default: Tq = T, the same positions.
     """
     B, T, H, hd = q.shape
     KV = k.shape[2]
@@ -104,14 +121,14 @@ def attend(cfg: ModelConfig, q: Array, k: Array, v: Array, valid: Array | None, 
                                             implementation="cudnn")
     # batch axes first, as batched GEMMs want them: XLA:CPU ran the [b, t, k, g, d] form 3.5x slower
     q = q.reshape(B, T, KV, H // KV, hd).transpose(0, 2, 3, 1, 4)                    # [B, KV, G, T, hd]
-    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)                         # [B, KV, S, hd]
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)                         # [B, KV, T, hd]
     s = jnp.einsum("bkgtd,bksd->bkgts", q, k, preferred_element_type=jnp.float32, precision=precision(q.dtype))
-    s = s * (1.0 / math.sqrt(hd)) + attention_bias(cfg, T, valid)
+    s = s * (1.0 / math.sqrt(hd)) + attention_bias(cfg, k.shape[2], valid, positions)
     a = jax.nn.softmax(s, axis=-1).astype(v.dtype)
     return jnp.einsum("bkgts,bksd->bkgtd", a, v, precision=precision(v.dtype)).transpose(0, 3, 1, 2, 4)
 
 
-def _editor(masks: SiteArrays | None, values: SiteArrays | None, record: dict[str, Array] | None = None):
+def editor(masks: SiteArrays | None, values: SiteArrays | None, record: dict[str, Array] | None = None):
     """site(name, out): applies the site's edit to a module output (and records it in `record`)."""
     def site(name: str, out: Array) -> Array:
         out = _edit(out, name, masks, values)
@@ -124,6 +141,13 @@ def _editor(masks: SiteArrays | None, values: SiteArrays | None, record: dict[st
 def _attention_out(cfg: ModelConfig, p: Params, h: Array, valid: Array | None, cos: Array, sin: Array, site,
                    attn_impl: str) -> Array:
     """The attention branch's output o_proj(attn(norm(h))) [B, T, D], site-edited; h [B, T, D]."""
+    q, k, v = qkv(cfg, p, h, cos, sin, site)
+    return attention_output(cfg, p, attend(cfg, q, k, v, valid, attn_impl), site)
+
+
+def qkv(cfg: ModelConfig, p: Params, h: Array, cos: Array, sin: Array, site) -> tuple[Array, Array, Array]:
+    """The attention's q [B, T, H, hd] and k, v [B, T, KV, hd] of the residual h [B, T, D]:
+    site-edited projections, q/k-normed (Qwen3) and rotated (cos, sin [T, hd])."""
     B, T, _ = h.shape
     x = rms_norm(h, p["input_norm"], cfg.norm_eps, cfg.family.norm_plus_one)
     q, k, v = mm(x, p["q_w"]), mm(x, p["k_w"]), mm(x, p["v_w"])
@@ -137,15 +161,19 @@ def _attention_out(cfg: ModelConfig, p: Params, h: Array, valid: Array | None, c
     if cfg.family.qk_norm:
         q = rms_norm(q, p["q_norm"], cfg.norm_eps, False)
         k = rms_norm(k, p["k_norm"], cfg.norm_eps, False)
-    q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-    o = attend(cfg, q, k, v, valid, attn_impl).reshape(B, T, cfg.q_dim)
-    o = mm(o, p["o_w"])
+    return _rotate(q, cos, sin), _rotate(k, cos, sin), v
+
+
+def attention_output(cfg: ModelConfig, p: Params, o: Array, site) -> Array:
+    """o_proj of the heads' outputs o [B, T, H, hd]: [B, T, D], site-edited."""
+    B, T = o.shape[:2]
+    o = mm(o.reshape(B, T, cfg.q_dim), p["o_w"])
     if "o_b" in p:
         o = o + p["o_b"]
     return site("o_proj", o)
 
 
-def _mlp_out(cfg: ModelConfig, p: Params, mid: Array, site) -> Array:
+def mlp_out(cfg: ModelConfig, p: Params, mid: Array, site) -> Array:
     """The MLP's output down_proj(act(gate(x)) * up(x)) [B, T, D], site-edited, of the
     post-attention residual `mid` [B, T, D] (x is its post_attention_layernorm)."""
     x = site("post_attention_layernorm", rms_norm(mid, p["post_norm"], cfg.norm_eps, cfg.family.norm_plus_one))
@@ -167,9 +195,9 @@ def block(cfg: ModelConfig, p: Params, h: Array, valid: Array | None, cos: Array
     """One decoder layer. p holds this layer's slice of the stacked params; h [B, T, D]."""
     p = layer_params(cfg, p)
     sites: dict[str, Array] = {}
-    site = _editor(masks, values, sites)
+    site = editor(masks, values, sites)
     mid = h + _attention_out(cfg, p, h, valid, cos, sin, site, attn_impl)
-    return mid + _mlp_out(cfg, p, mid, site), sites
+    return mid + mlp_out(cfg, p, mid, site), sites
 
 
 # Where a perturbed row can start inside its first perturbed layer S (site-level prefix sharing).
@@ -204,7 +232,7 @@ def _hidden_change(cfg: ModelConfig, p: Params, mid: Array, masks: SiteArrays, v
     def m(site) -> Array:
         return site("act_fn", _act(cfg.family.act, site("gate_proj", g))) * site("up_proj", u)
 
-    change = m(_editor(at_j(masks), at_j(values))).astype(jnp.float32) - m(_editor(None, None)).astype(jnp.float32)
+    change = m(editor(at_j(masks), at_j(values))).astype(jnp.float32) - m(editor(None, None)).astype(jnp.float32)
     return change[..., None] * p["down_w"][j].astype(jnp.float32)
 
 
@@ -235,10 +263,10 @@ def resume(cfg: ModelConfig, params: Params, cache: Cache, valid: Array | None, 
     S, entry = start[0], start[1]
     at = lambda arrs: None if arrs is None else {k: v[S] for k, v in arrs.items()}
     take = lambda a: jax.lax.dynamic_index_in_dim(a, S, keepdims=False)
-    p = layer_params(cfg, {k: take(v) for k, v in params.items() if k not in ("embed", "lm_head", "final_norm")})
+    p = layer_params(cfg, {k: take(v) for k, v in stacked_params(params).items()})
     h, o, d = take(cache.resid), take(cache.attn), take(cache.mlp)
     m, vals = at(masks), at(values)
-    site = _editor(m, vals)
+    site = editor(m, vals)
 
     def whole() -> Array:
         cos, sin = rope_tables(cfg, h.shape[1])
@@ -246,7 +274,7 @@ def resume(cfg: ModelConfig, params: Params, cache: Cache, valid: Array | None, 
 
     def mlp() -> Array:
         mid = h + site("o_proj", o)
-        return mid + _mlp_out(cfg, p, mid, site)
+        return mid + mlp_out(cfg, p, mid, site)
 
     def out() -> Array:
         mid = h + o
@@ -261,9 +289,21 @@ def resume(cfg: ModelConfig, params: Params, cache: Cache, valid: Array | None, 
     return h
 
 
+def stacked_params(params: Params) -> dict[str, Array]:
+    """The stacked per-layer params [L, ...] (all but the embedding, lm_head and final norm)."""
+    return {k: v for k, v in params.items() if k not in ("embed", "lm_head", "final_norm")}
+
+
 def embed(cfg: ModelConfig, params: Params, tokens: Array) -> Array:
     """Token embeddings E(x) [B, T, D], before any model-internal scaling."""
     return jnp.take(params["embed"], tokens, axis=0)
+
+
+def scale_embeds(cfg: ModelConfig, embeds: Array) -> Array:
+    """The residual stream entering layer 0 from E(x) [B, T, D] (Gemma scales by sqrt(d_model))."""
+    if cfg.family.embed_scale:
+        return embeds * jnp.asarray(math.sqrt(cfg.d_model), embeds.dtype)
+    return embeds
 
 
 def forward(cfg: ModelConfig, params: Params, embeds: Array, valid: Array | None = None, *,
@@ -291,13 +331,11 @@ def forward(cfg: ModelConfig, params: Params, embeds: Array, valid: Array | None
     Returns the final-normed hidden state [B, T, D] and the captures.
     """
     T = embeds.shape[1]
-    h = embeds
-    if start is None and cfg.family.embed_scale:
-        h = h * jnp.asarray(math.sqrt(cfg.d_model), h.dtype)
+    h = embeds if start is not None else scale_embeds(cfg, embeds)
     if start is not None and (capture or observe is not None):
         raise ValueError("capture and observe need start=None")
     cos, sin = rope_tables(cfg, T)
-    layer_p = {k: v for k, v in params.items() if k not in ("embed", "lm_head", "final_norm")}
+    layer_p = stacked_params(params)
     if start is not None:  # layers start..L-1 only: a loop with a traced lower bound
         def layers(m, vals):
             def layer(i, h):

@@ -107,7 +107,8 @@ def _md_table(header: list[str], rows: list[list[Any]], align: str | None = None
 
 
 def summary_markdown(result: Mapping[str, Any]) -> str:
-    """Markdown report: base/masked perplexity, critical neurons, baselines, scan, map, eval, timings."""
+    """Markdown report: base/masked perplexity, critical neurons, baselines, scan, map, eval,
+    generations, timings."""
     crit = result.get("critical") or {}
     eps = _num(result.get("epsilon"))
     base, masked = _log10s(result)
@@ -185,6 +186,10 @@ def summary_markdown(result: Mapping[str, Any]) -> str:
         L += _md_table(["text", "tokens", "base PPL", "masked PPL", "Δ"], rows, "lrllr")
         L.append("")
 
+    gen = result.get("generations") or {}
+    if gen.get("prompts"):
+        L += _generations_markdown(gen)
+
     tm = result.get("timings") or {}
     if tm:
         L.append("## Timings")
@@ -226,6 +231,25 @@ def _map_markdown(mp: Mapping[str, Any]) -> list[str]:
         L += _md_table(["screen", "top-k recall", "Spearman (audit)", "median |err| (audit)", "max |err| (audit)"],
                        rows, "lrrrr")
         L.append("")
+    return L
+
+
+def _generations_markdown(gen: Mapping[str, Any]) -> list[str]:
+    """Each prompt's continuation by the clean model and with the critical set zeroed."""
+    smp = gen.get("sampling") or {}
+    how = ("greedy" if not _num(smp.get("temperature")) else
+           f"sampled at temperature {_fmt(smp.get('temperature'), 'g')}, top-k {smp.get('top_k', '?')}, "
+           f"top-p {_fmt(smp.get('top_p'), 'g')}, seed {smp.get('seed', '?')}")
+    L = ["## Generations", "",
+         f"Up to {gen.get('max_new_tokens', '?')} new tokens per prompt ({how}), by the clean model and with the "
+         f"{gen.get('neurons', '?')} critical neuron{'s' if gen.get('neurons') != 1 else ''} zeroed; "
+         "log p: the continuation's log-probability under the model that wrote it.", ""]
+    rows = [[_snippet(g.get("prompt", ""), 40), _snippet(g.get("base", ""), 80), _snippet(g.get("masked", ""), 80),
+             "same" if g.get("diverge_at") is None else g.get("diverge_at"),
+             f"{_fmt(g.get('base_logprob'), '.1f')} / {_fmt(g.get('masked_logprob'), '.1f')}"]
+            for g in gen["prompts"]]
+    L += _md_table(["prompt", "clean", "masked", "differs from token", "log p clean / masked"], rows, "lllrr")
+    L.append("")
     return L
 
 
