@@ -277,7 +277,7 @@ def map_of(run: Run) -> maps.Map:
         part = everyone[idx]
         return memo(key, lambda: run.engine.deltas(E.make(part.site, part.layer, part.channel, cfg=m.cfg),
                                                    desc=f"map {key}", sites=SITE_NAMES))   # one program
-    block = maps.round_block(c.block, run.engine.chunk, len(values))
+    block = maps.round_block(c.block, run.engine.chunk, len(values), c.top_k)
     return maps.build(everyone, values, measure, top_k=c.top_k, block=block, max_rounds=c.max_rounds, audit=c.audit,
                       seed=run.c.seed)
 

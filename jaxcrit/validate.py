@@ -86,7 +86,7 @@ def _fields() -> tuple[tuple[str, Check, str], ...]:
         ("map.screens", lambda v: _names(SCREENS)(v) and len(v) > 0,
          f"a non-empty tuple of distinct screens among {', '.join(SCREENS)}"),
         ("map.top_k", _int(1), "an integer >= 1"),
-        ("map.block", _int(0), "an integer >= 0 (0: engine.chunk shared among the screens)"),
+        ("map.block", _int(0), "an integer >= 0 (0: the engine chunk shared among the screens, at least map.top_k)"),
         ("map.max_rounds", _int(0), "an integer >= 0 (0: no limit)"),
         ("map.audit", _int(0), "an integer >= 0"),
         ("evaluate.file", _str, "a path or ''"),

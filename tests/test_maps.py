@@ -86,8 +86,8 @@ def _build(screens, measure, **kw):
 
 
 def test_rule_verifies_in_rank_order_and_finds_the_top_k():
-    """A good screen (exact + small noise) and a useless one (random): rounds take 50 of each in
-    rank order, never measure a neuron twice, stop by the rule once a round changes nothing in
+    """A good screen (exact + small noise) and a useless one (random): rounds take 50, 100, 200, ...
+    of each in rank order, never measure a neuron twice, stop by the rule once a round changes nothing in
     the exact top-k, which is then the true top-k; the audit is a seeded sample of the rest."""
     exact, calls, measure = _synthetic()
     rng = np.random.default_rng(1)
@@ -99,7 +99,7 @@ def test_rule_verifies_in_rank_order_and_finds_the_top_k():
     assert [key for key, _ in calls] == [f"round-{r}" for r in range(mp.rounds)] + ["audit"]
     seen = np.concatenate(rounds)
     assert len(seen) == len(set(seen.tolist())) == (mp.how == maps.ROUND).sum()
-    depth = mp.rounds * 50
+    depth = maps.depth_of(mp.rounds, 50)           # 50, 150, 350, ...: the depth doubles each round
     assert set(seen.tolist()) == set(maps.ranked(good)[:depth].tolist()) | set(
         maps.ranked(mp.screens["magnitude"])[:depth].tolist())
     verified = mp.how != maps.NOT
@@ -135,9 +135,9 @@ def test_rule_stops_when_screens_run_out_or_at_max_rounds():
     partial_screen = np.full(exact.size, np.nan, np.float32)
     partial_screen[:120] = exact[:120]                # like Stage 1's ranking: finite values for 120 only
     mp = _build({"importance": partial_screen}, measure, top_k=200, audit=0)
-    assert mp.stopped == "exhausted" and mp.rounds == 3 and (mp.how == maps.ROUND).sum() == 120
+    assert mp.stopped == "exhausted" and mp.rounds == 2 and (mp.how == maps.ROUND).sum() == 120   # 50, then 100
     mp = _build({"first_order": exact}, measure, top_k=200, max_rounds=2, audit=0)
-    assert mp.stopped == "max_rounds" and mp.rounds == 2 and (mp.how == maps.ROUND).sum() == 100
+    assert mp.stopped == "max_rounds" and mp.rounds == 2 and (mp.how == maps.ROUND).sum() == 150
 
 
 # ----------------------------------------------------------------------------- against the engine

@@ -67,7 +67,7 @@ def main() -> None:
         return d
 
     t = time.perf_counter()
-    res["block"] = maps.round_block(args.block, eng.chunk, len(res["screens"]))
+    res["block"] = maps.round_block(args.block, eng.chunk, len(res["screens"]), args.top_k)
     mp = maps.build(everyone, {k: SC.flat(values[k]) for k in res["screens"]}, measure, top_k=args.top_k,
                     block=res["block"], max_rounds=args.max_rounds, audit=args.audit, seed=0)
     res["verify_s"] = time.perf_counter() - t

@@ -19,6 +19,8 @@ import sys
 
 import pandas as pd
 
+from jaxcrit.critical.maps import depth_of
+
 KEY = ["site", "layer", "channel"]
 
 
@@ -29,14 +31,14 @@ def truth_of(scans: list[str]) -> pd.DataFrame:
 
 def compare(truth: pd.DataFrame, mp: pd.DataFrame, meta: dict, k: int) -> dict:
     screens = [c for c in mp.columns if c not in KEY + ["delta", "verified"]]
-    for s in screens:   # whole-model ranks, best first (NaN last)
-        mp[f"{s}_rank"] = mp[s].rank(ascending=False, method="first", na_option="bottom").astype(int) - 1
+    for s in screens:   # whole-model ranks in the order the map takes candidates (maps.ranked: largest |value|)
+        mp[f"{s}_rank"] = mp[s].abs().rank(ascending=False, method="first", na_option="bottom").astype(int) - 1
     both = truth.merge(mp, on=KEY, how="left", suffixes=("_truth", ""))
     top_truth = both.nlargest(k, "delta_truth")
     mine = both[both.verified != "no"]
     top_map = mine.nlargest(k, "delta")
     key = lambda df: [tuple(r) for r in df[KEY].itertuples(index=False)]
-    depth = meta["rounds"] * meta["block"]
+    depth = depth_of(meta["rounds"], meta["block"])
     out = {
         "truth_neurons": len(truth), "k": k,
         "equal": set(key(top_truth)) == set(key(top_map)),
@@ -50,6 +52,8 @@ def compare(truth: pd.DataFrame, mp: pd.DataFrame, meta: dict, k: int) -> dict:
                       for r in top_truth.itertuples()],
         "screens": {},
     }
+    best = top_truth[[f"{s}_rank" for s in screens]].min(axis=1).to_numpy()
+    out["union_depth_for_all_k"] = int(best.max()) + 1     # candidates per screen that would have held all k
     for s in screens:
         ranks = top_truth[f"{s}_rank"].to_numpy()
         out["screens"][s] = {"recall_at_verified_depth": float((ranks < depth).mean()),

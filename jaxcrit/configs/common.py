@@ -55,7 +55,7 @@ def base(model: str) -> ml_collections.ConfigDict:
     c.map.enabled = True            # the whole-model map: every neuron screened, the screens' best verified exactly
     c.map.screens = ("first_order", "magnitude", "importance")  # screens whose rankings give the candidates
     c.map.top_k = 10                # the exact top-k the stopping rule watches (and summary.md lists)
-    c.map.block = 0                 # candidates taken from each screen per round (one resumable unit); 0: engine.chunk / screens
+    c.map.block = 0                 # candidates taken from each screen per round (one resumable unit); 0: max(top_k, engine.chunk / screens)
     c.map.max_rounds = 50           # stop after this many rounds even if the rule has not (0: no limit)
     c.map.audit = 128               # seeded random unverified neurons verified to measure misses and screen error
 

@@ -1,11 +1,13 @@
 """The whole-model map: every neuron screened cheaply, the candidates verified exactly.
 
-Candidates come from the screens' rankings (critical/screens.py), `block` entries of each
-screen per round, in rank order; a round verifies the union of its blocks not yet verified
+Candidates come from the screens' rankings (critical/screens.py), in rank order, with a depth
+that doubles each round: round r takes ranks [block (2^r - 1), block (2^(r+1) - 1)) of each
+screen; a round verifies the union of its blocks not yet verified
 through the engine (one resumable unit). The stopping rule is a heuristic, not a bound (a
 first-order estimate bounds nothing):
 
-    stop after round r >= 1 when round r's blocks added no member to the exact top-k,
+    stop after round r >= 1 when round r's blocks (doubling the depth) added no member to the
+    exact top-k,
     or when every screen's finite values are used up, or after max_rounds rounds.
 
 Then a seeded random sample of `audit` neurons no round verified is verified too; it measures
@@ -27,7 +29,8 @@ Measure = Callable[[str, np.ndarray], np.ndarray]   # (unit key, flat neuron ind
 
 NOT, ROUND, AUDIT = 0, 1, 2                    # how a neuron's exact delta was obtained
 HOW = ("no", "screen", "audit")                # ... as map.csv's verified column writes it
-RULE = ("stop after round r >= 1 when its blocks (block entries of each screen, in rank order) added no "
+RULE = ("stop after round r >= 1 when its blocks (ranks block (2^r - 1) to block (2^(r+1) - 1) of each screen, "
+        "doubling the depth) added no "
         "member to the exact top-k; a heuristic, not a bound")
 
 
@@ -76,7 +79,7 @@ class Map:
         missed: audited neurons whose delta beats the k-th delta the rounds verified;
         missed_estimate: that count scaled to every neuron the rounds left unverified.
         Per screen: recall (share of the exact top-k inside the screen's verified depth,
-        rounds * block ranks), spearman (rank correlation with the exact delta on the audit
+        depth(rounds, block) ranks), spearman (rank correlation with the exact delta on the audit
         sample), and for screens in delta units the median and max |estimate - exact| there.
         """
         rounds_top = _top(self.delta, self.how == ROUND, self.top_k)
@@ -88,7 +91,7 @@ class Map:
                "missed_estimate": missed / len(aud) * unverified if len(aud) else None, "screens": {}}
         top = set(self.top().tolist())
         for name, v in self.screens.items():
-            depth = set(ranked(v)[:self.rounds * self.block].tolist())
+            depth = set(ranked(v)[:depth_of(self.rounds, self.block)].tolist())
             s = {"recall": len(top & depth) / len(top) if top else None,
                  "spearman": _spearman(v[aud], self.delta[aud])}
             if SCREENS[name] == "delta":
@@ -99,16 +102,25 @@ class Map:
         return out
 
 
-def round_block(block: int, chunk: int, screens: int) -> int:
+def round_block(block: int, chunk: int, screens: int, top_k: int) -> int:
     """Candidates per screen and round: `block`, or with 0 the engine chunk shared among the
-    screens, so a round fills about one compiled chunk (overlaps between screens leave it short)."""
-    return block or max(1, chunk // screens)
+    screens (a round fills about one compiled chunk; overlaps leave it short), but at least
+    top_k: on SmolLM2 rounds of 2 per screen (8-row CPU chunks) stopped after 45 neurons with 8
+    of the exact top-20 unseen (docs/benchmarks.md)."""
+    return block or max(top_k, chunk // screens)
+
+
+def depth_of(rounds: int, block: int) -> int:
+    """Ranks of each screen verified after `rounds` rounds (the depth doubles each round)."""
+    return block * (2 ** rounds - 1)
 
 
 def ranked(v: np.ndarray) -> np.ndarray:
-    """Flat indices of a screen's finite values, largest first (ties: lower index first)."""
+    """Flat indices of a screen's finite values, largest |value| first (ties: lower index first).
+    By magnitude because a first-order estimate's sign is not to be trusted: on SmolLM2 three of
+    the exact top-20 had the most negative estimates of all 218,880 neurons (saturation)."""
     idx = np.flatnonzero(np.isfinite(v))
-    return idx[np.argsort(-v[idx], kind="stable")]
+    return idx[np.argsort(-np.abs(v[idx]), kind="stable")]
 
 
 def _top(delta: np.ndarray, among: np.ndarray, k: int) -> np.ndarray:
@@ -141,11 +153,11 @@ def build(neurons: NeuronSet, screens: dict[str, np.ndarray], measure: Measure, 
     orders = [ranked(v) for v in screens.values()]
     rounds, stopped = 0, "max_rounds"
     while not max_rounds or rounds < max_rounds:
-        lo = rounds * block
+        lo, hi = depth_of(rounds, block), depth_of(rounds + 1, block)
         if all(lo >= len(o) for o in orders):
             stopped = "exhausted"
             break
-        cand = np.unique(np.concatenate([o[lo:lo + block] for o in orders]))
+        cand = np.unique(np.concatenate([o[lo:hi] for o in orders]))
         new = cand[how[cand] == NOT]
         before = set(_top(delta, how == ROUND, top_k).tolist())
         if len(new):
