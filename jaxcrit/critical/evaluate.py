@@ -39,6 +39,7 @@ def nll_sums(cfg: ModelConfig, params: dict, seqs: Sequence[Sequence[int]], sets
         scale[r, :len(s)] = 0.0
     abl = E.make(*entries, scale, cfg=cfg)
     order = np.argsort([len(s) for s in seqs], kind="stable")
+    batch = min(batch, len(seqs))      # fewer texts than a block: one block of just them
 
     def block(lo: int) -> np.ndarray:
         idx = order[lo:lo + batch]
