@@ -367,9 +367,10 @@ class Engine:
         return order, cols, np.stack(np.divmod(key, E), 1).astype(np.int32)
 
     def _chunk_bytes(self, rows: int) -> int:
-        """Device bytes one chunk of `rows` single-entry rows over all nine sites needs (XLA's plan)."""
+        """Device bytes one chunk of `rows` single-neuron rows (padded as `plan` pads them) over all
+        nine sites needs (XLA's plan)."""
         m = chunk_memory(self.params, self.cache, self.valid, self.targets, self.tmask, self.shift, self.mesh,
-                         rows, 1, self._static(SITE_NAMES, False, False))
+                         rows, entries(1), self._static(SITE_NAMES, False, False))
         return int(m.temp_size_in_bytes + m.output_size_in_bytes)
 
     def plan_chunk(self, fraction: float, cap: int = 1024) -> int:

@@ -190,7 +190,8 @@ def _plan(c: ConfigDict) -> Plan:
     if c.engine.chunk:
         chunk = max(data, -(-c.engine.chunk // data) * data)
     else:
-        size = lambda rows: (lambda m: m.temp_size_in_bytes + m.output_size_in_bytes)(mem(rows, 1, SITE_NAMES))
+        size = lambda rows: (lambda m: m.temp_size_in_bytes + m.output_size_in_bytes)(
+            mem(rows, E.entries(1), SITE_NAMES))
         try:
             chunk = E.fit_chunk(size(8 * data), size(16 * data), data, HEADROOM * (cap - resident))
         except JaxcritError:
