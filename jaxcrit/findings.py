@@ -325,10 +325,24 @@ def q7_stability(r: Results) -> list[str]:
     return out
 
 
-def q8_placeholder() -> list[str]:
-    return ["## (8) Base vs masked generations and task scores", "",
-            "<!-- issue 15 items 3 and 5 (generations, lm-eval tasks): their section goes here -->",
-            "Not in this study's files yet.", ""]
+def q8_generations(r: Results) -> list[str]:
+    out = ["## (8) Base vs masked generations and task scores", ""]
+    g = r["generations.json"]
+    if not g:
+        out += ["The generations stage did not run.", ""]
+    else:
+        out += [f"Greedy continuations ({g['max_new_tokens']} new tokens) of each prompt by the clean model and with "
+                f"the critical set ({g['neurons']} neuron(s)) zeroed (`generations.json`):", ""]
+        rows = [[f"`{p['prompt']}`", p["base"].replace("\n", " ").replace("|", "/"),
+                 p["masked"].replace("\n", " ").replace("|", "/"), _n(p["diverge_at"]),
+                 _f(p["base_logprob"], ".1f"), _f(p["masked_logprob"], ".1f")] for p in g["prompts"]]
+        out += _md_table(["prompt", "clean", "masked", "first differing token", "clean log p", "masked log p"],
+                         rows, "lllrrr") + [""]
+    out += ["Task scores: not in this study. lm-evaluation-harness needs its task datasets, which this machine "
+            "cannot download; with them, `pip install 'jaxcrit[eval]'` and `python -m jaxcrit.lmeval run --model "
+            "jaxcrit --model_args model=smollm2,neurons=<workdir>/critical.json --tasks <task>` scores the masked "
+            "model (README).", ""]
+    return out
 
 
 def render(r: Results, plot_dir: str) -> str:
@@ -347,7 +361,7 @@ def render(r: Results, plot_dir: str) -> str:
              f"{(man.get('git_commit') or 'unknown')[:10]}.", ""]
     for q in (q1_size, q2_where, q3_transition, q4_smallest, q5_dtypes, q6_relations, q7_stability):
         lines += q(r)
-    lines += q8_placeholder()
+    lines += q8_generations(r)
     shown = [p for p in PLOTS if (r.wd / p).is_file()]
     if shown:
         lines += ["## Plots", ""] + [f"![{p}]({plot_dir}/{p})" for p in shown] + [""]

@@ -10,7 +10,7 @@ the file); without it the evaluation covers the default text only. On top of the
 the scan's best 32, the whole-model map, the evaluation of the critical sets at epsilon 1 and 3,
 the greedy and the learned set on the first 100 WikiText paragraphs, Stage 1 + Stage 2 again for
 seeds 0-2, alpha 1/3/10, K 10/50 and ten texts, the dtype sweep, the learned mask over Stage 1's
-128 best neurons, and the largest activations.
+128 best neurons, the largest activations, and base vs masked generations.
 """
 from jaxcrit.configs.smollm2 import get_config as smollm2
 
@@ -38,4 +38,5 @@ def get_config(arg=None):
     c.study.massive = 20
     c.learned.candidates = 128
     c.learned.steps = 150
+    c.generate.enabled = True
     return c
