@@ -33,12 +33,13 @@ from jaxcrit.models import decoder, fused_loss
 from jaxcrit.models.config import ModelConfig
 from jaxcrit.models.sites import SITE_INDEX, SITE_NAMES, site as site_info, width
 from jaxcrit.progress import Progress
-from jaxcrit.sharding import make_mesh
+from jaxcrit.sharding import make_mesh, placed
 
 LN10 = math.log(10.0)
 
 
 INACTIVE = {"site": 0, "layer": 0, "channel": 0, "scale": 1.0, "value": 0.0}   # an entry that changes nothing
+FIELDS = {"site": jnp.int32, "layer": jnp.int32, "channel": jnp.int32, "scale": jnp.float32, "value": jnp.float32}
 
 
 def entries(k: int) -> int:
@@ -214,13 +215,8 @@ _SITE_ENTRY = np.array([decoder.SITE_ENTRY[n] for n in SITE_NAMES], np.int32)
 _HIDDEN = np.array([n in decoder.HIDDEN for n in SITE_NAMES])
 
 
-# The chunk program's GEMMs all go to cuBLAS: XLA's own Triton GEMMs made a decoder layer ~4 %
-# slower on the H200 (tools/profile_engine.py, docs/benchmarks.md). Ignored off GPUs.
-COMPILER_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
-
-
 @partial(jax.jit, static_argnames=("cfg", "sites", "with_values", "per_token", "vocab_chunk", "attn_impl",
-                                   "loss_impl", "mesh"), compiler_options=COMPILER_OPTIONS)
+                                   "loss_impl", "mesh"), compiler_options=decoder.COMPILER_OPTIONS)
 def _chunk_nll(params, cache: decoder.Cache, valid, targets, tmask, shift, rows, start, *, cfg: ModelConfig,
                sites: tuple[str, ...], with_values: bool, per_token: bool, vocab_chunk: int, attn_impl: str,
                loss_impl: str, mesh: Mesh):
@@ -286,13 +282,17 @@ def fit_chunk(ma: int, mb: int, data: int, free: float, cap: int = 1024) -> int:
 def chunk_memory(params, cache, valid, targets, tmask, shift, mesh: Mesh, rows: int, entries: int,
                  static: dict):
     """XLA's per-device memory analysis of the chunk program for `rows` rows of `entries` entries;
-    any argument may be a jax.ShapeDtypeStruct (the memory plan compiles from shapes alone)."""
-    rows_sharding, rep = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
-    spec = {k: jax.ShapeDtypeStruct((rows, entries), dt, sharding=rows_sharding) for k, dt in
-            [("site", jnp.int32), ("layer", jnp.int32), ("channel", jnp.int32),
-             ("scale", jnp.float32), ("value", jnp.float32)]}
-    return _chunk_nll.lower(params, cache, valid, targets, tmask, shift, spec,
-                            jax.ShapeDtypeStruct((2,), jnp.int32, sharding=rep), **static).compile().memory_analysis()
+    (Engine.plan_chunk)."""
+    return _chunk_nll.lower(params, cache, valid, targets, tmask, shift, *chunk_shapes(mesh, rows, entries),
+                            **static).compile().memory_analysis()
+
+
+def chunk_shapes(mesh: Mesh, rows: int, entries: int) -> tuple[dict[str, jax.ShapeDtypeStruct], jax.ShapeDtypeStruct]:
+    """The chunk program's rows ({field: [rows, entries]}, over 'data') and start point ([2]) as
+    shapes: what `Engine.losses` passes it, for compiling from shapes."""
+    rows_sharding = NamedSharding(mesh, P("data"))
+    spec = {k: jax.ShapeDtypeStruct((rows, entries), dt, sharding=rows_sharding) for k, dt in FIELDS.items()}
+    return spec, jax.ShapeDtypeStruct((2,), jnp.int32, sharding=NamedSharding(mesh, P()))
 
 
 class Engine:
@@ -328,7 +328,7 @@ class Engine:
         self.rows_sharding = NamedSharding(self.mesh, P("data"))
         tokens = jax.device_put(texts.tokens, rep)
         self.attention, self.loss = kernels(cfg, params["embed"].dtype, attention, loss)
-        with jax.set_mesh(self.mesh):   # FSDP's per-layer gathers (sharding.gathered) need it
+        with placed(self.mesh, params):   # FSDP's per-layer gathers (sharding.gathered) need it
             self.cache, self.shift = _clean_pass(cfg, params, tokens, self.valid, vocab_chunk)
             if chunk == 0:
                 chunk = self.plan_chunk(memory_fraction)
@@ -385,12 +385,22 @@ class Engine:
             free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         return fit_chunk(self._chunk_bytes(a), self._chunk_bytes(b), data, fraction * free, cap)
 
+    def compile(self, k: int, sites: tuple[str, ...] = ()) -> None:
+        """Compiles the chunk program for rows of k entries (and no values) before their first
+        batch, which then runs without compiling; `pipeline.Run` calls it from a thread while
+        Stage 1 runs (XLA compiles without holding the GIL)."""
+        held = set(sites) | set(self.sites)
+        static = self._static(tuple(n for n in SITE_NAMES if n in held), False, False)
+        with placed(self.mesh, self.params):
+            _chunk_nll.lower(self.params, self.cache, self.valid, self.targets, self.tmask, self.shift,
+                             *chunk_shapes(self.mesh, self.chunk, entries(k)), **static).compile()
+
     def losses(self, abl: Ablations | None, per_token: bool = False, desc: str = "ablations",
                sites: tuple[str, ...] | None = None) -> np.ndarray:
         """[R] mean token NLL per row (f32), or [R, B, T-1] per-token NLL; abl None: the clean run.
 
         sites: more sites for the compiled program's masks, beside the batch's and the engine's."""
-        with jax.set_mesh(self.mesh):   # FSDP's per-layer gathers (sharding.gathered) need it
+        with placed(self.mesh, self.params):   # FSDP's per-layer gathers (sharding.gathered) need it
             return self._losses(abl, per_token, desc, sites)
 
     def _losses(self, abl: Ablations | None, per_token: bool, desc: str, sites: tuple[str, ...] | None) -> np.ndarray:
@@ -429,7 +439,7 @@ class Engine:
         return (self.losses(abl, desc=desc, sites=sites) - self.base_loss) / LN10
 
 
-@partial(jax.jit, static_argnames=("cfg", "vocab_chunk"))
+@partial(jax.jit, static_argnames=("cfg", "vocab_chunk"), compiler_options=decoder.COMPILER_OPTIONS)
 def _clean_pass(cfg: ModelConfig, params, tokens, valid, vocab_chunk: int) -> tuple[decoder.Cache, jax.Array]:
     """The clean run's cache (decoder.Cache: what rows start from) and its max logit per
     predicting position [B, T-1] (the loss's shift)."""

@@ -25,7 +25,7 @@ from jaxcrit import processes
 from jaxcrit.errors import JaxcritError
 from jaxcrit.report import io
 
-IGNORED_FOR_IDENTITY = ("overwrite", "progress")   # config fields that do not change any result
+IGNORED_FOR_IDENTITY = ("overwrite", "progress", "engine.ahead")   # config fields that do not change any result
 RUN_FILES = ("config.json", "manifest.json")
 
 
@@ -111,6 +111,7 @@ class Run:
         self.values: dict[str, Any] = dict(values or {})
         self.store = Store(self.workdir / "state" if self.workdir else None)
         self.timings: dict[str, float] = {}
+        self._ahead = None   # the engine being built by build_ahead's thread (a Future)
         if model is not None:
             self.model = model
 
@@ -141,12 +142,51 @@ class Run:
 
     @functools.cached_property
     def engine(self):
-        """The engine scoring ablations on the config text."""
+        """The engine scoring ablations on the config text (built by `build_ahead`'s thread when
+        one was started)."""
         from jaxcrit import engine as E
-        eng = E.Engine(self.model.cfg, self.model.params, E.Texts.from_ids([self.tokens.tolist()]),
-                       chunk=self.c.engine.chunk, progress=self.c.progress, **self.engine_kw())
+        eng = self._ahead.result() if self._ahead else self._build_engine(compile_entries=0)
         self.say(f"base loss {eng.base_loss:.4f} nats/token (log10 PPL {eng.base_loss / E.LN10:.3f})")
         return eng
+
+    def _build_engine(self, compile_entries: int):
+        """The engine and its base loss; compile_entries > 0 also compiles Stage 2's chunk program
+        (rows of that many entries, masks for every site: stage2.grow's)."""
+        from jaxcrit import engine as E
+        from jaxcrit.models.sites import SITE_NAMES
+        eng = E.Engine(self.model.cfg, self.model.params, E.Texts.from_ids([self.tokens.tolist()]),
+                       chunk=self.c.engine.chunk, progress=self.c.progress, **self.engine_kw())
+        eng.base_loss
+        if compile_entries:
+            eng.compile(compile_entries, SITE_NAMES)
+        return eng
+
+    def ahead(self) -> bool:
+        """Whether `build_ahead` applies (engine.ahead): auto builds ahead on GPUs and TPUs with one
+        process and a given chunk. Several processes never do (collectives issued from two threads
+        may reach the processes in different orders); a chunk planned from free memory (0) is
+        planned after Stage 1, which holds memory while it runs."""
+        import jax
+        mode = self.c.engine.ahead
+        return mode == "always" or (mode == "auto" and jax.default_backend() != "cpu"
+                                    and jax.process_count() == 1 and self.c.engine.chunk > 0)
+
+    def build_ahead(self) -> None:
+        """Builds the engine and compiles Stage 2's chunk program in a thread while Stage 1 runs:
+        on a GPU each compiles for seconds (the 32B shape: ~7 s each), XLA compiles without
+        holding the GIL, and neither needs Stage 1's result. The model is loaded first, here."""
+        from concurrent.futures import ThreadPoolExecutor
+        self.model, self.tokens   # loaded by this thread, not by both
+        k = min(self.c.stage2.max_steps, self.c.stage1.top_n)
+        pool = ThreadPoolExecutor(1, thread_name_prefix="jaxcrit-engine")
+        self._ahead = pool.submit(self._build_engine, k)
+        pool.shutdown(wait=False)
+
+    def computes(self, name: str) -> bool:
+        """Whether an enabled stage is computed rather than loaded from its result files."""
+        from jaxcrit.stages import STAGES
+        st = STAGES[name]
+        return not processes.agree(bool(self.workdir) and st.cached and all((self.workdir / f).exists() for f in st.files))
 
     def __getitem__(self, name: str) -> Any:
         """A stage's value: seeded, loaded from its files, or computed (and saved)."""
@@ -157,12 +197,12 @@ class Run:
         if not st.enabled(self.c):
             self.values[name] = None
             return None
-        if processes.agree(bool(self.workdir) and st.cached and all((self.workdir / f).exists() for f in st.files)):
+        if not self.computes(name):
             self.values[name] = st.load(self)
             return self.values[name]
         t = time.perf_counter()
-        import jax
-        with jax.set_mesh(self.model.mesh):   # FSDP's per-layer gathers (sharding.gathered) need it
+        from jaxcrit.sharding import placed
+        with placed(self.model.mesh, self.model.params):   # FSDP's per-layer gathers (sharding.gathered) need it
             value = st.compute(self)
         if self.workdir and processes.writer():
             st.save(self, value)
@@ -214,7 +254,14 @@ def prepare_workdir(workdir: Path, c: ConfigDict) -> None:
 
 def identity(c: ConfigDict) -> dict:
     """The config as JSON gives it back, less the fields that change no result."""
-    return _plain({k: v for k, v in c.to_dict().items() if k not in IGNORED_FOR_IDENTITY})
+    d = c.to_dict()
+    for key in IGNORED_FOR_IDENTITY:
+        *path, last = key.split(".")
+        section = d
+        for k in path:
+            section = section.get(k, {})
+        section.pop(last, None)
+    return _plain(d)
 
 
 def _plain(x):
@@ -228,6 +275,8 @@ def _plain(x):
 def run_all(run: Run) -> dict:
     """Every enabled stage in table order; returns the report stage's summary."""
     from jaxcrit.stages import STAGES
+    if run.ahead() and run.computes("importance") and STAGES["growth"].enabled(run.c):
+        run.build_ahead()
     for name in STAGES:
         run[name]
     return run["report"]

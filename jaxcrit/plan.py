@@ -8,9 +8,16 @@ search's shape) and with single-neuron rows (the scan and the map's verification
 analysis of each compiled program gives its per-device bytes: arguments (params among them),
 outputs and temporaries; what stays alive beside a program is added (Stage 1's running sums).
 The map's screen pass (a gradient) is not planned. When the params alone do not fit a device,
-nothing is compiled. On CPU, XLA converts bf16 weights to f32 for its matmuls (a copy of every
-weight beside the bf16 one), so a CPU plan of a bf16 model overstates what a GPU or TPU needs:
-plan on the target devices (docs/launch.md).
+nothing is compiled.
+
+XLA:CPU has no bf16 or f16 matmul: it converts the weights to f32 beside the narrow ones, so a
+narrow-dtype program compiled for CPU needs about three times the params' bytes. A plan of a
+bf16 or f16 run made on CPU is therefore a plan for accelerators: its programs are compiled in
+f32, arguments and outputs are counted exactly in the run's dtype (shapes and shardings), and
+XLA's temporaries are scaled by the dtype's width (1/2). Checked against the H200: the 32B
+shape's plan from 2 CPU cores and the peak measured on the GPU (docs/benchmarks.md). A dry run
+may plan a mesh of fewer devices than the machine has (the plan for 2 GPUs made with 8 forced
+CPU devices).
 
 `--config.dry_run=True` prints the plan and stops; with `plan` on (auto: on GPUs and TPUs) a run
 that would not fit is refused with the plan's one line before the weights are read. The plan
@@ -18,9 +25,12 @@ also suggests a mesh (the most 'data' rows whose params leave room for the rest)
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import jax
@@ -34,7 +44,7 @@ from jaxcrit.errors import JaxcritError
 from jaxcrit.models.config import ModelConfig
 from jaxcrit.models.params import param_table
 from jaxcrit.models.sites import SITE_NAMES
-from jaxcrit.sharding import LAYOUTS, make_mesh, named, rules
+from jaxcrit.sharding import LAYOUTS, make_mesh, named, placed, rules
 
 GIB = 2**30
 HEADROOM = 0.7   # the share of free memory a planned chunk fills (as Engine.plan_chunk); also the
@@ -66,6 +76,7 @@ class Plan:
     chunk: int
     programs: tuple[Program, ...]
     suggestion: tuple[tuple[int, int], str] | None
+    note: str = ""         # how the programs were compiled, when not as the run compiles them
 
     @property
     def peak(self) -> Program:
@@ -79,7 +90,7 @@ class Plan:
         """The plan as a table (per device, GiB) and its verdict."""
         g = lambda b: f"{b / GIB:.1f}"
         out = [f"memory plan per device: mesh {self.mesh[0]}x{self.mesh[1]} (data x model), params {self.layout}, "
-               f"{self.tokens} tokens, {self.dtype}, device {g(self.capacity)} GiB",
+               f"{self.tokens} tokens, {self.dtype}, device {g(self.capacity)} GiB" + (f" ({self.note})" * bool(self.note)),
                f"  {'program':<34}{'args':>8}{'out':>8}{'temp':>8}{'beside':>8}{'peak':>8}  GiB",
                f"  {'params':<34}{g(self.params):>8}{'':>32}{g(self.params):>8}"]
         out += [f"  {p.name:<34}{g(p.args):>8}{g(p.out):>8}{g(p.temp):>8}{g(p.beside):>8}{g(p.peak):>8}"
@@ -133,89 +144,123 @@ def text_tokens(c: ConfigDict, path: Path) -> int:
     return len(tokens(load_tokenizer(path), c.text, c.max_tokens, min_tokens=10))
 
 
-def _program(name: str, compiled, beside: int = 0) -> Program:
-    m = compiled.memory_analysis()   # outputs aliased to (donated) arguments are counted once
-    return Program(name, int(m.argument_size_in_bytes), int(m.output_size_in_bytes) - int(m.alias_size_in_bytes),
-                   int(m.temp_size_in_bytes), beside)
+def shard_bytes(tree, shardings=None) -> int:
+    """Bytes on one device of the arrays (ShapeDtypeStructs) in tree, under their own shardings
+    or the matching ones of `shardings`; other leaves (static args) count nothing."""
+    leaves = [x for x in jax.tree.leaves(tree) if isinstance(x, jax.ShapeDtypeStruct)]
+    shards = jax.tree.leaves(shardings) if shardings is not None else [x.sharding for x in leaves]
+    return sum(math.prod(s.shard_shape(x.shape)) * x.dtype.itemsize for x, s in zip(leaves, shards))
+
+
+@dataclasses.dataclass(frozen=True)
+class Compiler:
+    """Compiles a program from its argument shapes in the run's dtype, or (a narrow dtype planned
+    on XLA:CPU) in `compute` = f32 with the temporaries scaled back (the module docstring)."""
+    dtype: jnp.dtype
+    compute: jnp.dtype
+
+    @property
+    def note(self) -> str:
+        return "" if self.compute == self.dtype else (
+            f"planned for accelerators: XLA:CPU compiled in {self.compute.name}, temporaries scaled to {self.dtype.name}")
+
+    @classmethod
+    def of(cls, dtype) -> Compiler:
+        dtype = jnp.dtype(dtype)
+        upcast = jax.default_backend() == "cpu" and dtype.itemsize < 4
+        return cls(dtype, jnp.dtype(jnp.float32) if upcast else dtype)
+
+    def program(self, name: str, fn, args: Callable[[jnp.dtype], tuple], beside: int = 0, **static) -> Program:
+        """fn (a jitted function) on args(dtype), the positional args in that param dtype."""
+        target = fn.lower(*args(self.dtype), **static)
+        if self.compute == self.dtype:
+            m = target.compile().memory_analysis()   # outputs aliased to donated arguments are counted once
+            return Program(name, int(m.argument_size_in_bytes),
+                           int(m.output_size_in_bytes) - int(m.alias_size_in_bytes), int(m.temp_size_in_bytes), beside)
+        compiled = fn.lower(*args(self.compute), **static).compile()
+        temp = compiled.memory_analysis().temp_size_in_bytes * self.dtype.itemsize // self.compute.itemsize
+        return Program(name, shard_bytes(args(self.dtype)), shard_bytes(target.out_info, compiled.output_shardings),
+                       int(temp), beside)
+
+
+def target_mesh(c: ConfigDict) -> Mesh:
+    """The run's mesh; a dry run may take the first devices of a larger machine."""
+    return make_mesh(tuple(c.mesh.shape), subset=c.dry_run)
 
 
 def plan(c: ConfigDict) -> Plan:
     """Compiles the run's programs from shapes for its mesh and returns their per-device memory."""
-    with jax.set_mesh(make_mesh(tuple(c.mesh.shape))):   # as pipeline.Run runs them (sharding.gathered)
-        return _plan(c)
+    with contextlib.ExitStack() as context:
+        return _plan(c, context)
 
 
-def _plan(c: ConfigDict) -> Plan:
+def _plan(c: ConfigDict, context: contextlib.ExitStack) -> Plan:
     from jaxcrit.convert.checkpoints import resolve
     from jaxcrit.convert.load import DTYPES
     kind, path = resolve(c.model)
     cfg = kind.config(path)
     T = text_tokens(c, path)
-    mesh = make_mesh(tuple(c.mesh.shape))
+    mesh = target_mesh(c)
     data = mesh.shape["data"]
-    dtype = jnp.dtype(DTYPES[c.dtype])
-    params = abstract_params(cfg, dtype, mesh, c.mesh.params)
+    comp = Compiler.of(DTYPES[c.dtype])
+    params = {dt: abstract_params(cfg, dt, mesh, c.mesh.params) for dt in {comp.dtype, comp.compute}}
+    held = param_bytes(params[comp.dtype])
     cap = capacity(c, mesh)
-    if param_bytes(params) > cap:   # nothing to compile: the params alone do not fit
-        return Plan(tuple(mesh.shape.values()), c.mesh.params, T, c.dtype, cap, param_bytes(params), 0, (),
-                    suggest(cfg, dtype, mesh.devices.size, int(HEADROOM * cap), 0))
+    plan_of = partial(Plan, tuple(mesh.shape.values()), c.mesh.params, T, c.dtype, cap, held,
+                      note=comp.note)
+    if held > cap:   # nothing to compile: the params alone do not fit
+        return plan_of(0, (), suggest(cfg, comp.dtype, mesh.devices.size, int(HEADROOM * cap), 0))
+    context.enter_context(placed(mesh, params[comp.dtype]))   # as pipeline.Run runs them (sharding.gathered)
     rep = NamedSharding(mesh, P())
     arr = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=rep)
+    tokens, valid = arr((1, T), jnp.int32), arr((1, T), jnp.bool_)
     programs = []
 
-    # Stage 1: one batch of noisy passes; the running sums (the program's output shape) live beside it
+    # Stage 1: one batch of noisy passes; the running sums (the program's output) live beside it
     b = c.stage1.batch
-    s1 = stage1._differences.lower(cfg, params, arr((1, T), jnp.int32), arr((b, T, cfg.d_model), jnp.float32),
-                                   arr((), jnp.float32), arr((b,), jnp.float32)).compile()
-    sums = int(s1.memory_analysis().output_size_in_bytes)
-    programs.append(_program(f"stage 1 (batch {b})", s1, beside=sums))
+    s1 = lambda dt: (cfg, params[dt], tokens, arr((b, T, cfg.d_model), jnp.float32), arr((), jnp.float32),
+                     arr((b,), jnp.float32))
+    p1 = comp.program(f"stage 1 (batch {b})", stage1._differences, s1)
+    programs.append(dataclasses.replace(p1, beside=p1.out))
 
     # the clean pass; its cache and shift are the chunk program's arguments
-    valid = arr((1, T), jnp.bool_)
-    clean = E._clean_pass.lower(cfg, params, arr((1, T), jnp.int32), valid, c.engine.vocab_chunk).compile()
-    programs.append(_program("clean pass", clean))
-    outs = jax.eval_shape(lambda p, t, v: E._clean_pass(cfg, p, t, v, c.engine.vocab_chunk), params,
-                          arr((1, T), jnp.int32), valid)
-    cache, shift = jax.tree.map(lambda o, s: jax.ShapeDtypeStruct(o.shape, o.dtype, sharding=s), outs,
-                                clean.output_shardings)
-    resident = param_bytes(params) + int(clean.memory_analysis().output_size_in_bytes)
+    clean = lambda dt: (cfg, params[dt], tokens, valid, c.engine.vocab_chunk)
+    programs.append(comp.program("clean pass", E._clean_pass, clean))
+    resident = held + programs[-1].out
+
+    def cache_shift(dt):
+        lowered = E._clean_pass.lower(*clean(dt))
+        return jax.tree.map(lambda o, s: jax.ShapeDtypeStruct(o.shape, o.dtype, sharding=s), lowered.out_info,
+                            lowered.compile().output_shardings)
+    cached = {dt: cache_shift(dt) for dt in params}
 
     # the engine's chunk: as configured, or planned as Engine.plan_chunk plans it
-    attn, loss = E.kernels(cfg, dtype, c.engine.attention, c.engine.loss)
+    attn, loss = E.kernels(cfg, comp.dtype, c.engine.attention, c.engine.loss)
     tail = (arr((1, T - 1), jnp.int32), arr((1, T - 1), jnp.float32))
-    static = lambda sites: dict(cfg=cfg, sites=sites, with_values=False, per_token=False,
-                                vocab_chunk=c.engine.vocab_chunk, attn_impl=attn, loss_impl=loss, mesh=mesh)
-    mem = lambda rows, entries, sites: E.chunk_memory(params, cache, valid, *tail, shift, mesh, rows, entries,
-                                                      static(sites))
+
+    def chunk_program(name: str, rows: int, entries: int, sites: tuple[str, ...]) -> Program:
+        args = lambda dt: (params[dt], cached[dt][0], valid, *tail, cached[dt][1], *E.chunk_shapes(mesh, rows, entries))
+        return comp.program(name, E._chunk_nll, args, cfg=cfg, sites=sites, with_values=False, per_token=False,
+                            vocab_chunk=c.engine.vocab_chunk, attn_impl=attn, loss_impl=loss, mesh=mesh)
+
     if c.engine.chunk:
         chunk = max(data, -(-c.engine.chunk // data) * data)
     else:
-        size = lambda rows: (lambda m: m.temp_size_in_bytes + m.output_size_in_bytes)(
-            mem(rows, E.entries(1), SITE_NAMES))
+        size = lambda rows: (lambda p: p.out + p.temp)(chunk_program("", rows, E.entries(1), SITE_NAMES))
         try:
             chunk = E.fit_chunk(size(8 * data), size(16 * data), data, HEADROOM * (cap - resident))
         except JaxcritError:
             chunk = 8 * data
     entries = max(c.stage2.max_steps, *c.baselines.ns) if c.baselines.names else c.stage2.max_steps
     entries = E.entries(min(entries, c.stage1.top_n))   # rows are padded as the engine pads them
-    rows = dict(site=jnp.int32, layer=jnp.int32, channel=jnp.int32, scale=jnp.float32, value=jnp.float32)
-
-    def chunk_program(name: str, entries: int, sites: tuple[str, ...]) -> Program:
-        spec = {k: jax.ShapeDtypeStruct((chunk, entries), dt, sharding=NamedSharding(mesh, P("data")))
-                for k, dt in rows.items()}
-        compiled = E._chunk_nll.lower(params, cache, valid, *tail, shift, spec, arr((2,), jnp.int32),
-                                      **static(sites)).compile()
-        return _program(name, compiled)
-
-    programs.append(chunk_program(f"stage 2 chunk {chunk} x {entries} entries", entries, SITE_NAMES))
+    programs.append(chunk_program(f"stage 2 chunk {chunk} x {entries} entries", chunk, entries, SITE_NAMES))
     scan_sites = SITE_NAMES if c.map.enabled else tuple(c.scan.sites)
     if scan_sites:
         one = E.entries(1)
-        programs.append(chunk_program(f"scan/map chunk {chunk} x {one} entries", one,
+        programs.append(chunk_program(f"scan/map chunk {chunk} x {one} entries", chunk, one,
                                       tuple(sorted(scan_sites, key=SITE_NAMES.index))))
-    others = max(p.peak for p in programs) - param_bytes(params)
-    return Plan(tuple(mesh.shape.values()), c.mesh.params, T, c.dtype, cap, param_bytes(params), chunk,
-                tuple(programs), suggest(cfg, dtype, mesh.devices.size, cap, others))
+    others = max(p.peak for p in programs) - held
+    return plan_of(chunk, tuple(programs), suggest(cfg, comp.dtype, mesh.devices.size, cap, others))
 
 
 def suggest(cfg: ModelConfig, dtype, n_devices: int, cap: int, others: int) -> tuple[tuple[int, int], str] | None:

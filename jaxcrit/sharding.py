@@ -6,12 +6,14 @@ over 'data' is a row of LAYOUTS, chosen by `mesh.params`:
 
     replicated  every 'data' row of the mesh holds the whole model, split over 'model'
     fsdp        the 'embed' axis of every weight is split over 'data' too: a device holds
-                1 / (data x model) of each matrix; the compiled programs gather a layer's
-                weights when they run it (XLA's SPMD partitioner inserts the all-gathers)
+                1 / (data x model) of each matrix; the compiled programs all-gather a layer's
+                weights over 'data' when they run it (`gathered`)
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+import contextlib
+import contextvars
+from typing import Iterator, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -29,6 +31,7 @@ DEFAULT_RULES: dict[str, str | None] = {
     "mlp": "model",
     "norm": None,
     "rows": "data",
+    "tokens": None,   # the texts' batch and time axes
 }
 
 LAYOUTS: dict[str, dict[str, str | None]] = {
@@ -44,10 +47,14 @@ def rules(layout: str) -> dict[str, str | None]:
     return LAYOUTS[layout]
 
 
-def make_mesh(shape: Sequence[int] = (-1, 1), devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A ('data', 'model') mesh over all devices; -1 in shape takes the rest."""
+def make_mesh(shape: Sequence[int] = (-1, 1), devices: Sequence[jax.Device] | None = None, *,
+              subset: bool = False) -> Mesh:
+    """A ('data', 'model') mesh over all devices; -1 in shape takes the rest. subset: a shape
+    without -1 may take the first of more devices (a dry run planning fewer than the machine has)."""
     devices = list(devices if devices is not None else jax.devices())
     data, model = shape
+    if subset and data > 0 and data * model < len(devices):
+        devices = devices[:data * model]
     if data == -1:
         if len(devices) % model:
             raise JaxcritError(f"mesh model axis {model} does not divide {len(devices)} devices")
@@ -78,15 +85,57 @@ def named(axes: Sequence[str], shape: Sequence[int], mesh: Mesh,
     return NamedSharding(mesh, spec(axes, shape, mesh, rules))
 
 
+_LAYOUT = contextvars.ContextVar("jaxcrit_params_layout", default="replicated")
+
+
+def layout_of(params) -> str:
+    """The LAYOUTS row these params (arrays or ShapeDtypeStructs) lie in: fsdp when any is split
+    over 'data'."""
+    for x in jax.tree.leaves(params):
+        s = getattr(x, "sharding", None)
+        if isinstance(s, NamedSharding) and "data" in s.spec:
+            return "fsdp"
+    return "replicated"
+
+
+@contextlib.contextmanager
+def placed(mesh, params) -> Iterator[None]:
+    """Runs programs over these params: their mesh in context (jax.set_mesh) and their layout,
+    which `gathered` reads while tracing (a traced array does not carry its sharding)."""
+    token = _LAYOUT.set(layout_of(params))
+    try:
+        with jax.set_mesh(mesh):
+            yield
+    finally:
+        _LAYOUT.reset(token)
+
+
 def gathered(p: Mapping[str, jax.Array], axes: Mapping[str, Sequence[str]]) -> dict[str, jax.Array]:
     """One layer's params as a layer uses them: split over 'model' only (the replicated layout).
 
     Under FSDP this is where a layer's weights are all-gathered over 'data', one layer at a time
-    inside the layer loop; without it XLA gathers every layer's weights before the loop (the whole
-    model on every device). Needs the mesh in context (`jax.set_mesh`: pipeline.Run, the Engine
-    and the memory plan set it); without one, or with 'data' of 1, the params pass unchanged.
+    inside the layer loop. The gather is explicit (shard_map) on the layer's slice: left to XLA's
+    SPMD partitioner (a sharding constraint) it gathers before the slice's unit layer axis is
+    squeezed, and to make the gathered axis major XLA re-lays out every layer's stacked weights
+    before the loop (a copy of the whole model shard). Needs `placed` in context (pipeline.Run,
+    the Engine and the memory plan enter it); without it, or with 'data' of 1, the params pass
+    unchanged.
     """
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.shape.get("data", 1) == 1:
+    mesh, layout = jax.sharding.get_abstract_mesh(), _LAYOUT.get()
+    if mesh.empty or mesh.shape.get("data", 1) == 1 or layout == "replicated":
         return dict(p)
-    return {k: jax.lax.with_sharding_constraint(v, spec(axes[k], v.shape, mesh)) for k, v in p.items()}
+    return {k: _all_gather(v, spec(axes[k], v.shape, mesh, rules(layout)), spec(axes[k], v.shape, mesh))
+            for k, v in p.items()}
+
+
+def _all_gather(x: jax.Array, held: P, used: P) -> jax.Array:
+    """x from spec `held` to `used`, which differ only in the dims `held` splits over 'data'."""
+    dims = [i for i, ax in enumerate(held) if ax == "data"]
+    if not dims:
+        return x
+
+    def gather(block):
+        for i in dims:
+            block = jax.lax.all_gather(block, "data", axis=i, tiled=True)
+        return block
+    return jax.shard_map(gather, in_specs=held, out_specs=used, check_vma=False)(x)

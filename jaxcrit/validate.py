@@ -109,6 +109,7 @@ def _fields() -> tuple[tuple[str, Check, str], ...]:
         ("engine.sites", _names(SITE_NAMES), f"distinct sites among {', '.join(SITE_NAMES)}"),
         ("engine.attention", _one_of("auto", "xla", "cudnn"), "auto, xla or cudnn"),
         ("engine.loss", _one_of("auto", "xla", "pallas"), "auto, xla or pallas"),
+        ("engine.ahead", _one_of("auto", "always", "never"), "auto, always or never"),
         # --- issue 15: the study and the learned mask
         ("study.other_ranking", _bool, "True or False"),
         ("study.seeds", _ints(0), "a tuple of seeds >= 0"),
@@ -203,7 +204,7 @@ def against_model(c: ConfigDict) -> None:
                 raise JaxcritError(f"generate.prompts: {prompt!r} has no tokens; give prompts of at least one token")
     if c.evaluate.file:
         read_paragraphs(c.evaluate.file, limit=c.evaluate.limit)
-    make_mesh(tuple(c.mesh.shape))
+    make_mesh(tuple(c.mesh.shape), subset=c.dry_run)
     gpu_half = jax.default_backend() == "gpu" and c.dtype != "float32"
     for key, kernel in (("engine.attention", "cudnn"), ("engine.loss", "pallas")):
         if c[key.split(".")[0]][key.split(".")[1]] == kernel and not gpu_half:

@@ -163,6 +163,21 @@ def test_resume_inside_each_stage_is_identical(model_dir, texts_file, reference,
     assert set(files(wd)) == set(COMPARED)
 
 
+def test_engine_built_ahead_gives_the_same_files(model_dir, texts_file, reference, tmp_path, monkeypatch):
+    """engine.ahead=always: the engine and Stage 2's program are built in a thread while Stage 1
+    runs (on CPU auto never does); the result files are byte-identical to the reference's, and
+    Stage 2's blocks run the program compiled ahead (one compile of its shape, in the thread)."""
+    import threading
+    compiled = []
+    compile_ = E.Engine.compile
+    monkeypatch.setattr(E.Engine, "compile", lambda self, k, sites=(): (
+        compiled.append((threading.current_thread().name, k)), compile_(self, k, sites))[1])
+    wd = tmp_path / "run"
+    M.run(full_config(model_dir, texts_file, engine__ahead="always"), wd)
+    assert [name.startswith("jaxcrit-engine") for name, _ in compiled] == [True]
+    assert files(wd) == files(reference)
+
+
 def test_overwrite_replaces_every_stages_files(model_dir, texts_file, reference, tmp_path):
     """A config without greedy and another seed, run with overwrite=True over a full workdir,
     leaves exactly what a fresh run of that config leaves: no stale greedy.json."""

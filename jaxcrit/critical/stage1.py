@@ -40,7 +40,7 @@ def noise(key: jax.Array, ks: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(key, k), shape, jnp.float32))(ks)
 
 
-@partial(jax.jit, static_argnames=("cfg",))
+@partial(jax.jit, static_argnames=("cfg",), compiler_options=decoder.COMPILER_OPTIONS)
 def _differences(cfg: ModelConfig, params, tokens, eps, alpha, weight):
     """Sum over the rows of eps [n, T, D] f32 (weight 1; padding rows 0) of |A_clean - A_noisy|,
     site -> [L, T, C] f32.

@@ -7,6 +7,7 @@ from typing import Callable
 import numpy as np
 
 from jaxcrit import engine as E
+from jaxcrit.models.sites import SITE_NAMES
 from jaxcrit.neurons import NeuronSet
 
 Memo = Callable[[str, Callable[[], np.ndarray]], np.ndarray]
@@ -44,12 +45,15 @@ class Growth:
 
 
 def grow(engine: E.Engine, ranking: NeuronSet, *, epsilon: float, max_steps: int, full_curve: bool,
-         ns: np.ndarray | None = None, desc: str = "stage 2 prefixes", memo: Memo = no_memo) -> Growth:
+         ns: np.ndarray | None = None, desc: str = "stage 2 prefixes", memo: Memo = no_memo,
+         sites: tuple[str, ...] = SITE_NAMES) -> Growth:
     """Scores prefixes n = 1..min(max_steps, len(ranking)) (or the given ns) in engine-sized blocks.
 
     Stops after the block holding the first n with delta >= epsilon unless full_curve. memo(key,
     compute) may keep each block's deltas, so a resumed run scores only the blocks it lacks. Every
-    block's rows have n_max entries (the largest prefix), so all blocks share one compiled program.
+    block's rows have n_max entries (the largest prefix), so all blocks share one compiled program;
+    it holds masks for `sites` (all nine: any ranking's, so the program is known before Stage 1
+    ranks, and `Engine.compile` can build it while Stage 1 runs).
     """
     n_max = min(max_steps, len(ranking))
     todo = np.arange(1, n_max + 1) if ns is None else np.asarray([n for n in ns if 1 <= n <= n_max], int)
@@ -59,7 +63,7 @@ def grow(engine: E.Engine, ranking: NeuronSet, *, epsilon: float, max_steps: int
         part = todo[lo:lo + block]
         abl = lambda: E.prefixes(engine.cfg, ranking.site, ranking.layer, ranking.channel, part, width=n_max)
         got_n.append(part)
-        got_d.append(memo(f"block-{lo}", lambda: engine.deltas(abl(), desc=desc)))
+        got_d.append(memo(f"block-{lo}", lambda: engine.deltas(abl(), desc=desc, sites=sites)))
         if not full_curve and (got_d[-1] >= epsilon).any():
             break
     ns_done = np.concatenate(got_n) if got_n else np.zeros(0, int)

@@ -18,6 +18,12 @@ from jaxcrit.models.config import ModelConfig, rope_inv_freq
 from jaxcrit.models.params import param_table
 from jaxcrit.sharding import gathered
 
+# For jax.jit(compiler_options=...) of the programs that run the decoder on GPUs: GEMMs go to
+# cuBLAS. XLA's own Triton GEMMs made a decoder layer ~4 % slower on the H200, and autotuning
+# their tiles was a third of the compile time of the 32B shape's pipeline (docs/benchmarks.md).
+# Ignored off GPUs.
+COMPILER_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
+
 Array = jax.Array
 Params = Mapping[str, Array]
 SiteArrays = Mapping[str, Array]
@@ -295,8 +301,9 @@ def stacked_params(params: Params) -> dict[str, Array]:
 
 
 def embed(cfg: ModelConfig, params: Params, tokens: Array) -> Array:
-    """Token embeddings E(x) [B, T, D], before any model-internal scaling."""
-    return jnp.take(params["embed"], tokens, axis=0)
+    """Token embeddings E(x) [B, T, D], before any model-internal scaling (gathered over 'data'
+    under FSDP, so the residual stream is not split like the table)."""
+    return gathered({"e": jnp.take(params["embed"], tokens, axis=0)}, {"e": ("tokens", "tokens", "embed")})["e"]
 
 
 def scale_embeds(cfg: ModelConfig, embeds: Array) -> Array:
@@ -390,7 +397,9 @@ def logsumexp_vocab(cfg: ModelConfig, params: Params, h: Array, chunk: int = 163
                     shift: Array | None = None) -> tuple[Array, Array]:
     """(logsumexp, max) of the logits [B, T], f32, the vocabulary processed in chunks.
 
-    Never builds [B, T, V]. Without `shift`: online logsumexp (two passes over each chunk).
+    Never builds [B, T, V]; under FSDP each chunk's weights are gathered over 'data' as a
+    layer's are (sharding.gathered; else XLA gathers the rows and sums partial logits across
+    devices). Without `shift`: online logsumexp (two passes over each chunk).
     With `shift` [B, T] (e.g. the clean run's max logit): one pass, exp(z - shift) summed;
     positions where that over- or underflows come back NaN so the caller can redo them exactly.
     The last chunk is shifted back to stay in range and its already-counted columns masked.
@@ -402,8 +411,8 @@ def logsumexp_vocab(cfg: ModelConfig, params: Params, h: Array, chunk: int = 163
 
     def chunk_logits(i):
         lo = jnp.minimum(i * c, V - c)
-        z = jnp.einsum("btd,vd->btv", h, jax.lax.dynamic_slice_in_dim(W, lo, c, axis=0),
-                       preferred_element_type=jnp.float32, precision=precision(h.dtype))
+        w = gathered({"w": jax.lax.dynamic_slice_in_dim(W, lo, c, axis=0)}, {"w": ("vocab", "embed")})["w"]
+        z = jnp.einsum("btd,vd->btv", h, w, preferred_element_type=jnp.float32, precision=precision(h.dtype))
         return z if exact else jnp.where(lo + jnp.arange(c) >= i * c, z, -jnp.inf)
 
     zeros = jnp.zeros(h.shape[:2], jnp.float32)
@@ -426,9 +435,8 @@ def logsumexp_vocab(cfg: ModelConfig, params: Params, h: Array, chunk: int = 163
 
 def target_logit(cfg: ModelConfig, params: Params, h: Array, targets: Array) -> Array:
     """logit of each target token [B, T], f32."""
-    W = unembed(cfg, params)
-    return jnp.einsum("btd,btd->bt", h, jnp.take(W, targets, axis=0), preferred_element_type=jnp.float32,
-                      precision=precision(h.dtype))
+    w = gathered({"w": jnp.take(unembed(cfg, params), targets, axis=0)}, {"w": ("tokens", "tokens", "embed")})["w"]
+    return jnp.einsum("btd,btd->bt", h, w, preferred_element_type=jnp.float32, precision=precision(h.dtype))
 
 
 def token_nll(cfg: ModelConfig, params: Params, h: Array, targets: Array, chunk: int = 16384) -> Array:
