@@ -4,8 +4,7 @@
 
 Reads only the result files the study wrote (jaxcrit/study.py, jaxcrit/stages.py) and copies its
 plots next to the page (docs/findings/), so every number on the page comes from the command the
-page names. A question whose stage did not run says so. Question (8), generations and task
-scores, is a marked place for the generation and lm-eval stages (issue 15, items 3 and 5).
+page names. A question whose stage did not run says so.
 """
 from __future__ import annotations
 
@@ -338,11 +337,27 @@ def q8_generations(r: Results) -> list[str]:
                  _f(p["base_logprob"], ".1f"), _f(p["masked_logprob"], ".1f")] for p in g["prompts"]]
         out += _md_table(["prompt", "clean", "masked", "first differing token", "clean log p", "masked log p"],
                          rows, "lllrrr") + [""]
-    out += ["Task scores: not in this study. lm-evaluation-harness needs its task datasets, which this machine "
-            "cannot download; with them, `pip install 'jaxcrit[eval]'` and `python -m jaxcrit.lmeval run --model "
-            "jaxcrit --model_args model=smollm2,neurons=<workdir>/critical.json --tasks <task>` scores the masked "
-            "model (README).", ""]
-    return out
+    return out + task_scores(r)
+
+
+def task_scores(r: Results) -> list[str]:
+    """The tasks stage's table: each task's metrics for the clean model and each masked set (sets
+    holding the same neurons share a column), with stderr and chance."""
+    t = r["tasks.json"]
+    if not t:
+        return ["The task scores stage did not run (`tasks.enabled`; it needs `pip install 'jaxcrit[eval]'`).", ""]
+    columns = [k for k, v in t["sets"].items() if v["same_as"] is None]
+    names = {k: " = ".join([k] + [o for o, v in t["sets"].items() if v["same_as"] == k]) for k in columns}
+    cell = lambda m: f"{m['value']:.3f} ± {m['stderr']:.3f}"
+    rows = [[task, metric, _f(chance), *(cell(t["sets"][k]["scores"][task][metric]) for k in columns)]
+            for task, meta in t["tasks"].items() for metric, chance in meta["chance"].items()]
+    sizes = ", ".join(f"{k} {t['sets'][k]['n']} neuron(s)" for k in columns if k != "base")
+    out = [f"Task scores through lm-evaluation-harness (the `jaxcrit` model of `jaxcrit/lmeval.py`), clean (`base`) "
+           f"and with each set zeroed ({sizes}); mean ± standard error over the items (`tasks.json`):", ""]
+    out += _md_table(["task", "metric", "chance", *(names[k] for k in columns)], rows, "llr" + "r" * len(columns))
+    out += ["", f"The study built the tasks from the corpus (`{t['corpus']}`, seed {t['seed']}) and wrote their "
+            "items and lm-eval YAMLs to the workdir's `tasks/` (`jaxcrit/tasks.py`); nothing was downloaded:", ""]
+    return out + [f"- `{k}` ({meta['items']} items), {meta['what']}." for k, meta in t["tasks"].items()] + [""]
 
 
 def render(r: Results, plot_dir: str) -> str:

@@ -26,6 +26,9 @@ Requests: loglikelihood and loglikelihood_rolling are scored by generation.token
 decoder's forward with the engine's masks, the loss in vocabulary chunks; rolling windows cut as
 lm-eval's HF model cuts them); generate_until runs generation.generate_ids (KV cache, the same
 masks), stopping at the model's EOS tokens or once an `until` string appears, then cut at it.
+
+`scores` is what the study's tasks stage calls: simple_evaluate on task YAMLs in a folder
+(jaxcrit/tasks.py writes them), each metric with its standard error.
 """
 from __future__ import annotations
 
@@ -190,6 +193,25 @@ class JaxcritLM(TemplateLM):
                     out[i] = postprocess_generated_text(self.tok_decode(c.tokens), until, None)
                     self.cache_hook.add_partial("generate_until", requests[i].args, out[i])
         return out
+
+
+def scores(lm: JaxcritLM, folder: Path, tasks: list[str]) -> dict[str, dict[str, dict[str, float]]]:
+    """lm's scores on lm-eval tasks whose YAMLs are in folder (lm-eval's built-in tasks are not
+    indexed): per task, per metric, {"value", "stderr"}. acc's stderr is the items' standard error
+    of the mean (closed form: lm-eval bootstraps only other aggregations, none of which these use)."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+    got = simple_evaluate(model=lm, tasks=tasks, task_manager=TaskManager(include_path=str(folder),
+                                                                           include_defaults=False),
+                          log_samples=False, torch_random_seed=None)["results"]
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for task in tasks:
+        for key, value in got[task].items():          # "acc,none", "acc_stderr,none", ..., "alias"
+            metric, _, kept = key.partition(",")
+            if kept and not metric.endswith("_stderr"):
+                out.setdefault(task, {})[metric] = {"value": float(value),
+                                                    "stderr": float(got[task][f"{metric}_stderr,{kept}"])}
+    return out
 
 
 def main() -> int:

@@ -9,6 +9,7 @@
     map         every neuron screened, top verified map.csv, map.json, map.png
     evaluation  perplexity before/after masking    evaluation.json
     generations prompts continued, clean vs masked  generations.json
+    tasks       lm-eval scores, clean vs masked    tasks.json (and the tasks it built: tasks/)
     modes, stability, dtypes, learned, relations: the study's stages (jaxcrit/study.py)
     report      the summary of all of the above    curve.png, summary.md
 
@@ -312,10 +313,9 @@ def evaluation(run: Run) -> dict:
     "texts" and "overall" are the critical set's, "sets" holds each set's overall and per-text PPL."""
     from jaxcrit.critical.evaluate import evaluate_sets
     from jaxcrit.data.texts import read_paragraphs
-    from jaxcrit.study import eval_set
     c = run.c.evaluate
     texts = read_paragraphs(c.file, limit=c.limit) if c.file else [run.c.text]
-    sets = {"critical": run["critical"].neurons, **{name: eval_set(run, name) for name in c.sets}}
+    sets = evaluated_sets(run)
     seqs = [run.model.tokens(t, run.c.max_tokens) for t in texts]
     ev = evaluate_sets(run.model.cfg, run.model.params, seqs, sets, batch=c.batch,
                        memo=run.store.memo("evaluation"), **run.engine_kw())
@@ -326,6 +326,12 @@ def evaluation(run: Run) -> dict:
                                        "tokens": o["tokens"]},
             "sets": {k: {"n": len(v), "neurons": v.records(), "overall_ppl_log10": o[k], "ppl_log10": ev["sets"][k]}
                      for k, v in sets.items()}}
+
+
+def evaluated_sets(run: Run) -> dict[str, NeuronSet]:
+    """The sets the evaluation and the task scores mask: the critical set, then evaluate.sets."""
+    from jaxcrit.study import eval_set
+    return {"critical": run["critical"].neurons, **{name: eval_set(run, name) for name in run.c.evaluate.sets}}
 
 
 def evaluate_texts(run: Run, neurons: NeuronSet, texts: list[str]) -> dict:
@@ -345,6 +351,35 @@ def generations(run: Run) -> dict:
     sampling = G.Sampling(c.temperature, c.top_k, c.top_p, run.c.seed)
     return G.base_vs_masked(run.model, list(c.prompts), run["critical"].neurons, max_new_tokens=c.max_new_tokens,
                             sampling=sampling, max_tokens=run.c.max_tokens)
+
+
+# ----------------------------------------------------------------------------- task scores
+
+def task_scores(run: Run) -> dict:
+    """The tasks of jaxcrit/tasks.py built from evaluate.file (into the workdir's tasks/) and
+    scored through lm-eval (jaxcrit/lmeval.py) by the clean model ("base") and with each
+    evaluated set zeroed; a set holding the same neurons as an earlier one is scored once and
+    names it in "same_as". tasks.json."""
+    import tempfile
+
+    from jaxcrit import lmeval
+    from jaxcrit import tasks as T
+    c = run.c
+    with tempfile.TemporaryDirectory(prefix="jaxcrit-tasks-") as tmp:
+        folder = run.workdir / "tasks" if run.workdir else Path(tmp)
+        built = T.write(c.evaluate.file, folder, c.tasks.limit, c.seed)
+        names = [t["lm_eval"] for t in built.values()]
+        sets: dict[str, dict] = {}
+        for name, neurons in {"base": None, **evaluated_sets(run)}.items():
+            key = sorted(neurons.keys()) if neurons is not None else []
+            same = next((k for k, v in sets.items() if v["key"] == key), None)
+            got = sets[same]["scores"] if same else lmeval.scores(
+                lmeval.JaxcritLM(run.model, neurons=neurons, batch_size=c.tasks.batch), folder, names)
+            sets[name] = {"key": key, "same_as": same, "scores": got}
+    by_name = {t["lm_eval"]: k for k, t in built.items()}
+    return {"corpus": c.evaluate.file, "seed": c.seed, "tasks": built,
+            "sets": {k: {"n": len(v["key"]), "same_as": v["same_as"],
+                         "scores": {by_name[t]: m for t, m in v["scores"].items()}} for k, v in sets.items()}}
 
 
 # ----------------------------------------------------------------------------- report
@@ -405,6 +440,8 @@ STAGES: dict[str, Stage] = {st.name: st for st in (
     Stage("generations", ("generations.json",), generations,
           lambda run, v: io.write_json(run.workdir / "generations.json", v),
           lambda run: io.read_json(run.workdir / "generations.json"), enabled=lambda c: c.generate.enabled),
+    Stage("tasks", ("tasks.json",), task_scores, lambda run, v: io.write_json(run.workdir / "tasks.json", v),
+          lambda run: io.read_json(run.workdir / "tasks.json"), enabled=lambda c: c.tasks.enabled),
     # --- issue 15: the study's stages (jaxcrit/study.py)
     Stage("modes", ("modes.json", "modes.png"), study.modes, study.save_modes,
           lambda run: io.read_json(run.workdir / "modes.json"), enabled=lambda c: c.study.other_ranking),

@@ -6,6 +6,7 @@ ranges, the text's length, files to evaluate, kernels and mesh), all before a we
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 from typing import Any, Callable
 
@@ -119,6 +120,9 @@ def _fields() -> tuple[tuple[str, Check, str], ...]:
         ("study.texts", _names(STUDY_TEXTS), f"distinct names among {', '.join(STUDY_TEXTS)}"),
         ("study.dtypes", _names(DTYPES), f"distinct names among {', '.join(DTYPES)}"),
         ("study.massive", _int(0), "an integer >= 0"),
+        ("tasks.enabled", _bool, "True or False"),
+        ("tasks.limit", _int(1), "an integer >= 1"),
+        ("tasks.batch", _int(1), "an integer >= 1"),
         ("learned.candidates", _int(0), "an integer >= 0 (0: off)"),
         ("learned.steps", _int(1), "an integer >= 1"),
         ("learned.lr", _num(lambda x: x > 0), "> 0"),
@@ -156,6 +160,11 @@ def fields(c: ConfigDict) -> None:
         raise JaxcritError("evaluate.sets names learned but the learned mask is off: set learned.candidates")
     if "greedy" in c.evaluate.sets and not (c.scan.sites and c.scan.greedy_steps):
         raise JaxcritError("evaluate.sets names greedy but the greedy search is off: set scan.sites and scan.greedy_steps")
+    if c.tasks.enabled and not c.evaluate.file:
+        raise JaxcritError("tasks.enabled builds its tasks from a corpus: set evaluate.file")
+    if c.tasks.enabled and importlib.util.find_spec("lm_eval") is None:
+        raise JaxcritError("tasks.enabled needs lm-evaluation-harness: pip install 'jaxcrit[eval]' "
+                           "(or --config.tasks.enabled=False)")
     if c.mesh.coordinator and c.mesh.process_id >= c.mesh.num_processes:
         raise JaxcritError(f"mesh.process_id must be below mesh.num_processes ({c.mesh.num_processes}); "
                            f"got {c.mesh.process_id}")

@@ -110,6 +110,8 @@ FIELD_CASES = [
     ("evaluate_learned_off", ["--config.evaluate.sets=('learned',)"], "evaluate.sets names learned but the learned mask is off"),
     ("learned_init_one", ["--config.learned.init=1.0"], "learned.init must be a number in (0, 1)"),
     ("corpus_dir_without_file", ["--config.evaluate.file=/"], "a corpus directory must hold exactly one"),
+    ("tasks_without_corpus", ["--config.tasks.enabled=True"], "tasks.enabled builds its tasks from a corpus: set evaluate.file"),
+    ("tasks_limit_zero", ["--config.tasks.limit=0"], "tasks.limit must be an integer >= 1"),
 ]
 
 
@@ -141,6 +143,18 @@ def test_empty_evaluate_file(cfg, tmp_path, capsys):
     code, lines = _main([f"--config={cfg}", f"--workdir={tmp_path / 'run'}", f"--config.evaluate.file={empty}"],
                         capsys)
     _assert_refused(code, lines, f"{empty}: no row longer than 50 characters", tmp_path / "run")
+
+
+def test_tasks_without_lm_eval(cfg, tmp_path, capsys, monkeypatch):
+    """The tasks stage on a machine without the eval extra: refused before any work."""
+    monkeypatch.setitem(sys.modules, "lm_eval", None)     # import lm_eval fails, find_spec finds nothing
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(" = Title = \n a paragraph long enough to be read as one row of the corpus . \n")
+    wd = tmp_path / "run"
+    code, lines = _main([f"--config={cfg}", f"--workdir={wd}", "--config.tasks.enabled=True",
+                         f"--config.evaluate.file={corpus}"], capsys)
+    _assert_refused(code, lines, "tasks.enabled needs lm-evaluation-harness: pip install 'jaxcrit[eval]'", wd)
+    assert not wd.exists()
 
 
 @pytest.mark.parametrize("how,expected", [("unknown_type", "gpt_neox"), ("no_tokenizer", "tokenizer.json: missing"),

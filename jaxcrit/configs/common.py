@@ -93,6 +93,11 @@ def base(model: str) -> ml_collections.ConfigDict:
     c.study.dtypes = ()             # the ranking's prefixes and the critical set scored in each dtype
     c.study.massive = 0             # list the N largest |down_proj output| channels and where the critical set ranks (0: off)
 
+    c.tasks = ml_collections.ConfigDict()
+    c.tasks.enabled = False         # lm-eval scores, clean and with each set of the evaluation masked, on tasks built from evaluate.file (jaxcrit/tasks.py; needs jaxcrit[eval])
+    c.tasks.limit = 100             # items per task (fewer where the corpus gives fewer)
+    c.tasks.batch = 16              # sequences per compiled call of the lm-eval model
+
     c.learned = ml_collections.ConfigDict()
     c.learned.candidates = 0        # gate the first N distinct neurons of Stage 1's ranking (0: no learned mask)
     c.learned.steps = 200           # Adam steps on the gates

@@ -3,14 +3,16 @@
     python -m jaxcrit.main --config=configs/study.py:../shared/data/wikitext --workdir=runs/study
     python -m jaxcrit.findings --workdir=runs/study --out=docs/findings.md
 
-The argument after the colon is the WikiText test split (a directory holding one *.raw file, or
-the file); without it the evaluation covers the default text only. On top of the default run
-(configs/smollm2.py): the full Stage 2 curve to n = 200 in both ranking modes, the baselines to
-100 neurons, Stage 1's 16 best down_proj channels of every layer scanned and greedy search over
-the scan's best 32, the whole-model map, the evaluation of the critical sets at epsilon 1 and 3,
-the greedy and the learned set on the first 100 WikiText paragraphs, Stage 1 + Stage 2 again for
-seeds 0-2, alpha 1/3/10, K 10/50 and ten texts, the dtype sweep, the learned mask over Stage 1's
-128 best neurons, the largest activations, and base vs masked generations.
+The argument after the colon is the WikiText test split (a directory holding one *.raw file, or the
+file); without it the evaluation covers the default text only and there are no task scores. On top
+of the default run (configs/smollm2.py): the full Stage 2 curve to n = 200 in both ranking modes,
+the baselines to 100 neurons, Stage 1's 16 best down_proj channels of every layer scanned and greedy
+search over the scan's best 32, the whole-model map, the evaluation of the critical sets at epsilon
+1 and 3, the greedy and the learned set on the first 100 WikiText paragraphs, Stage 1 + Stage 2
+again for seeds 0-2, alpha 1/3/10, K 10/50 and ten texts, the dtype sweep, the learned mask over
+Stage 1's 128 best neurons, the largest activations, base vs masked generations, and lm-eval scores
+of the clean model and those sets on two tasks built from the corpus (jaxcrit/tasks.py; they need
+`pip install 'jaxcrit[eval]'`).
 """
 from jaxcrit.configs.smollm2 import get_config as smollm2
 
@@ -39,4 +41,5 @@ def get_config(arg=None):
     c.learned.candidates = 128
     c.learned.steps = 150
     c.generate.enabled = True
+    c.tasks.enabled = bool(arg)
     return c

@@ -15,6 +15,8 @@ BOOKENDS = (
     "musically and conceptually daring album."
 )
 
+PARAGRAPH_CHARS = 50   # a corpus row is a paragraph when longer than this, stripped (the reference's rule)
+
 
 def corpus_file(path: str | Path) -> Path:
     """The text file a corpus path names: the file itself, or a directory's one *.raw / *.txt file
@@ -31,7 +33,7 @@ def corpus_file(path: str | Path) -> Path:
     return p
 
 
-def read_paragraphs(path: str | Path, min_chars: int = 50, limit: int = 0) -> list[str]:
+def read_paragraphs(path: str | Path, min_chars: int = PARAGRAPH_CHARS, limit: int = 0) -> list[str]:
     """The rows of a text file (or corpus directory, corpus_file) that the reference's WikiText
     evaluation keeps: each row stripped, kept if longer than min_chars, in file order; limit 0: all.
     On the WikiText test split that is 1,940 of 2,891 rows."""
