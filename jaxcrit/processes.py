@@ -6,16 +6,17 @@ broadcast, so every process takes the same branch and meets the same collectives
 0 writes files. Tested on CPU as two local processes of four devices each (gloo collectives).
 
 A process that dies ends the run: every process beats (a counter in jax.distributed's key-value
-store, hosted by process 0) every `mesh.peer_timeout / 10` seconds and watches the others' beats
-from a daemon thread. A peer whose beat stops for `mesh.peer_timeout` seconds, a peer that
-reports its own error (`fail`), or a coordinator that no longer answers ends this process with
-one `jaxcrit: error:` line naming the process (exit code 4), even while the main thread waits
-in a collective. jax.distributed's own heartbeat timeout is set longer, so its abort (a C++
-fatal error and a stack trace) does not come first; its shutdown barrier is skipped on failure.
-One case stays jax's: when process 0 dies, the coordination service it hosts goes with it and
-jax.distributed's client aborts every other process at once ("Terminating process because the
-JAX distributed service detected fatal errors ... another task died", then a C++ stack trace;
-the client's callback for this cannot be set from Python in jaxlib 0.10).
+store) every `mesh.peer_timeout / 10` seconds and watches the others' beats from a daemon thread.
+A peer whose beat stops for `mesh.peer_timeout` seconds, a peer that reports its own error
+(`fail`), or a store that fails or stops answering for that long ends this process with one
+`jaxcrit: error:` line naming what it lost (exit code 4), even while the main thread waits in a
+collective. jax.distributed's own heartbeat timeout is set longer, so its abort (a C++ fatal
+error and a stack trace) does not come first; its shutdown barrier is skipped on failure.
+Process 0 is no exception: jax hosts the store inside it, so its death would abort every other
+process at once; here the store lives in a process of its own beside it (coordinator.py), which
+outlives it, so process 0's death is one more silent peer. A store that stops answering (process
+0's host down or cut off) ends the others after `mesh.peer_timeout` too. What stays jax's: the
+service's own process killed on a living host (its connections close and jax's client aborts).
 """
 from __future__ import annotations
 
@@ -29,6 +30,9 @@ import numpy as np
 from jax.experimental import multihost_utils
 from ml_collections import ConfigDict
 
+from jaxcrit import coordinator
+from jaxcrit.errors import JaxcritError
+
 PEER_FAILED = 4   # exit code of a process ended because another one failed
 _KEY = "jaxcrit/"
 _watch: "_Watchdog | None" = None
@@ -37,18 +41,40 @@ _watch: "_Watchdog | None" = None
 def start(c: ConfigDict) -> None:
     """jax.distributed.initialize from mesh.coordinator/num_processes/process_id, or with the
     cluster's own description (SLURM, TPU, Kubernetes, Open MPI) when mesh.distributed alone is
-    set; then the watchdog (several processes only)."""
+    set; with several processes, process 0 first starts the coordination service in a process of
+    its own (coordinator.py), and every process its watchdog."""
     global _watch
     m = c.mesh
-    timeouts = dict(heartbeat_timeout_seconds=2 * m.peer_timeout + 10)
     if m.coordinator:   # CPU devices of several processes talk through gloo (GPUs use NCCL regardless)
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(m.coordinator, m.num_processes, m.process_id, **timeouts)
+        address, n, index, local = m.coordinator, m.num_processes, m.process_id, None
     elif m.distributed:
-        jax.distributed.initialize(**timeouts)
+        address, n, index, local = _cluster()
+    else:
+        return
+    # jax's client aborts when a heartbeat gets no answer within heartbeat_timeout / 2 (plus 1 s), its
+    # service when a process sent none for heartbeat_timeout: the watchdog (peer_timeout and a beat
+    # or two) speaks first
+    heartbeat = 2 * m.peer_timeout + 10
+    bind = coordinator.start(address, n, heartbeat) if n > 1 and index == 0 else None
+    jax.distributed.initialize(address, n, index, local, cluster_detection_method="deactivate",
+                               heartbeat_timeout_seconds=heartbeat, coordinator_bind_address=bind)
     if jax.process_count() > 1 and _watch is None:
         _watch = _Watchdog(m.peer_timeout)
         _watch.start()
+
+
+def _cluster() -> tuple[str, int, int, list[int] | None]:
+    """The coordinator address, process count, this process's index and its local device ids, as
+    jax.distributed.initialize would detect them (process 0 needs the address before jax starts)."""
+    from jax._src import clusters
+    address, n, index, local = clusters.ClusterEnv.auto_detect_unset_distributed_params(
+        os.environ.get("JAX_COORDINATOR_ADDRESS"), None, None, None, None, 300)   # jax's initialization_timeout
+    if None in (address, n, index):
+        raise JaxcritError("mesh.distributed=True but jax recognises no cluster here (SLURM, TPU, Open MPI, "
+                           "Kubernetes); give --config.mesh.coordinator=HOST:PORT --config.mesh.num_processes=N "
+                           "--config.mesh.process_id=I instead")
+    return address, n, index, local
 
 
 def several() -> bool:
@@ -98,58 +124,85 @@ def fail(line: str, code: int) -> int:
 
 
 def wait_for_peers() -> None:
-    """Gives the watchdog a timeout's time to find a dead peer (it then ends this process): for an
-    error that may be a dead peer's echo, such as a collective that lost its connection."""
-    if _watch is not None:
-        _watch.dead.wait(_watch.timeout + 2 * _watch.beat)
+    """For an error that may be a dead peer's echo (a collective that lost its connection): returns
+    once every other process has beaten since, so the error is this process's own; a dead peer
+    makes the watchdog end this process first. Gives up after twice the timeout."""
+    if _watch is None:
+        return
+    since = time.monotonic()
+    first = None   # the others' beats in the first answer after `since`
+    while time.monotonic() - since < 2 * _watch.timeout:
+        answered, state = _watch.answer
+        if answered > since:
+            beats = {p: state.get(f"{_KEY}beat/{p}") for p in range(_watch.n)
+                     if p != _watch.me and f"{_KEY}done/{p}" not in state}
+            first = first or beats
+            if all(beats.get(p) != first[p] for p in first):
+                return
+        time.sleep(_watch.beat)
 
 
 class _Watchdog(threading.Thread):
-    """Beats into the key-value store and ends this process when another process is gone."""
+    """Watches the others' beats and the store's answers; ends this process when one is gone.
+
+    The round trips to the store run in a thread of their own (`_beat`), so that a store that
+    stops answering (process 0's host down or cut off) leaves the watching free to say so."""
 
     def __init__(self, timeout: int):
         super().__init__(daemon=True, name="jaxcrit-watchdog")
         from jax._src import distributed   # the client jax.distributed made (multihost_utils reads it too)
         self.client = distributed.global_state.client
+        self.address = distributed.global_state.coordinator_address
         self.timeout, self.beat = timeout, max(timeout / 10, 0.2)
         self.me, self.n = jax.process_index(), jax.process_count()
-        self.dead = threading.Event()
         self.lock = threading.Lock()
         self.stopped = False
+        # the store's last answer: when it came, the jaxcrit/ keys it held
+        self.answer: tuple[float, dict[str, str]] = (time.monotonic(), {})
+        self.lost = ""   # the store's error, once a round trip failed
 
     def stop(self, key: str, value: str) -> None:
         """No more beats or watching; leaves `key` for the others to read."""
         with self.lock:
             self.stopped = True
-            try:
-                self.client.key_value_set(key, value, allow_overwrite=True)
-            except Exception:   # the coordinator is gone: nobody is left to tell
-                pass
+        try:
+            self.client.key_value_set(key, value, allow_overwrite=True)
+        except Exception:   # the store is gone: nobody is left to tell
+            pass
 
-    def _end(self, why: str) -> None:
+    def _end(self, why: str, hint: str = "") -> None:
         with self.lock:
             if self.stopped:
                 return
-            self.dead.set()
-            print(f"jaxcrit: error: [process {who()}] {why}; this process stops too", file=sys.stderr, flush=True)
+            print(f"jaxcrit: error: [process {who()}] {why}; this process stops too{hint}", file=sys.stderr, flush=True)
             os._exit(PEER_FAILED)
 
-    def run(self) -> None:
-        seen: dict[int, tuple[str, float]] = {}
+    def _beat(self) -> None:
+        """Round trips to the store: this process's beat counter up, every jaxcrit/ key down."""
         count = 0
-        while True:
-            with self.lock:
-                if self.stopped:
-                    return
-                try:
-                    self.client.key_value_set(f"{_KEY}beat/{self.me}", str(count), allow_overwrite=True)
-                    state = dict(self.client.key_value_dir_get(_KEY))
-                except Exception as e:   # process 0 hosts the store: it is gone, or unreachable
-                    state, err = None, str(e).splitlines()[0][:200]
-            if state is None:
-                self._end(f"lost the coordinator (process 0/{self.n}): {err}")
+        while not self.stopped:
+            try:
+                self.client.key_value_set(f"{_KEY}beat/{self.me}", str(count), allow_overwrite=True)
+                state = dict(self.client.key_value_dir_get(_KEY))
+            except Exception as e:
+                self.lost = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+                return
+            self.answer = (time.monotonic(), state)
             count += 1
-            now = time.monotonic()
+            time.sleep(self.beat)
+
+    def run(self) -> None:
+        threading.Thread(target=self._beat, daemon=True, name="jaxcrit-beat").start()
+        resume = "; run the same command again to resume from the workdir"
+        seen: dict[int, tuple[str, float]] = {}
+        while not self.stopped:
+            time.sleep(self.beat)
+            now, (answered, state) = time.monotonic(), self.answer
+            if self.lost:
+                self._end(f"lost the coordinator at {self.address}: {self.lost}; process 0's log says why", resume)
+            if now - answered > self.timeout:
+                self._end(f"the coordinator at {self.address} did not answer for {now - answered:.0f} s "
+                          f"(mesh.peer_timeout {self.timeout}): process 0's host is down or cut off", resume)
             for key, value in state.items():
                 if key.startswith(f"{_KEY}failed/"):
                     self._end(f"process {key.rsplit('/', 1)[1]}/{self.n} failed: {value}")
@@ -159,8 +212,8 @@ class _Watchdog(threading.Thread):
                 beat = state.get(f"{_KEY}beat/{p}", "")
                 last = seen.get(p)
                 if last is None or last[0] != beat:
-                    seen[p] = (beat, now)
+                    seen[p] = (beat, answered)
                 elif now - last[1] > self.timeout:
-                    self._end(f"process {p}/{self.n} sent no sign of life for {now - last[1]:.0f} s "
-                              f"(mesh.peer_timeout {self.timeout}): it died or hangs; its own log says why")
-            time.sleep(self.beat)
+                    name = f"process {p}/{self.n}" + (f" (the coordinator, {self.address})" if p == 0 else "")
+                    self._end(f"{name} sent no sign of life for {now - last[1]:.0f} s "
+                              f"(mesh.peer_timeout {self.timeout}): it died or hangs; its own log says why", resume)
