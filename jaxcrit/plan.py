@@ -118,11 +118,6 @@ def abstract_params(cfg: ModelConfig, dtype, mesh: Mesh, layout: str) -> dict[st
             for name, (shape, axes) in param_table(cfg).items()}
 
 
-def param_bytes(params: dict[str, jax.ShapeDtypeStruct]) -> int:
-    """Bytes of these params on the device holding most of them."""
-    return sum(math.prod(p.sharding.shard_shape(p.shape)) * p.dtype.itemsize for p in params.values())
-
-
 def capacity(c: ConfigDict, mesh: Mesh) -> int:
     """Bytes of one device: mesh.device_memory_gib, else what the device reports, else (CPU) the
     free host memory shared by this process's devices."""
@@ -145,8 +140,8 @@ def text_tokens(c: ConfigDict, path: Path) -> int:
 
 
 def shard_bytes(tree, shardings=None) -> int:
-    """Bytes on one device of the arrays (ShapeDtypeStructs) in tree, under their own shardings
-    or the matching ones of `shardings`; other leaves (static args) count nothing."""
+    """Bytes on the device holding most of the arrays (ShapeDtypeStructs) in tree, under their own
+    shardings or the matching ones of `shardings`; other leaves (static args) count nothing."""
     leaves = [x for x in jax.tree.leaves(tree) if isinstance(x, jax.ShapeDtypeStruct)]
     shards = jax.tree.leaves(shardings) if shardings is not None else [x.sharding for x in leaves]
     return sum(math.prod(s.shard_shape(x.shape)) * x.dtype.itemsize for x, s in zip(leaves, shards))
@@ -204,7 +199,7 @@ def _plan(c: ConfigDict, context: contextlib.ExitStack) -> Plan:
     data = mesh.shape["data"]
     comp = Compiler.of(DTYPES[c.dtype])
     params = {dt: abstract_params(cfg, dt, mesh, c.mesh.params) for dt in {comp.dtype, comp.compute}}
-    held = param_bytes(params[comp.dtype])
+    held = shard_bytes(params[comp.dtype])
     cap = capacity(c, mesh)
     plan_of = partial(Plan, tuple(mesh.shape.values()), c.mesh.params, T, c.dtype, cap, held,
                       note=comp.note)
@@ -228,11 +223,11 @@ def _plan(c: ConfigDict, context: contextlib.ExitStack) -> Plan:
     programs.append(comp.program("clean pass", E._clean_pass, clean))
     resident = held + programs[-1].out
 
-    def cache_shift(dt):
-        lowered = E._clean_pass.lower(*clean(dt))
-        return jax.tree.map(lambda o, s: jax.ShapeDtypeStruct(o.shape, o.dtype, sharding=s), lowered.out_info,
-                            lowered.compile().output_shardings)
-    cached = {dt: cache_shift(dt) for dt in params}
+    # ... as shapes in each dtype, placed as the compiled pass places them (whatever the dtype; the
+    # compile is the one just made, so jax's cache has it: no narrow-dtype compile on XLA:CPU)
+    placement = E._clean_pass.lower(*clean(comp.compute)).compile().output_shardings
+    cached = {dt: jax.tree.map(lambda o, s: jax.ShapeDtypeStruct(o.shape, o.dtype, sharding=s),
+                               E._clean_pass.lower(*clean(dt)).out_info, placement) for dt in params}
 
     # the engine's chunk: as configured, or planned as Engine.plan_chunk plans it
     attn, loss = E.kernels(cfg, comp.dtype, c.engine.attention, c.engine.loss)
@@ -272,6 +267,6 @@ def suggest(cfg: ModelConfig, dtype, n_devices: int, cap: int, others: int) -> t
              for layout in LAYOUTS]
     for (d, m), layout in sorted(cands, key=lambda x: (-x[0][0], x[1] != "replicated")):
         mesh = AbstractMesh((d, m), ("data", "model"))
-        if param_bytes(abstract_params(cfg, dtype, mesh, layout)) + others <= cap:
+        if shard_bytes(abstract_params(cfg, dtype, mesh, layout)) + others <= cap:
             return (d, m), layout
     return None
