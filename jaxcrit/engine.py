@@ -279,14 +279,6 @@ def fit_chunk(ma: int, mb: int, data: int, free: float, cap: int = 1024) -> int:
     return min(rows, cap * data)
 
 
-def chunk_memory(params, cache, valid, targets, tmask, shift, mesh: Mesh, rows: int, entries: int,
-                 static: dict):
-    """XLA's per-device memory analysis of the chunk program for `rows` rows of `entries` entries;
-    (Engine.plan_chunk)."""
-    return _chunk_nll.lower(params, cache, valid, targets, tmask, shift, *chunk_shapes(mesh, rows, entries),
-                            **static).compile().memory_analysis()
-
-
 def chunk_shapes(mesh: Mesh, rows: int, entries: int) -> tuple[dict[str, jax.ShapeDtypeStruct], jax.ShapeDtypeStruct]:
     """The chunk program's rows ({field: [rows, entries]}, over 'data') and start point ([2]) as
     shapes: what `Engine.losses` passes it, for compiling from shapes."""
@@ -366,11 +358,22 @@ class Engine:
             key = np.full_like(key, decoder.LAYER)
         return order, cols, np.stack(np.divmod(key, E), 1).astype(np.int32)
 
+    def _compiled(self, rows: int, k: int, sites: tuple[str, ...]):
+        """The chunk program for `rows` rows of k entries (padded as `plan` pads them), no values,
+        with masks for `sites` and the engine's, compiled from shapes (jax keeps it for the calls)."""
+        static = self._static(self._held(sites), False, False)
+        with placed(self.mesh, self.params):
+            return _chunk_nll.lower(self.params, self.cache, self.valid, self.targets, self.tmask, self.shift,
+                                    *chunk_shapes(self.mesh, rows, entries(k)), **static).compile()
+
+    def _held(self, sites) -> tuple[str, ...]:
+        """The sites a program holds masks for: these and the engine's, in SITE_NAMES order."""
+        held = set(sites) | set(self.sites)
+        return tuple(n for n in SITE_NAMES if n in held)
+
     def _chunk_bytes(self, rows: int) -> int:
-        """Device bytes one chunk of `rows` single-neuron rows (padded as `plan` pads them) over all
-        nine sites needs (XLA's plan)."""
-        m = chunk_memory(self.params, self.cache, self.valid, self.targets, self.tmask, self.shift, self.mesh,
-                         rows, entries(1), self._static(SITE_NAMES, False, False))
+        """Device bytes one chunk of `rows` single-neuron rows over all nine sites needs (XLA's plan)."""
+        m = self._compiled(rows, 1, SITE_NAMES).memory_analysis()
         return int(m.temp_size_in_bytes + m.output_size_in_bytes)
 
     def plan_chunk(self, fraction: float, cap: int = 1024) -> int:
@@ -389,11 +392,7 @@ class Engine:
         """Compiles the chunk program for rows of k entries (and no values) before their first
         batch, which then runs without compiling; `pipeline.Run` calls it from a thread while
         Stage 1 runs (XLA compiles without holding the GIL)."""
-        held = set(sites) | set(self.sites)
-        static = self._static(tuple(n for n in SITE_NAMES if n in held), False, False)
-        with placed(self.mesh, self.params):
-            _chunk_nll.lower(self.params, self.cache, self.valid, self.targets, self.tmask, self.shift,
-                             *chunk_shapes(self.mesh, self.chunk, entries(k)), **static).compile()
+        self._compiled(self.chunk, k, sites)
 
     def losses(self, abl: Ablations | None, per_token: bool = False, desc: str = "ablations",
                sites: tuple[str, ...] | None = None) -> np.ndarray:
@@ -410,8 +409,7 @@ class Engine:
         if abl.rows == 0:
             raise JaxcritError("empty perturbation batch: give at least one row")
         order, cols, starts = self.plan(abl)
-        held = set(abl.sites()) | set(self.sites) | set(sites or ())
-        static = self._static(tuple(n for n in SITE_NAMES if n in held), bool((abl.value != 0).any()), per_token)
+        static = self._static(self._held(set(abl.sites()) | set(sites or ())), bool((abl.value != 0).any()), per_token)
         R, C = abl.rows, self.chunk
         bar = Progress(R, desc, enabled=self.progress and R > C)
         outs, pending = [], []
