@@ -1,7 +1,9 @@
 """Tiny random transformers models of every supported family, saved with save_pretrained."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import torch
 import transformers as tf
@@ -44,3 +46,26 @@ def build(arch: str, directory: Path, seed: int = 0, *, layers: int | None = Non
                 p.add_(0.1 * torch.randn_like(p))
     model.save_pretrained(directory)
     return model
+
+
+@contextlib.contextmanager
+def zeroed(model, neurons: Iterable[tuple[str, int, int]], on: bool = True) -> Iterator:
+    """The transformers model with these (site, layer, channel) outputs zeroed by forward hooks
+    while inside (on=False: untouched); module paths from jaxcrit's site table."""
+    from jaxcrit.models.sites import site
+    by_module: dict[str, list[int]] = {}
+    for s, layer, c in neurons if on else ():
+        by_module.setdefault(f"model.layers.{layer}.{site(s).module}", []).append(c)
+
+    def zero(channels):
+        def hook(mod, args, out):
+            out = out.clone()
+            out[..., channels] = 0.0
+            return out
+        return hook
+    handles = [model.get_submodule(m).register_forward_hook(zero(cs)) for m, cs in by_module.items()]
+    try:
+        yield model
+    finally:
+        for h in handles:
+            h.remove()

@@ -30,7 +30,6 @@ from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 WORDS = 210            # w0..w209 are ids 1..210; [UNK] is 0: every id of the model decodes to a word
 EOS = 201              # w200; BOS stays 1 (w0)
 NEURONS = [("down_proj", 1, 5), ("act_fn", 0, 7), ("v_proj", 1, 3)]
-HF_MODULES = {"down_proj": "mlp.down_proj", "act_fn": "mlp.act_fn", "v_proj": "self_attn.v_proj"}
 
 
 def words(rng, n: int) -> str:
@@ -76,29 +75,6 @@ def evaluate(model_dir, tasks, neurons: str = ""):
     return out["samples"]
 
 
-class Hooked:
-    """The torch model with the NEURONS' channels zeroed by forward hooks while inside."""
-
-    def __init__(self, model, on: bool):
-        self.model, self.on, self.handles = model, on, []
-
-    def __enter__(self):
-        def zero(c):
-            def hook(mod, args, out):
-                out = out.clone()
-                out[..., c] = 0.0
-                return out
-            return hook
-        if self.on:
-            self.handles = [self.model.get_submodule(f"model.layers.{l}.{HF_MODULES[s]}").register_forward_hook(zero(c))
-                            for s, l, c in NEURONS]
-        return self.model
-
-    def __exit__(self, *exc):
-        for h in self.handles:
-            h.remove()
-
-
 def ref_loglikelihood(model, ids: list[int], n_cont: int) -> tuple[float, bool]:
     with torch.no_grad():
         z = model(torch.tensor([ids])).logits[0, :-1].double()
@@ -112,7 +88,7 @@ def test_simple_evaluate_matches_transformers(setup, masked):
     model_dir, torch_model, tok, tasks, critical = setup
     samples = evaluate(model_dir, tasks, str(critical) if masked else "")
     ids = lambda s: tok.encode(s).ids
-    with Hooked(torch_model, masked) as ref:
+    with hf_models.zeroed(torch_model, NEURONS, masked) as ref:
         for s in samples["jc_mc"]:
             ctx = ids(s["doc"]["question"])
             for (ll, greedy), choice in zip((r[0] for r in s["resps"]), s["doc"]["choices"]):

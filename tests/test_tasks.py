@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import yaml
 
+import hf_models
 from jaxcrit import tasks as T
 
 VOCAB = [a + b for a in "bcdfghklmnprstvz" for b in "aeiou"]   # 80 alphabetic words
@@ -127,31 +128,6 @@ def test_builder_refuses_a_corpus_without_articles(tmp_path):
 # ----------------------------------------------------------------------------- the stage, through lm-eval
 
 MASKED = [("down_proj", layer, ch) for layer in (0, 1) for ch in range(0, 64, 2)] + [("act_fn", 1, 7)]
-HF_MODULES = {"down_proj": "mlp.down_proj", "act_fn": "mlp.act_fn"}
-
-
-class Hooked:
-    """The torch model with MASKED's channels zeroed by forward hooks while inside (on: bool)."""
-
-    def __init__(self, model, on: bool):
-        self.model, self.on, self.handles = model, on, []
-
-    def __enter__(self):
-        def zero(channels):
-            def hook(mod, args, out):
-                out = out.clone()
-                out[..., channels] = 0.0
-                return out
-            return hook
-        by_module: dict[str, list[int]] = {}
-        for s, l, c in MASKED if self.on else []:
-            by_module.setdefault(f"model.layers.{l}.{HF_MODULES[s]}", []).append(c)
-        self.handles = [self.model.get_submodule(m).register_forward_hook(zero(cs)) for m, cs in by_module.items()]
-        return self.model
-
-    def __exit__(self, *exc):
-        for h in self.handles:
-            h.remove()
 
 
 def log_probs(model, ids: list[int]):
@@ -165,7 +141,6 @@ def log_probs(model, ids: list[int]):
 def tiny(tmp_path_factory):
     """A 2-layer random llama and a WordLevel tokenizer of SPECIAL + VOCAB."""
     pytest.importorskip("lm_eval")
-    import hf_models
     from tokenizers import Tokenizer, models, pre_tokenizers
     d = tmp_path_factory.mktemp("tiny_llama")
     model = hf_models.build("llama", d, layers=2, initializer_range=0.2)
@@ -225,7 +200,7 @@ def test_tasks_stage_against_transformers(tiny, tmp_path):
     stderr = lambda x: float(np.std(x, ddof=1) / math.sqrt(len(x)))
     want = {}
     for name, on in (("base", False), ("critical", True)):
-        with Hooked(model, on) as m:
+        with hf_models.zeroed(model, MASKED, on) as m:
             acc, acc_norm, word = [], [], []
             for item in items["next_sentence"]:
                 ctx = ids(item["context"])
