@@ -67,10 +67,12 @@ def test_sharded_expsum_on_8_devices(tmp_path, shape):
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="the compiled kernel needs a GPU (run in the GPU benchmark call)")
-def test_compiled_kernel_on_gpu():
-    """The kernel as the engine runs it (ex2.approx epilogue, default tiles), V not a tile multiple."""
+@pytest.mark.parametrize("V", [151936 // 4 + 3, 297 * 128])
+def test_compiled_kernel_on_gpu(V):
+    """The kernel as the engine runs it (ex2.approx epilogue, default tiles): V not a multiple of
+    128 runs the Triton kernel (its last tile masked), a multiple of 128 the Hopper kernel on sm_90."""
     k1, k2 = jax.random.split(jax.random.key(1))
     h = jax.random.normal(k1, (1000, 896)).astype(jnp.bfloat16)
-    w = (0.05 * jax.random.normal(k2, (151936 // 4 + 3, 896))).astype(jnp.bfloat16)
+    w = (0.05 * jax.random.normal(k2, (V, 896))).astype(jnp.bfloat16)
     shift = jnp.linspace(-2.0, 6.0, 1000, dtype=jnp.float32)
     np.testing.assert_allclose(np.asarray(jax.jit(shifted_expsum)(h, w, shift)), plain(h, w, shift), rtol=1e-5)

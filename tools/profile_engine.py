@@ -60,7 +60,7 @@ def copy_bandwidth(gib: int = 4) -> float:
 # kernel name fragments by group, first match wins (cuDNN's attention kernel also ends in "_kernel0_0")
 KERNEL_GROUPS = (("attention (cuDNN)", ("cudnn", "sdpa", "flash")),
                  ("GEMMs (cuBLAS)", ("nvjet", "gemm", "xmma", "cutlass")),
-                 ("head (fused loss)", ("_kernel",)), ("XLA fusions", ("fusion",)))
+                 ("head (fused loss)", ("_kernel", "mosaic")), ("XLA fusions", ("fusion",)))
 
 
 def kernel_times(f, *a) -> dict:
@@ -131,6 +131,7 @@ def main():
                 print(json.dumps({str(tuple(t)): sweep[str(tuple(t))]}), flush=True)
             res["tile_sweep"] = sweep
         pieces["head_fused"] = timeit(jax.jit(lambda h, s: fused_loss.shifted_expsum(h, W, s)), hs, shift)
+        pieces["head_triton"] = timeit(jax.jit(lambda h, s: fused_loss.shifted_expsum(h, W, s, fused_loss.TILES)), hs, shift)
     one_pass = jax.jit(lambda h, s: decoder.logsumexp_vocab(cfg, p, h[None], 16384, s[None])[0])
     pieces["head_xla"] = timeit(one_pass, hs, shift)
 
@@ -142,7 +143,7 @@ def main():
     h = jax.random.normal(jax.random.key(3), (R, 1, T, cfg.d_model), jnp.bfloat16)
     one_layer = jax.vmap(lambda h: decoder.block(cfg, lp, h, valid, cos, sin, None, None, impl)[0])
     pieces["layer_xla_triton_gemms"] = timeit(jax.jit(one_layer), h)
-    layer = jax.jit(one_layer, compiler_options=E.COMPILER_OPTIONS)   # as the engine compiles it
+    layer = jax.jit(one_layer, compiler_options=decoder.COMPILER_OPTIONS)   # as the engine compiles it
     pieces["layer"] = timeit(layer, h)
     res["layer_xla_cost"] = cost(layer, h)
     x = h.reshape(R * T, cfg.d_model)
@@ -150,13 +151,13 @@ def main():
     o = jax.random.normal(jax.random.key(5), (R * T, cfg.q_dim), jnp.bfloat16)
     matmuls = jax.jit(lambda x, m, o: (x @ lp["q_w"], x @ lp["k_w"], x @ lp["v_w"], o @ lp["o_w"],
                                        x @ lp["gate_w"], x @ lp["up_w"], m @ lp["down_w"]),
-                      compiler_options=E.COMPILER_OPTIONS)
+                      compiler_options=decoder.COMPILER_OPTIONS)
     pieces["layer_matmuls_only"] = timeit(matmuls, x, m, o)
     q = o.reshape(R, T, cfg.n_heads, cfg.head_dim)
     kv = jax.random.normal(jax.random.key(6), (R, T, cfg.n_kv_heads, cfg.head_dim), jnp.bfloat16)
     attn = jax.jit(lambda q, k, v: decoder.attend(cfg, q, k, v, None, impl))
     pieces["layer_attention_only"] = timeit(attn, q, kv, kv)
-    flops = {"head_fused": head_f, "head_xla": head_f, "layer": layer_f, "layer_xla_triton_gemms": layer_f,
+    flops = {"head_fused": head_f, "head_triton": head_f, "head_xla": head_f, "layer": layer_f, "layer_xla_triton_gemms": layer_f,
              "layer_matmuls_only": layer_f - 2 * T * T * cfg.q_dim, "layer_attention_only": 2 * T * T * cfg.q_dim}
     res["pieces"] = {k: {"us_per_abl": 1e6 * s / R, "gflop_per_abl": flops[k] / 1e9,
                          "limit_us_per_abl": at_peak(flops[k]), "pct_of_peak": 100 * at_peak(flops[k]) / (1e6 * s / R)}
