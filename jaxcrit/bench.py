@@ -140,7 +140,7 @@ def main() -> None:
         losses = eng.losses(abl, desc=f"{site} scan")
         dt = time.perf_counter() - t
         fl = float(row_flops(cfg, args.seq, E.start_points(abl, cfg.n_layers)).sum())
-        res[site] = {"ablations": abl.rows, "chunk": eng.chunk, "attention": eng.attention, "loss": eng.loss,
+        res[site] = {"ablations": abl.rows, "chunk": eng.chunk, **eng.kernels._asdict(),
                      "setup_s": setup, "seconds": dt, "abl_per_s": abl.rows / dt,
                      "gflop_per_abl": fl / abl.rows / 1e9, "tflops": fl / dt / 1e12,
                      "limit_abl_per_s": abl.rows / (fl / (peak * 1e12)), "pct_of_limit": 100 * fl / dt / 1e12 / peak,

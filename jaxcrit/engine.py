@@ -20,7 +20,7 @@ import dataclasses
 import functools
 import math
 from functools import partial
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxcrit import processes
 from jaxcrit.errors import JaxcritError
-from jaxcrit.models import decoder, fused_loss
+from jaxcrit.models import decoder, fused_loss, fused_mlp
 from jaxcrit.models.config import ModelConfig
 from jaxcrit.models.sites import SITE_INDEX, SITE_NAMES, site as site_info, width
 from jaxcrit.progress import Progress
@@ -215,11 +215,11 @@ _SITE_ENTRY = np.array([decoder.SITE_ENTRY[n] for n in SITE_NAMES], np.int32)
 _HIDDEN = np.array([n in decoder.HIDDEN for n in SITE_NAMES])
 
 
-@partial(jax.jit, static_argnames=("cfg", "sites", "with_values", "per_token", "vocab_chunk", "attn_impl",
-                                   "loss_impl", "mesh"), compiler_options=decoder.COMPILER_OPTIONS)
+@partial(jax.jit, static_argnames=("cfg", "sites", "with_values", "per_token", "vocab_chunk", "kernels", "mesh"),
+         compiler_options=decoder.COMPILER_OPTIONS)
 def _chunk_nll(params, cache: decoder.Cache, valid, targets, tmask, shift, rows, start, *, cfg: ModelConfig,
-               sites: tuple[str, ...], with_values: bool, per_token: bool, vocab_chunk: int, attn_impl: str,
-               loss_impl: str, mesh: Mesh):
+               sites: tuple[str, ...], with_values: bool, per_token: bool, vocab_chunk: int, kernels: Kernels,
+               mesh: Mesh):
     """Loss of each row of one chunk: [R] mean NLL (or [R, B, T-1] per-token NLL).
 
     start [2]: the chunk's start point (layer, entry), the earliest of its rows' (unbatched).
@@ -235,12 +235,12 @@ def _chunk_nll(params, cache: decoder.Cache, valid, targets, tmask, shift, rows,
     def hidden(row):
         masks, values = row_masks(cfg, sites, row, with_values)
         h = decoder.resume(cfg, params, cache, valid, start, masks=masks, values=values, edited=edited,
-                           attn_impl=attn_impl)
+                           attn_impl=kernels.attention, mlp_impl=kernels.mlp)
         return h[:, :-1]
 
     hs = jax.vmap(hidden)(rows)
     lse_of = lambda sh: jax.vmap(lambda h: decoder.logsumexp_vocab(cfg, params, h, vocab_chunk, sh)[0])(hs)
-    if loss_impl == "pallas":
+    if kernels.loss == "pallas":
         s = fused_loss.expsum_sharded(hs, decoder.unembed(cfg, params), shift, mesh)
         lse = jnp.where(jnp.isfinite(s) & (s > 1e-30), shift + jnp.log(s), jnp.nan)
     else:
@@ -250,21 +250,34 @@ def _chunk_nll(params, cache: decoder.Cache, valid, targets, tmask, shift, rows,
     return nll if per_token else nll.sum((1, 2)) / tmask.sum()
 
 
-def kernels(cfg: ModelConfig, dtype, attention: str, loss: str) -> tuple[str, str]:
-    """(attention, loss) implementations for params of this dtype on this backend; "auto" picks
-    cuDNN attention and the fused loss kernel where they apply."""
-    half = dtype in (jnp.bfloat16, jnp.float16)
-    if attention == "auto":
-        attention = "cudnn" if half and jax.default_backend() == "gpu" else "xla"
-    if attention not in ("xla", "cudnn"):
-        raise JaxcritError(f"attention '{attention}' unknown: use auto, xla or cudnn")
-    fits = fused_loss.supported(cfg.d_model, dtype)
-    if loss == "auto":
-        loss = "pallas" if fits else "xla"
-    if loss not in ("xla", "pallas") or (loss == "pallas" and not fits):
-        raise JaxcritError(f"loss '{loss}' not available here: use auto or xla (pallas needs GPUs, "
-                           f"bf16/fp16 and d_model a multiple of {fused_loss.TILES.bk})")
-    return attention, loss
+class Kernels(NamedTuple):
+    """Which implementation runs each hot spot of the chunk program (see `kernels`)."""
+    attention: str   # "xla" | "cudnn"
+    mlp: str         # "xla" | "pallas": models/fused_mlp.py in the layers no row edits
+    loss: str        # "xla" | "pallas": models/fused_loss.py
+
+
+def kernels(cfg: ModelConfig, dtype, attention: str, mlp: str, loss: str, devices: int) -> Kernels:
+    """The implementations for params of this dtype on this backend and a mesh of `devices`;
+    "auto" picks cuDNN attention and the fused kernels where they apply. Raises JaxcritError on
+    an unknown name or a kernel asked for where it does not apply."""
+    half_gpu = dtype in (jnp.bfloat16, jnp.float16) and jax.default_backend() == "gpu"
+    fused = {   # hot spot: (its fused kernel, whether it applies here, what it needs)
+        "attention": ("cudnn", half_gpu, "GPUs and dtype bfloat16 or float16"),
+        "mlp": ("pallas", fused_mlp.supported(cfg.family.act, cfg.d_model, cfg.d_ff, dtype) and devices == 1,
+                f"one Hopper GPU, dtype bfloat16 or float16, a SiLU MLP, d_model a multiple of "
+                f"{fused_mlp.TILES.tk} and d_ff of {fused_mlp.TILES.tn // 2}"),
+        "loss": ("pallas", fused_loss.supported(cfg.d_model, dtype),
+                 f"GPUs, dtype bfloat16 or float16 and d_model a multiple of {fused_loss.TILES.bk}")}
+    chosen = {"attention": attention, "mlp": mlp, "loss": loss}
+    for name, (kernel, ok, needs) in fused.items():
+        if chosen[name] == "auto":
+            chosen[name] = kernel if ok else "xla"
+        if chosen[name] not in ("xla", kernel):
+            raise JaxcritError(f"engine.{name} '{chosen[name]}' unknown: use auto, xla or {kernel}")
+        if chosen[name] == kernel and not ok:
+            raise JaxcritError(f"engine.{name} {kernel} needs {needs}; use auto or xla")
+    return Kernels(**chosen)
 
 
 def fit_chunk(ma: int, mb: int, data: int, free: float, cap: int = 1024) -> int:
@@ -298,6 +311,9 @@ class Engine:
     per row, and the chunk fills `memory_fraction` of the free device memory (host memory on CPU).
     attention: "xla" (exact f32 softmax), "cudnn" (fused flash attention, GPU with bf16/fp16), or
     "auto" (cudnn where it applies).
+    mlp: "xla" (cuBLAS gate and up, then SiLU·mul), "pallas" (the fused gate|up kernel of
+    models/fused_mlp.py in the layers no row of a chunk edits: one Hopper GPU, bf16/fp16, SiLU),
+    or "auto" (pallas where it applies).
     loss: "xla" (vocabulary-chunked einsum + logsumexp), "pallas" (the fused kernel of
     models/fused_loss.py: GPUs, bf16/fp16; on a mesh under shard_map), or "auto" (pallas where
     it applies).
@@ -307,7 +323,7 @@ class Engine:
 
     def __init__(self, cfg: ModelConfig, params: dict, texts: Texts, *, mesh: Mesh | None = None,
                  chunk: int = 64, prefix_sharing: bool = True, vocab_chunk: int = 16384,
-                 attention: str = "auto", loss: str = "auto", memory_fraction: float = 0.7,
+                 attention: str = "auto", mlp: str = "auto", loss: str = "auto", memory_fraction: float = 0.7,
                  sites: Sequence[str] = (), progress: bool = True):
         self.cfg, self.params, self.texts, self.sites = cfg, params, texts, tuple(sites)
         self.mesh = mesh or make_mesh()
@@ -319,7 +335,7 @@ class Engine:
         self.tmask = jax.device_put((texts.valid[:, 1:] & texts.valid[:, :-1]).astype(np.float32), rep)
         self.rows_sharding = NamedSharding(self.mesh, P("data"))
         tokens = jax.device_put(texts.tokens, rep)
-        self.attention, self.loss = kernels(cfg, params["embed"].dtype, attention, loss)
+        self.kernels = kernels(cfg, params["embed"].dtype, attention, mlp, loss, self.mesh.size)
         with placed(self.mesh, params):   # FSDP's per-layer gathers (sharding.gathered) need it
             self.cache, self.shift = _clean_pass(cfg, params, tokens, self.valid, vocab_chunk)
             if chunk == 0:
@@ -335,7 +351,7 @@ class Engine:
     def _static(self, sites: tuple[str, ...], with_values: bool, per_token: bool) -> dict:
         """_chunk_nll's static arguments."""
         return dict(cfg=self.cfg, sites=sites, with_values=with_values, per_token=per_token,
-                    vocab_chunk=self.vocab_chunk, attn_impl=self.attention, loss_impl=self.loss, mesh=self.mesh)
+                    vocab_chunk=self.vocab_chunk, kernels=self.kernels, mesh=self.mesh)
 
     def plan(self, abl: Ablations) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
         """How a batch runs: (order [R], its rows in that order padded to whole chunks and to

@@ -138,7 +138,7 @@ class Run:
     def engine_kw(self) -> dict:
         e = self.c.engine
         return dict(mesh=self.model.mesh, vocab_chunk=e.vocab_chunk, prefix_sharing=e.prefix_sharing,
-                    attention=e.attention, loss=e.loss, sites=e.sites)
+                    attention=e.attention, mlp=e.mlp, loss=e.loss, sites=e.sites)
 
     @functools.cached_property
     def engine(self):

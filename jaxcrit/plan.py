@@ -230,13 +230,13 @@ def _plan(c: ConfigDict, context: contextlib.ExitStack) -> Plan:
                                E._clean_pass.lower(*clean(dt)).out_info, placement) for dt in params}
 
     # the engine's chunk: as configured, or planned as Engine.plan_chunk plans it
-    attn, loss = E.kernels(cfg, comp.dtype, c.engine.attention, c.engine.loss)
+    kernels = E.kernels(cfg, comp.dtype, c.engine.attention, c.engine.mlp, c.engine.loss, mesh.size)
     tail = (arr((1, T - 1), jnp.int32), arr((1, T - 1), jnp.float32))
 
     def chunk_program(name: str, rows: int, entries: int, sites: tuple[str, ...]) -> Program:
         args = lambda dt: (params[dt], cached[dt][0], valid, *tail, cached[dt][1], *E.chunk_shapes(mesh, rows, entries))
         return comp.program(name, E._chunk_nll, args, cfg=cfg, sites=sites, with_values=False, per_token=False,
-                            vocab_chunk=c.engine.vocab_chunk, attn_impl=attn, loss_impl=loss, mesh=mesh)
+                            vocab_chunk=c.engine.vocab_chunk, kernels=kernels, mesh=mesh)
 
     if c.engine.chunk:
         chunk = max(data, -(-c.engine.chunk // data) * data)

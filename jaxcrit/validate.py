@@ -109,6 +109,7 @@ def _fields() -> tuple[tuple[str, Check, str], ...]:
         ("engine.prefix_sharing", _bool, "True or False"),
         ("engine.sites", _names(SITE_NAMES), f"distinct sites among {', '.join(SITE_NAMES)}"),
         ("engine.attention", _one_of("auto", "xla", "cudnn"), "auto, xla or cudnn"),
+        ("engine.mlp", _one_of("auto", "xla", "pallas"), "auto, xla or pallas"),
         ("engine.loss", _one_of("auto", "xla", "pallas"), "auto, xla or pallas"),
         ("engine.ahead", _one_of("auto", "always", "never"), "auto, always or never"),
         # --- issue 15: the study and the learned mask
@@ -195,9 +196,10 @@ def ranges(c: ConfigDict, cfg) -> None:
 
 def against_model(c: ConfigDict) -> None:
     """What the model's metadata, its tokenizer, the files named and this machine allow."""
-    import jax
+    import jax.numpy as jnp
 
     from jaxcrit.convert.checkpoints import resolve
+    from jaxcrit.engine import kernels
     from jaxcrit.convert.load import tokens
     from jaxcrit.data.texts import read_paragraphs
     from jaxcrit.data.tokenize import encode, load_tokenizer
@@ -213,8 +215,5 @@ def against_model(c: ConfigDict) -> None:
                 raise JaxcritError(f"generate.prompts: {prompt!r} has no tokens; give prompts of at least one token")
     if c.evaluate.file:
         read_paragraphs(c.evaluate.file, limit=c.evaluate.limit)
-    make_mesh(tuple(c.mesh.shape), subset=c.dry_run)
-    gpu_half = jax.default_backend() == "gpu" and c.dtype != "float32"
-    for key, kernel in (("engine.attention", "cudnn"), ("engine.loss", "pallas")):
-        if c[key.split(".")[0]][key.split(".")[1]] == kernel and not gpu_half:
-            raise JaxcritError(f"{key} {kernel} needs GPUs and dtype bfloat16 or float16; use auto or xla")
+    mesh = make_mesh(tuple(c.mesh.shape), subset=c.dry_run)
+    kernels(kind.config(path), jnp.dtype(c.dtype), c.engine.attention, c.engine.mlp, c.engine.loss, mesh.size)

@@ -70,6 +70,8 @@ FIELD_CASES = [
     ("vocab_chunk_zero", ["--config.engine.vocab_chunk=0"], "engine.vocab_chunk must be an integer >= 1"),
     ("attention_unknown", ["--config.engine.attention=flash"], "engine.attention must be auto, xla or cudnn"),
     ("loss_pallas_on_cpu", ["--config.engine.loss=pallas"], "engine.loss pallas needs GPUs"),
+    ("mlp_pallas_on_cpu", ["--config.engine.mlp=pallas"], "engine.mlp pallas needs one Hopper GPU"),
+    ("mlp_unknown", ["--config.engine.mlp=triton"], "engine.mlp must be auto, xla or pallas"),
     ("attention_cudnn_on_cpu", ["--config.engine.attention=cudnn"], "engine.attention cudnn needs GPUs"),
     ("baseline_unknown", ["--config.baselines.names=('random','bogus')"], "baselines.names must be distinct names"),
     ("baseline_twice", ["--config.baselines.names=('random','random')"], "baselines.names must be distinct names"),

@@ -60,7 +60,8 @@ def copy_bandwidth(gib: int = 4) -> float:
 # kernel name fragments by group, first match wins (cuDNN's attention kernel also ends in "_kernel0_0")
 KERNEL_GROUPS = (("attention (cuDNN)", ("cudnn", "sdpa", "flash")),
                  ("GEMMs (cuBLAS)", ("nvjet", "gemm", "xmma", "cutlass")),
-                 ("head (fused loss)", ("_kernel", "mosaic")), ("XLA fusions", ("fusion",)))
+                 ("MLP gate|up + SiLU·mul (fused)", ("fused_mlp",)),
+                 ("head (fused loss)", ("fused_loss", "_kernel", "mosaic")), ("XLA fusions", ("fusion",)))
 
 
 def kernel_times(f, *a) -> dict:
@@ -140,12 +141,16 @@ def main():
     valid = None   # no padding, as the engine runs one unpadded text
     cos, sin = decoder.rope_tables(cfg, T)
     impl = "cudnn" if gpu else "xla"
+    eng_kernels = E.kernels(cfg, jnp.bfloat16, "auto", "auto", "auto", 1)
     h = jax.random.normal(jax.random.key(3), (R, 1, T, cfg.d_model), jnp.bfloat16)
     one_layer = jax.vmap(lambda h: decoder.block(cfg, lp, h, valid, cos, sin, None, None, impl)[0])
     pieces["layer_xla_triton_gemms"] = timeit(jax.jit(one_layer), h)
     layer = jax.jit(one_layer, compiler_options=decoder.COMPILER_OPTIONS)   # as the engine compiles it
     pieces["layer"] = timeit(layer, h)
     res["layer_xla_cost"] = cost(layer, h)
+    if eng_kernels.mlp == "pallas":   # the layer as the engine's unedited tail runs it
+        fused = jax.vmap(lambda h: decoder.block(cfg, lp, h, valid, cos, sin, None, None, impl, "pallas")[0])
+        pieces["layer_fused_mlp"] = timeit(jax.jit(fused, compiler_options=decoder.COMPILER_OPTIONS), h)
     x = h.reshape(R * T, cfg.d_model)
     m = jax.random.normal(jax.random.key(4), (R * T, cfg.d_ff), jnp.bfloat16)
     o = jax.random.normal(jax.random.key(5), (R * T, cfg.q_dim), jnp.bfloat16)
@@ -157,7 +162,8 @@ def main():
     kv = jax.random.normal(jax.random.key(6), (R, T, cfg.n_kv_heads, cfg.head_dim), jnp.bfloat16)
     attn = jax.jit(lambda q, k, v: decoder.attend(cfg, q, k, v, None, impl))
     pieces["layer_attention_only"] = timeit(attn, q, kv, kv)
-    flops = {"head_fused": head_f, "head_triton": head_f, "head_xla": head_f, "layer": layer_f, "layer_xla_triton_gemms": layer_f,
+    flops = {"head_fused": head_f, "head_triton": head_f, "head_xla": head_f, "layer": layer_f,
+             "layer_fused_mlp": layer_f, "layer_xla_triton_gemms": layer_f,
              "layer_matmuls_only": layer_f - 2 * T * T * cfg.q_dim, "layer_attention_only": 2 * T * T * cfg.q_dim}
     res["pieces"] = {k: {"us_per_abl": 1e6 * s / R, "gflop_per_abl": flops[k] / 1e9,
                          "limit_us_per_abl": at_peak(flops[k]), "pct_of_peak": 100 * at_peak(flops[k]) / (1e6 * s / R)}
@@ -166,7 +172,7 @@ def main():
 
     # real engine chunks of down_proj rows starting after layer S: head + (L-1-S) layers
     eng = E.Engine(cfg, p, E.Texts.from_ids([tokens.tolist()]), chunk=R, progress=False)
-    res["attention"], res["loss"] = eng.attention, eng.loss
+    res.update(eng.kernels._asdict())
     chunk = {}
     for S in (L - 1, L - 2, 3 * L // 4, L // 2, L // 4, 0):
         abl = E.single(cfg, "down_proj", layers=[S], channels=np.arange(R) % cfg.d_model)

@@ -54,8 +54,7 @@ def main() -> None:
         rate = abl.rows / (time.perf_counter() - t)
         first = (out, rate) if first is None else first
         res["runs"].append({"gpus": n, "ablations_per_s": rate, "speedup": rate / first[1],
-                            "max_abs_loss_diff_vs_1": float(np.abs(out - first[0]).max()), "loss": eng.loss,
-                            "attention": eng.attention})
+                            "max_abs_loss_diff_vs_1": float(np.abs(out - first[0]).max()), **eng.kernels._asdict()})
         del eng, params
     res["peak_memory_gib"] = (peak_memory() or 0) / 2**30
     print(json.dumps(res, indent=1))

@@ -80,6 +80,7 @@ def base(model: str) -> ml_collections.ConfigDict:
     c.engine.prefix_sharing = True  # run layers below a chunk's first perturbed layer once, clean
     c.engine.sites = ()             # sites every compiled program holds masks for (all nine: one program for every stage)
     c.engine.attention = "auto"     # auto | xla | cudnn (fused, GPU with bf16/fp16)
+    c.engine.mlp = "auto"           # auto | xla | pallas (fused gate|up GEMM + SiLU·mul in unedited layers, one Hopper GPU, bf16/fp16)
     c.engine.loss = "auto"          # auto | xla | pallas (fused matmul + exp-sum kernel, one GPU, bf16/fp16)
     c.engine.ahead = "auto"         # auto | always | never: build the engine and compile Stage 2 in a thread while Stage 1 runs (auto: GPU/TPU, one process, chunk given)
 

@@ -14,6 +14,7 @@ from typing import Mapping, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jaxcrit.models import fused_mlp
 from jaxcrit.models.config import ModelConfig, rope_inv_freq
 from jaxcrit.models.params import param_table
 from jaxcrit.sharding import gathered
@@ -179,10 +180,13 @@ def attention_output(cfg: ModelConfig, p: Params, o: Array, site) -> Array:
     return site("o_proj", o)
 
 
-def mlp_out(cfg: ModelConfig, p: Params, mid: Array, site) -> Array:
+def mlp_out(cfg: ModelConfig, p: Params, mid: Array, site, impl: str = "xla") -> Array:
     """The MLP's output down_proj(act(gate(x)) * up(x)) [B, T, D], site-edited, of the
-    post-attention residual `mid` [B, T, D] (x is its post_attention_layernorm)."""
+    post-attention residual `mid` [B, T, D] (x is its post_attention_layernorm). impl "pallas":
+    act(gate(x)) * up(x) by the fused kernel (models/fused_mlp.py), for layers without edits."""
     x = site("post_attention_layernorm", rms_norm(mid, p["post_norm"], cfg.norm_eps, cfg.family.norm_plus_one))
+    if impl == "pallas":
+        return mm(fused_mlp.swiglu(x, p["gate_w"], p["up_w"]), p["down_w"])
     g = site("gate_proj", mm(x, p["gate_w"]))
     u = site("up_proj", mm(x, p["up_w"]))
     a = site("act_fn", _act(cfg.family.act, g))
@@ -196,14 +200,15 @@ def layer_params(cfg: ModelConfig, p: Params) -> Params:
 
 
 def block(cfg: ModelConfig, p: Params, h: Array, valid: Array | None, cos: Array, sin: Array,
-          masks: SiteArrays | None, values: SiteArrays | None, attn_impl: str = "xla"
+          masks: SiteArrays | None, values: SiteArrays | None, attn_impl: str = "xla", mlp_impl: str = "xla"
           ) -> tuple[Array, dict[str, Array]]:
-    """One decoder layer. p holds this layer's slice of the stacked params; h [B, T, D]."""
+    """One decoder layer. p holds this layer's slice of the stacked params; h [B, T, D].
+    mlp_impl applies to a layer without masks or values (an edited MLP needs its pieces)."""
     p = layer_params(cfg, p)
     sites: dict[str, Array] = {}
     site = editor(masks, values, sites)
     mid = h + _attention_out(cfg, p, h, valid, cos, sin, site, attn_impl)
-    return mid + mlp_out(cfg, p, mid, site), sites
+    return mid + mlp_out(cfg, p, mid, site, mlp_impl if masks is None and values is None else "xla"), sites
 
 
 # Where a perturbed row can start inside its first perturbed layer S (site-level prefix sharing).
@@ -257,7 +262,7 @@ def clean_cache(cfg: ModelConfig, params: Params, tokens: Array, valid: Array | 
 
 def resume(cfg: ModelConfig, params: Params, cache: Cache, valid: Array | None, start: Array, *,
            masks: SiteArrays, values: SiteArrays | None = None, edited: Array | None = None,
-           attn_impl: str = "xla") -> Array:
+           attn_impl: str = "xla", mlp_impl: str = "xla") -> Array:
     """The perturbed forward of one row from a start point: the final-normed hidden state [B, T, D].
 
     start: int32 [2], (layer S, entry index into ENTRIES), traced: one compiled program serves
@@ -291,7 +296,7 @@ def resume(cfg: ModelConfig, params: Params, cache: Cache, valid: Array | None, 
 
     h = jax.lax.switch(entry, (whole, mlp, out))
     h, _ = forward(cfg, params, h, valid, masks=masks, values=values, start=S + 1, edited=edited,
-                   attn_impl=attn_impl)
+                   attn_impl=attn_impl, mlp_impl=mlp_impl)
     return h
 
 
@@ -316,7 +321,7 @@ def scale_embeds(cfg: ModelConfig, embeds: Array) -> Array:
 def forward(cfg: ModelConfig, params: Params, embeds: Array, valid: Array | None = None, *,
             masks: SiteArrays | None = None, values: SiteArrays | None = None,
             capture: tuple[str, ...] = (), observe=None, start: Array | None = None,
-            edited: Array | None = None, attn_impl: str = "xla", remat: bool = False
+            edited: Array | None = None, attn_impl: str = "xla", mlp_impl: str = "xla", remat: bool = False
             ) -> tuple[Array, dict[str, Array]]:
     """Runs the layers.
 
@@ -333,6 +338,7 @@ def forward(cfg: ModelConfig, params: Params, embeds: Array, valid: Array | None
     edit in any row. When none from `start` on does, the layers run without masks (a cond
     outside the loop), as fast as the clean forward: a mask product after down_proj keeps
     cuBLAS from adding the residual in its epilogue.
+    attn_impl, mlp_impl: the attention's and the unedited MLPs' kernels (engine.Kernels).
     remat: recompute each layer in the backward pass instead of keeping its activations (a
     gradient then holds one residual per layer, not every intermediate).
     Returns the final-normed hidden state [B, T, D] and the captures.
@@ -347,7 +353,8 @@ def forward(cfg: ModelConfig, params: Params, embeds: Array, valid: Array | None
         def layers(m, vals):
             def layer(i, h):
                 at = lambda tree: {k: jax.lax.dynamic_index_in_dim(v, i, keepdims=False) for k, v in tree.items()}
-                return block(cfg, at(layer_p), h, valid, cos, sin, at(m) or None, at(vals) or None, attn_impl)[0]
+                return block(cfg, at(layer_p), h, valid, cos, sin, at(m) or None, at(vals) or None, attn_impl,
+                             mlp_impl)[0]
             return lambda h: jax.lax.fori_loop(start, cfg.n_layers, layer, h)
         edit = layers(masks or {}, values or {})
         if edited is None or not (masks or values):
@@ -358,7 +365,7 @@ def forward(cfg: ModelConfig, params: Params, embeds: Array, valid: Array | None
 
     def step(h, x):
         p, m, vals = x
-        out, sites = block(cfg, p, h, valid, cos, sin, m or None, vals or None, attn_impl)
+        out, sites = block(cfg, p, h, valid, cos, sin, m or None, vals or None, attn_impl, mlp_impl)
         ys = {n: sites[n] for n in capture if n != RESID}
         if observe is not None:
             ys["observed"] = observe(sites)

@@ -5,10 +5,10 @@ chunk of 256 ablations x 512 tokens on Qwen2.5-0.5B that is ~160 GB of traffic b
 TFLOP matmul. Both kernels keep each logit tile in registers (half-precision inputs, f32
 accumulation) and add exp(z - shift) into per-row sums:
 
-* Hopper GPUs (sm_90): a Pallas Mosaic GPU kernel. TMA loads run in a warp-specialised producer
-  warpgroup ahead of two wgmma warpgroups; persistent blocks, a few side by side on the same rows
-  (each on its own vocabulary range), so the rows' tiles stay in L2. It writes one partial sum
-  per 128-column vocabulary tile, added afterwards. Needs the vocabulary a multiple of 128.
+* Hopper GPUs (sm_90): the persistent Mosaic GPU GEMM of models/hopper.py (warp-specialised
+  TMA producer, two wgmma warpgroups, blocks side by side on the same rows in 2-block clusters
+  that share the rows' loads) with an epilogue that writes one partial sum per row and
+  128-column vocabulary tile, added afterwards. Needs the vocabulary a multiple of 128.
 * Other GPUs and other vocabularies: a Pallas (Triton) kernel. Every program owns bm rows, loops
   over the vocabulary in bn-column tiles and the hidden size in bk-wide steps. Full vocabulary
   tiles run unmasked; only a last partial tile is masked.
@@ -21,13 +21,13 @@ both in docs/benchmarks.md).
 from __future__ import annotations
 
 import functools
-import importlib.util
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
+from jaxcrit.models import hopper
 from jaxcrit.sharding import spec
 
 
@@ -43,27 +43,14 @@ class Tiles(NamedTuple):
 TILES = Tiles(128, 256, 64, 8, 3)
 
 
-class HopperTiles(NamedTuple):
-    """The Hopper kernel's shape: rows per compute warpgroup (a block has two), vocabulary columns
-    per tile, hidden per pipeline step, pipeline stages, and vocabulary ranges (blocks side by
-    side on the same rows, one range each; the SM count over this is the rows' blocks in flight)."""
-    tm: int
-    tn: int
-    tk: int
-    stages: int
-    groups: int
+HOPPER = hopper.Tiles(128, 128, 64, 4, 4, cluster=2)
 
 
-HOPPER = HopperTiles(128, 128, 64, 4, 4)
-
-
-def tiles_for(d_model: int, vocab: int) -> Tiles | HopperTiles:
+def tiles_for(d_model: int, vocab: int) -> Tiles | hopper.Tiles:
     """The Hopper kernel where it applies (an sm_90 GPU, jax with Pallas Mosaic GPU, tiles that
     divide the vocabulary and the hidden size), else the Triton kernel's tiles."""
-    dev = jax.local_devices()[0]
-    if getattr(dev, "compute_capability", None) == "9.0" and vocab % HOPPER.tn == 0 and d_model % HOPPER.tk == 0:
-        if importlib.util.find_spec("jax.experimental.pallas.mosaic_gpu"):  # jax's Hopper kernels
-            return HOPPER
+    if hopper.on_hopper() and vocab % HOPPER.tn == 0 and d_model % HOPPER.tk == 0:
+        return HOPPER
     return TILES
 
 
@@ -113,85 +100,40 @@ def _kernel(h_ref, w_ref, s_ref, o_ref, *, V: int, D: int, t: Tiles, interpret: 
     o_ref[rows] = jax.lax.fori_loop(V // t.bn, pl.cdiv(V, t.bn), last_tile, acc)
 
 
-def _hopper_partials(h: jax.Array, w: jax.Array, shift2: jax.Array, t: HopperTiles) -> jax.Array:
+def _hopper_partials(h: jax.Array, w: jax.Array, shift2: jax.Array, t: hopper.Tiles) -> jax.Array:
     """Per vocabulary tile n and row r: sum over the tile's columns v of 2**(h[r] . w[v] log2 e -
     shift2[r]); [V / tn, N] f32. h [N, D] with N a multiple of 2 tm, w [V, D], shift2 [N] f32."""
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
-    N, D = h.shape
-    n_tiles, k_steps, n_row_blocks = w.shape[0] // t.tn, D // t.tk, N // (2 * t.tm)
-    in_flight = jax.local_devices()[0].core_count // t.groups   # row blocks in flight
-    per_group = pl.cdiv(n_tiles, t.groups)
-    swizzle = plgpu.find_swizzle(t.tk * jnp.dtype(h.dtype).itemsize * 8)
-    smem = dict(transforms=(plgpu.TilingTransform((8, swizzle // jnp.dtype(h.dtype).itemsize)),
-                            plgpu.SwizzleTransform(swizzle)), memory_space=plgpu.SMEM, delay_release=1)
 
-    def pipeline(body, context):   # one tile: k_steps TMA stages of the block's rows and the tile's columns
-        return plgpu.emit_pipeline_warp_specialized(
-            body, grid=(k_steps,), memory_registers=40, wg_axis="wg", num_compute_wgs=2,
-            max_concurrent_steps=t.stages, compute_context=context,
-            in_specs=[plgpu.BlockSpec((2 * t.tm, t.tk), lambda k: (0, k), **smem),
-                      plgpu.BlockSpec((t.tn, t.tk), lambda k: (0, k), **smem)])
+    def setup(row0, wg, extra, sc):   # the block's rows' shifts, one warpgroup's each
+        (s_ref,) = extra
 
-    def kernel(h_ref, w_ref, s_ref, out_ref):
-        block = jax.lax.axis_index("block")
-        group, slot = jax.lax.rem(block, t.groups), jax.lax.div(block, t.groups)
-        first = group * per_group
-        last = jnp.minimum(first + per_group, n_tiles)
-        unused = lambda *_, **__: None
+        @pl.when(wg < 2)
+        def _():
+            plgpu.copy_gmem_to_smem(s_ref.at[pl.ds(row0 + wg * t.tm, t.tm)], sc["s_smem"].at[wg], sc["loaded"].at[wg])
+            plgpu.barrier_wait(sc["loaded"].at[wg])
 
-        @functools.partial(pl.run_scoped, stages=pipeline(unused, unused).get_allocations(
-                               h_ref.at[pl.ds(0, 2 * t.tm)], w_ref.at[pl.ds(0, t.tn)]),
-                           s_smem=plgpu.SMEM((2, t.tm), jnp.float32), o_smem=plgpu.SMEM((2, 2, t.tm), jnp.float32),
-                           loaded=plgpu.Barrier(num_barriers=2), collective_axes="wg")
-        def scope(stages, s_smem, o_smem, loaded):
-            wg = jax.lax.axis_index("wg")
+    def epilogue(z, tile: hopper.Tile, extra, outs, sc):
+        s2 = plgpu.load(sc["s_smem"].at[tile.wg], layout=plgpu.Layout.WGMMA.reduce(1))
+        part = jnp.exp2(z * LOG2E - jax.lax.broadcast_in_dim(s2, z.shape, [0])).sum(axis=1)
+        buf = sc["o_smem"].at[tile.wg, jax.lax.rem(tile.j, 2)]
+        plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+        buf[...] = part
+        plgpu.commit_smem()
 
-            def row_block(row0):
-                @pl.when(wg < 2)
-                def _shift():
-                    plgpu.copy_gmem_to_smem(s_ref.at[pl.ds(row0 + wg * t.tm, t.tm)], s_smem.at[wg], loaded.at[wg])
-                    plgpu.barrier_wait(loaded.at[wg])
+        @pl.when(tile.real)
+        def _():
+            plgpu.copy_smem_to_gmem(buf, outs[0].at[tile.n, pl.ds(tile.row, t.tm)])
 
-                @pl.loop(first, last)
-                def _tile(n):
-                    def mma(_, a_smem, b_smem, acc):
-                        plgpu.wgmma(acc, a_smem.at[pl.ds(wg * t.tm, t.tm)], b_smem.transpose((1, 0)))
-                        plgpu.wgmma_wait(1)
-                        return acc
-
-                    def epilogue(run):
-                        @functools.partial(pl.run_scoped, acc=plgpu.ACC((t.tm, t.tn), jnp.float32))
-                        def _(acc):
-                            run(acc)
-                            z = acc[...]
-                            s2 = plgpu.load(s_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
-                            part = jnp.exp2(z * LOG2E - jax.lax.broadcast_in_dim(s2, z.shape, [0])).sum(axis=1)
-                            buf = o_smem.at[wg, jax.lax.rem(n, 2)]
-                            plgpu.wait_smem_to_gmem(1, wait_read_only=True)
-                            buf[...] = part
-                            plgpu.commit_smem()
-                            plgpu.copy_smem_to_gmem(buf, out_ref.at[n, pl.ds(row0 + wg * t.tm, t.tm)])
-
-                    pipeline(mma, epilogue)(h_ref.at[pl.ds(row0, 2 * t.tm)], w_ref.at[pl.ds(n * t.tn, t.tn)],
-                                            allocations=stages)
-
-            @pl.loop(0, pl.cdiv(n_row_blocks, in_flight))
-            def _round(i):   # every block moves to its next rows together: the vocabulary stays in step
-                m = i * in_flight + slot
-
-                @pl.when(m < n_row_blocks)
-                def _():
-                    row_block(m * 2 * t.tm)
-
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-
-    return plgpu.kernel(kernel, out_type=jax.ShapeDtypeStruct((n_tiles, N), jnp.float32),
-                        grid=(in_flight * t.groups,), grid_names=("block",), num_threads=3, thread_name="wg",
-                        compiler_params=plgpu.CompilerParams(approx_math=True))(h, w, shift2)
+    return hopper.gemm("fused_loss_head", h, w, (shift2,), t=t, b_is_kn=False, setup=setup, epilogue=epilogue,
+                       out_type=jax.ShapeDtypeStruct((w.shape[0] // t.tn, h.shape[0]), jnp.float32),
+                       scratch=dict(s_smem=plgpu.SMEM((2, t.tm), jnp.float32),
+                                    o_smem=plgpu.SMEM((2, 2, t.tm), jnp.float32),
+                                    loaded=plgpu.Barrier(num_barriers=2)))
 
 
-def shifted_expsum(h: jax.Array, w: jax.Array, shift: jax.Array, tiles: Tiles | HopperTiles | None = None,
+def shifted_expsum(h: jax.Array, w: jax.Array, shift: jax.Array, tiles: Tiles | hopper.Tiles | None = None,
                    interpret: bool = False) -> jax.Array:
     """sum_v exp(h @ w[v] - shift) per row. h [N, D], w [V, D] (same half dtype), shift [N] f32.
     Tiles: the kernel and its shape (`tiles_for` picks; the Triton kernel when interpreted)."""
@@ -199,7 +141,7 @@ def shifted_expsum(h: jax.Array, w: jax.Array, shift: jax.Array, tiles: Tiles | 
     from jax.experimental.pallas import triton as plt
     N, D = h.shape
     tiles = tiles or (TILES if interpret else tiles_for(D, w.shape[0]))
-    if isinstance(tiles, HopperTiles):
+    if isinstance(tiles, hopper.Tiles):
         pad = (-N) % (2 * tiles.tm)
         parts = _hopper_partials(jnp.pad(h, ((0, pad), (0, 0))), w, jnp.pad(shift, (0, pad)) * LOG2E, tiles)
         return parts.sum(axis=0)[:N]
@@ -216,7 +158,7 @@ def shifted_expsum(h: jax.Array, w: jax.Array, shift: jax.Array, tiles: Tiles | 
 
 
 def expsum_sharded(hs: jax.Array, w: jax.Array, shift: jax.Array, mesh: Mesh,
-                   tiles: Tiles | HopperTiles | None = None, interpret: bool = False) -> jax.Array:
+                   tiles: Tiles | hopper.Tiles | None = None, interpret: bool = False) -> jax.Array:
     """sum_v exp(hs[r] @ w[v] - shift) [R, B, T] for hs [R, B, T, D], w [V, D], shift [B, T] f32.
 
     Each device runs the kernel on its rows (the rows' mesh axis) and its part of the
