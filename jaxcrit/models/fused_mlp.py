@@ -7,8 +7,9 @@ tn/2 up columns (the weights interleaved per tile, once per call: a copy of the 
 the epilogue writes only the product. Rounding as transformers' MLP rounds in PyTorch: gate and up
 rounded to the activation dtype as GEMM outputs, SiLU computed in f32 and rounded once, the product
 rounded once. (XLA's program of the same jnp code rounds more often inside SiLU: its products differ
-from these in about a third of the elements, by up to 2^-6 relative.) On one H200 (docs/benchmarks.md): 6.6 ms against
-7.2-7.7 for cuBLAS's two GEMMs and the pass at 229,376 x 896 x 2 x 4,864; 11 mask-free Qwen2.5-0.5B
+from these in about a third of the elements, by up to 2^-6 relative.) On one H200
+(docs/benchmarks.md) it ties with cuBLAS's two GEMMs and XLA's pass alone (6.6-7.2 against
+6.8-7.7 ms at 229,376 x 896 x 2 x 4,864) and wins inside the layers: 11 mask-free Qwen2.5-0.5B
 layers of 448 x 512 tokens 138.8 ms against 152.2.
 
 Used by the engine for the layers no row of a chunk edits (decoder.forward's mask-free tail),
