@@ -199,14 +199,15 @@ def against_model(c: ConfigDict) -> None:
     import jax.numpy as jnp
 
     from jaxcrit.convert.checkpoints import resolve
-    from jaxcrit.engine import kernels
     from jaxcrit.convert.load import tokens
     from jaxcrit.data.texts import read_paragraphs
     from jaxcrit.data.tokenize import encode, load_tokenizer
+    from jaxcrit.engine import kernels
     from jaxcrit.sharding import make_mesh
 
     kind, path = resolve(c.model)
-    ranges(c, kind.config(path))
+    cfg = kind.config(path)
+    ranges(c, cfg)
     if not (c.dry_run and path.is_dir() and not (path / "tokenizer.json").exists()):   # a model shape alone
         tok = load_tokenizer(path)
         tokens(tok, c.text, c.max_tokens, min_tokens=10)
@@ -216,4 +217,4 @@ def against_model(c: ConfigDict) -> None:
     if c.evaluate.file:
         read_paragraphs(c.evaluate.file, limit=c.evaluate.limit)
     mesh = make_mesh(tuple(c.mesh.shape), subset=c.dry_run)
-    kernels(kind.config(path), jnp.dtype(c.dtype), c.engine.attention, c.engine.mlp, c.engine.loss, mesh.size)
+    kernels(cfg, jnp.dtype(c.dtype), c.engine.attention, c.engine.mlp, c.engine.loss, mesh.size)

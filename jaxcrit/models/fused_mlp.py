@@ -25,7 +25,7 @@ from jaxcrit.models import hopper
 TILES = hopper.Tiles(64, 256, 64, 3, 2)   # per warpgroup 64 rows x (128 gate + 128 up) columns
 STORE = 64                                # columns per TMA store of the product
 
-ACTS = {"silu": jax.nn.silu}   # activations the epilogue computes (Gemma's gelu_tanh stays on XLA)
+ACTS = ("silu",)   # activations the epilogue computes (Gemma's gelu_tanh stays on XLA)
 
 
 def supported(act: str, d_model: int, d_ff: int, dtype) -> bool:
