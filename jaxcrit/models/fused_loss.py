@@ -43,7 +43,7 @@ class Tiles(NamedTuple):
 TILES = Tiles(128, 256, 64, 8, 3)
 
 
-HOPPER = hopper.Tiles(128, 128, 64, 4, 4, cluster=2)
+HOPPER = hopper.Tiles(128, 128, 64, 4, 2, cluster=2, pingpong=True)
 
 
 def tiles_for(d_model: int, vocab: int) -> Tiles | hopper.Tiles:
@@ -102,16 +102,16 @@ def _kernel(h_ref, w_ref, s_ref, o_ref, *, V: int, D: int, t: Tiles, interpret: 
 
 def _hopper_partials(h: jax.Array, w: jax.Array, shift2: jax.Array, t: hopper.Tiles) -> jax.Array:
     """Per vocabulary tile n and row r: sum over the tile's columns v of 2**(h[r] . w[v] log2 e -
-    shift2[r]); [V / tn, N] f32. h [N, D] with N a multiple of 2 tm, w [V, D], shift2 [N] f32."""
+    shift2[r]); [V / tn, N] f32. h [N, D] with N a multiple of t.rows, w [V, D], shift2 [N] f32."""
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
-    def setup(row0, wg, extra, sc):   # the block's rows' shifts, one warpgroup's each
+    def setup(row, wg, extra, sc):   # the warpgroup's rows' shifts
         (s_ref,) = extra
 
         @pl.when(wg < 2)
         def _():
-            plgpu.copy_gmem_to_smem(s_ref.at[pl.ds(row0 + wg * t.tm, t.tm)], sc["s_smem"].at[wg], sc["loaded"].at[wg])
+            plgpu.copy_gmem_to_smem(s_ref.at[pl.ds(row, t.tm)], sc["s_smem"].at[wg], sc["loaded"].at[wg])
             plgpu.barrier_wait(sc["loaded"].at[wg])
 
     def epilogue(z, tile: hopper.Tile, extra, outs, sc):
@@ -142,7 +142,7 @@ def shifted_expsum(h: jax.Array, w: jax.Array, shift: jax.Array, tiles: Tiles | 
     N, D = h.shape
     tiles = tiles or (TILES if interpret else tiles_for(D, w.shape[0]))
     if isinstance(tiles, hopper.Tiles):
-        pad = (-N) % (2 * tiles.tm)
+        pad = (-N) % tiles.rows
         parts = _hopper_partials(jnp.pad(h, ((0, pad), (0, 0))), w, jnp.pad(shift, (0, pad)) * LOG2E, tiles)
         return parts.sum(axis=0)[:N]
     pad = (-N) % tiles.bm

@@ -36,7 +36,7 @@ def supported(act: str, d_model: int, d_ff: int, dtype) -> bool:
 
 
 def _product(x: jax.Array, gate_w: jax.Array, up_w: jax.Array, t: hopper.Tiles) -> jax.Array:
-    """silu(x @ gate_w) * (x @ up_w) [N, F] for x [N, D] (N a multiple of 2 tm), weights [D, F]."""
+    """silu(x @ gate_w) * (x @ up_w) [N, F] for x [N, D] (N a multiple of t.rows), weights [D, F]."""
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
     (N, D), F, half = x.shape, gate_w.shape[1], t.tn // 2
@@ -70,7 +70,7 @@ def swiglu(x: jax.Array, gate_w: jax.Array, up_w: jax.Array) -> jax.Array:
     Under vmap (the engine's rows) the rows fold into the kernel's: one launch for the chunk."""
     lead, D = x.shape[:-1], x.shape[-1]
     x = x.reshape(-1, D)
-    pad = (-x.shape[0]) % (2 * TILES.tm)
+    pad = (-x.shape[0]) % TILES.rows
     out = _product(jnp.pad(x, ((0, pad), (0, 0))), gate_w, up_w, TILES)
     return out[:x.shape[0]].reshape(*lead, -1)
 

@@ -2,15 +2,25 @@
 output never needs to exist: each [tm, tn] f32 tile goes to an epilogue (the loss head's exp-sum,
 the MLP's SiLU(gate)·up) that writes what the caller keeps.
 
-a [M, K] (rows) times b's tn-column tiles, K in tk steps. A block holds two wgmma warpgroups of
-tm rows each and a producer warpgroup whose TMA loads run `stages` steps ahead. Blocks are
-persistent, one per SM: `groups` blocks sit side by side on the same rows, each on its own range
-of b's tiles, and all blocks move through the rows together, in rounds, so the rows' tiles and
-b's stay in L2 (with a grid of row blocks, 132 blocks on different rows fell out of L2: 485
-against 631-658 TFLOP/s on the head, docs/benchmarks.md). With cluster 2, pairs of those blocks
-form a cluster and each loads half of the rows' tile for both (TMA multicast): half the rows'
-traffic from L2. Mosaic GPU needs a GPU to compile, so these kernels are tested on one
-(tests/test_fused_*.py, GPU-only cases) and in the benchmark call.
+a [M, K] (rows) times b's tn-column tiles, K in tk steps. A block holds two wgmma warpgroups and a
+producer warpgroup whose TMA loads run `stages` steps ahead, on one of two schedules:
+
+* in step (the default): both warpgroups work on the same b tile, tm rows each (a block: 2 tm
+  rows), through `emit_pipeline_warp_specialized`; both run the epilogue while the tensor cores
+  wait.
+* ping-pong (`Tiles.pingpong`): each warpgroup owns whole tiles (the block's tm rows, alternate b
+  tiles); the producer fills one ring of slots in tile order, so one warpgroup's wgmma steps start
+  as the other's end and each epilogue runs beside the other's wgmma (FlashAttention-3's
+  schedule). The head's exp-sum gains 6-7 % by it; the MLP's epilogue does not
+  (docs/benchmarks.md).
+
+Blocks are persistent, one per SM: `groups` blocks sit side by side on the same rows, each on its
+own range of b's tiles, and all blocks move through the rows together, in rounds, so the rows'
+tiles and b's stay in L2 (with a grid of row blocks, 132 blocks on different rows fell out of L2:
+485 against 631-658 TFLOP/s on the head). With cluster 2, pairs of those blocks form a cluster and
+each loads half of the rows' tile for both (TMA multicast): half the rows' traffic from L2.
+Mosaic GPU needs a GPU to compile, so these kernels are tested on one (tests/test_fused_*.py,
+GPU-only cases) and in the benchmark call.
 """
 from __future__ import annotations
 
@@ -22,19 +32,26 @@ import jax.numpy as jnp
 
 
 class Tiles(NamedTuple):
-    """rows per compute warpgroup (a block has two), b columns per tile, K per pipeline step,
-    pipeline stages, blocks side by side on the same rows, blocks per cluster (1 or 2)."""
+    """rows per warpgroup's tile, b columns per tile, K per pipeline step, pipeline stages, blocks
+    side by side on the same rows, blocks per cluster (1 or 2), and the schedule: the warpgroups
+    in step on one tile (a block's rows: 2 tm) or ping-pong on alternate tiles (tm)."""
     tm: int
     tn: int
     tk: int
     stages: int
     groups: int
     cluster: int = 1
+    pingpong: bool = False
+
+    @property
+    def rows(self) -> int:
+        """A block's rows (a's rows must be a multiple)."""
+        return self.tm if self.pingpong else 2 * self.tm
 
 
 class Tile(NamedTuple):
-    """Where an epilogue's tile sits: b's tile index n, the block's tile count j so far in this
-    row block (for alternating buffers), the warpgroup's first row and index, and whether the
+    """Where an epilogue's tile sits: b's tile index n, a count j of the warpgroup's tiles
+    (alternating buffers use its parity), the warpgroup's first row and index, and whether the
     tile is real (a cluster's last tile of a range may be a repeat whose output is dropped)."""
     n: jax.Array
     j: jax.Array
@@ -59,26 +76,93 @@ def swizzled(cols: int, dtype) -> dict:
     return dict(transforms=(plgpu.TilingTransform((8, swizzle // size)), plgpu.SwizzleTransform(swizzle)))
 
 
+class _Task(NamedTuple):
+    """One tile of a block's work: its first row, b tile, whether it is real, index in the row block."""
+    row0: jax.Array
+    n: jax.Array
+    real: jax.Array
+    j: jax.Array
+
+
+class _Work:
+    """A block's (a cluster's) share: whole rounds of `in_flight` row blocks, `ranges` blocks side
+    by side on each (each on a range of b's tiles, split between a cluster's members), then a last
+    round for the row blocks left over, each split between `units // rest` blocks on narrower
+    ranges, so it keeps every SM busy rather than a few: the engine's chunks leave 10 of 66 row
+    blocks for a 28th round of the head at 448 ablations, 3 % of its time idle otherwise.
+    Python ints are fixed by the shapes; the block's own values are traced."""
+
+    def __init__(self, t: Tiles, n_tiles: int, n_row_blocks: int, units: int, unit, member):
+        import jax.experimental.pallas as pl
+        self.t, self.n_tiles, self.member = t, n_tiles, member
+        ranges = t.groups // t.cluster
+        self.in_flight = units // ranges
+        self.full, rest = divmod(n_row_blocks, self.in_flight)
+        split = min(units // rest, n_tiles) if rest else 1
+        self.per_range = (pl.cdiv(n_tiles, ranges), pl.cdiv(n_tiles, split))   # a whole round's, the last's
+        self.per_block = tuple(pl.cdiv(r, t.cluster) for r in self.per_range)
+        self.slot, self.rng = jax.lax.div(unit, ranges), jax.lax.rem(unit, ranges)
+        self.last_block, self.last_rng = jax.lax.div(unit, split), jax.lax.rem(unit, split)
+        self.row_blocks = self.full + (self.last_block < rest).astype(jnp.int32)
+        self.tasks = self.full * self.per_block[0] + (self.last_block < rest).astype(jnp.int32) * self.per_block[1]
+
+    def count(self, r: jax.Array) -> jax.Array:
+        """Tiles in the block's r-th row block."""
+        return jnp.where(r < self.full, *self.per_block)
+
+    def task(self, r: jax.Array, j: jax.Array) -> _Task:
+        """The j-th tile of the block's r-th row block."""
+        last = r >= self.full
+        row_block = jnp.where(last, self.full * self.in_flight + self.last_block, r * self.in_flight + self.slot)
+        first = jnp.where(last, self.last_rng * self.per_range[1], self.rng * self.per_range[0])
+        end = jnp.minimum(first + jnp.where(last, self.per_range[1], self.per_range[0]), self.n_tiles)
+        n = first + j * self.t.cluster + self.member
+        return _Task(row_block * self.t.rows, jnp.minimum(n, end - 1), n < end, j)   # a repeat keeps a pair in step
+
+    def flat(self, i: jax.Array) -> _Task:
+        """The block's i-th tile in order."""
+        r = jnp.minimum(jax.lax.div(i, self.per_block[0]), self.full)
+        return self.task(r, i - r * self.per_block[0])
+
+
 def gemm(name: str, a: jax.Array, b: jax.Array, extra: tuple[jax.Array, ...], *, t: Tiles, b_is_kn: bool,
          out_type, scratch: dict, epilogue: Callable, setup: Callable | None = None):
     """Runs the kernel (named `name` in profiles); returns out_type's arrays, written by the epilogue.
 
-    a [M, K] with M a multiple of 2 tm; b [K, Nb] (b_is_kn) or [Nb, K], Nb a multiple of tn.
-    extra: more inputs, passed as refs. scratch: name -> SMEM/Barrier shapes every warpgroup sees.
-    epilogue(z [tm, tn] f32, tile: Tile, extra_refs, out_refs, scratch_refs) writes the tile's
-    results (only when tile.real). setup(row0, wg, extra_refs, scratch_refs) runs at the start
-    of each block of 2 tm rows, in all three warpgroups.
+    a [M, K] with M a multiple of t.rows; b [K, Nb] (b_is_kn) or [Nb, K], Nb a multiple
+    of tn. extra: more inputs, passed as refs. scratch: name -> SMEM/Barrier shapes every
+    warpgroup sees. epilogue(z [tm, tn] f32, tile: Tile, extra_refs, out_refs, scratch_refs)
+    writes the tile's results (only when tile.real). setup(row, wg, extra_refs, scratch_refs)
+    runs when warpgroup wg moves to its next tm rows, starting at row (in step: in all three
+    warpgroups, the producer's wg 2).
     """
-    import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
     M, K = a.shape
-    n_tiles, k_steps, n_row_blocks = (b.shape[1] if b_is_kn else b.shape[0]) // t.tn, K // t.tk, M // (2 * t.tm)
-    ranges = t.groups // t.cluster                 # column ranges; a cluster shares one
-    in_flight = jax.local_devices()[0].core_count // t.groups   # row blocks in flight
-    per_range = pl.cdiv(n_tiles, ranges)
-    per_block = pl.cdiv(per_range, t.cluster)
+    n_tiles, k_steps = (b.shape[1] if b_is_kn else b.shape[0]) // t.tn, K // t.tk
+    units = jax.local_devices()[0].core_count // t.groups * (t.groups // t.cluster)   # blocks (clusters), <= 1 per SM
+    schedule = _pingpong if t.pingpong else _in_step
+
+    def kernel(a_ref, b_ref, *refs):
+        member = jax.lax.axis_index("cluster") if t.cluster > 1 else 0
+        work = _Work(t, n_tiles, M // t.rows, units, jax.lax.axis_index("block"), member)
+        schedule(t, a_ref, b_ref, refs[:len(extra)], refs[len(extra):], b_is_kn=b_is_kn, k_steps=k_steps,
+                 work=work, scratch=scratch, epilogue=epilogue, setup=setup)
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+    kernel.__name__ = name   # Mosaic GPU names the kernel after its body
+    cluster = dict(cluster=(t.cluster,), cluster_names=("cluster",)) if t.cluster > 1 else {}
+    return plgpu.kernel(kernel, out_type=out_type, grid=(units,), grid_names=("block",),
+                        num_threads=3, thread_name="wg", compiler_params=plgpu.CompilerParams(approx_math=True),
+                        **cluster)(a, b, *extra)
+
+
+def _in_step(t: Tiles, a_ref, b_ref, extra_refs, out_refs, *, b_is_kn, k_steps, work: _Work, scratch,
+             epilogue, setup):
+    """Both compute warpgroups on the same b tile (tm rows each), one pipeline per tile."""
+    import jax.experimental.pallas as pl
+    import jax.experimental.pallas.mosaic_gpu as plgpu
     spec = lambda shape, index, **kw: plgpu.BlockSpec(shape, index, memory_space=plgpu.SMEM, delay_release=1,
-                                                     **swizzled(min(t.tk, t.tn), a.dtype), **kw)
+                                                     **swizzled(min(t.tk, t.tn), a_ref.dtype), **kw)
     multicast = dict(collective_axes=("cluster",)) if t.cluster > 1 else {}
     b_spec = spec((t.tk, t.tn), lambda k: (k, 0)) if b_is_kn else spec((t.tn, t.tk), lambda k: (0, k))
 
@@ -88,60 +172,112 @@ def gemm(name: str, a: jax.Array, b: jax.Array, extra: tuple[jax.Array, ...], *,
             max_concurrent_steps=t.stages, compute_context=context,
             in_specs=[spec((2 * t.tm, t.tk), lambda k: (0, k), **multicast), b_spec])
 
-    def b_tile(b_ref, n):
+    def b_tile(n):
         cols = pl.ds(n * t.tn, t.tn)
         return b_ref.at[:, cols] if b_is_kn else b_ref.at[cols]
 
-    def kernel(a_ref, b_ref, *refs):
-        extra_refs, out_refs = refs[:len(extra)], refs[len(extra):]
-        block = jax.lax.axis_index("block")
-        member = jax.lax.axis_index("cluster") if t.cluster > 1 else 0
-        rng, slot = jax.lax.rem(block, ranges), jax.lax.div(block, ranges)
-        first = rng * per_range
-        last = jnp.minimum(first + per_range, n_tiles)
-        unused = lambda *_, **__: None
+    unused = lambda *_, **__: None
 
-        @functools.partial(pl.run_scoped, allocs=pipeline(unused, unused).get_allocations(
-                               a_ref.at[pl.ds(0, 2 * t.tm)], b_tile(b_ref, 0)), **scratch, collective_axes="wg")
-        def scope(allocs, **sc):
-            wg = jax.lax.axis_index("wg")
+    @functools.partial(pl.run_scoped, allocs=pipeline(unused, unused).get_allocations(
+                           a_ref.at[pl.ds(0, 2 * t.tm)], b_tile(0)), **scratch, collective_axes="wg")
+    def scope(allocs, **sc):
+        wg = jax.lax.axis_index("wg")
 
-            def row_block(row0):
-                if setup is not None:
-                    setup(row0, wg, extra_refs, sc)
+        @pl.loop(0, work.row_blocks)
+        def _row_block(r):
+            if setup is not None:
+                setup(work.task(r, 0).row0 + wg * t.tm, wg, extra_refs, sc)
 
-                @pl.loop(0, per_block)
-                def _tile(j):
-                    n = first + j * t.cluster + member
-                    real = n < last
-                    n = jnp.minimum(n, last - 1)   # a repeat keeps a cluster's pair in step
+            @pl.loop(0, work.count(r))
+            def _tile(j):
+                w = work.task(r, j)
 
-                    def mma(_, a_smem, b_smem, acc):
-                        plgpu.wgmma(acc, a_smem.at[pl.ds(wg * t.tm, t.tm)],
-                                    b_smem if b_is_kn else b_smem.transpose((1, 0)))
-                        plgpu.wgmma_wait(1)
-                        return acc
+                def mma(_, a_smem, b_smem, acc):
+                    plgpu.wgmma(acc, a_smem.at[pl.ds(wg * t.tm, t.tm)],
+                                b_smem if b_is_kn else b_smem.transpose((1, 0)))
+                    plgpu.wgmma_wait(1)
+                    return acc
 
-                    def context(run):
-                        @functools.partial(pl.run_scoped, acc=plgpu.ACC((t.tm, t.tn), jnp.float32))
-                        def _(acc):
-                            run(acc)
-                            epilogue(acc[...], Tile(n, j, row0 + wg * t.tm, wg, real), extra_refs, out_refs, sc)
+                def context(run):
+                    @functools.partial(pl.run_scoped, acc=plgpu.ACC((t.tm, t.tn), jnp.float32))
+                    def _(acc):
+                        run(acc)
+                        epilogue(acc[...], Tile(w.n, j, w.row0 + wg * t.tm, wg, w.real), extra_refs, out_refs, sc)
 
-                    pipeline(mma, context)(a_ref.at[pl.ds(row0, 2 * t.tm)], b_tile(b_ref, n), allocations=allocs)
+                pipeline(mma, context)(a_ref.at[pl.ds(w.row0, 2 * t.tm)], b_tile(w.n), allocations=allocs)
 
-            @pl.loop(0, pl.cdiv(n_row_blocks, in_flight))
-            def _round(i):   # every block moves to its next rows together: b's tiles stay in step
-                m = i * in_flight + slot
 
-                @pl.when(m < n_row_blocks)
-                def _():
-                    row_block(m * 2 * t.tm)
+def _pingpong(t: Tiles, a_ref, b_ref, extra_refs, out_refs, *, b_is_kn, k_steps, work: _Work, scratch,
+              epilogue, setup):
+    """Warpgroup w runs tasks w, w + 2, ... (whole [tm, tn] tiles). One ring of `stages` slots,
+    filled in task order; ready and consumed barriers per warpgroup and slot, so each
+    warpgroup's barrier phases count only its own tasks. Global step c = task * k_steps + k
+    uses slot c % stages; the producer refills it once the warpgroup of step c - stages is done."""
+    import jax.experimental.pallas as pl
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+    S, dt = t.stages, a_ref.dtype
+    rem, div = jax.lax.rem, jax.lax.div
+    tf = swizzled(min(t.tk, t.tn), dt)
+    multicast = dict(collective_axes="cluster") if t.cluster > 1 else {}
+    consumed_type = (functools.partial(plgpu.ClusterBarrier, collective_axes=("cluster",)) if t.cluster > 1
+                     else plgpu.Barrier)   # with multicast, a slot is free once both blocks are done
 
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+    @functools.partial(pl.run_scoped, a_smem=plgpu.SMEM((S, t.tm, t.tk), dt, **tf),
+                       b_smem=plgpu.SMEM((S, *((t.tk, t.tn) if b_is_kn else (t.tn, t.tk))), dt, **tf),
+                       ready=plgpu.Barrier(num_arrivals=2, num_barriers=2 * S),
+                       consumed=consumed_type(num_barriers=2 * S), **scratch, collective_axes="wg")
+    def scope(a_smem, b_smem, ready, consumed, **sc):
+        wg = jax.lax.axis_index("wg")
 
-    kernel.__name__ = name   # Mosaic GPU names the kernel after its body
-    cluster = dict(cluster=(t.cluster,), cluster_names=("cluster",)) if t.cluster > 1 else {}
-    return plgpu.kernel(kernel, out_type=out_type, grid=(in_flight * ranges,), grid_names=("block",),
-                        num_threads=3, thread_name="wg", compiler_params=plgpu.CompilerParams(approx_math=True),
-                        **cluster)(a, b, *extra)
+        @pl.when(wg == 2)
+        def _producer():
+            plgpu.set_max_registers(40, action="decrease")
+
+            @pl.loop(0, work.tasks)
+            def _task(i):
+                w, owner = work.flat(i), rem(i, 2)
+
+                @pl.loop(0, k_steps)
+                def _step(k):
+                    c = i * k_steps + k
+                    s = rem(c, S)
+
+                    @pl.when(c >= S)
+                    def _():
+                        plgpu.barrier_wait(consumed.at[rem(div(c - S, k_steps), 2) * S + s])
+
+                    ks, cols = pl.ds(k * t.tk, t.tk), pl.ds(w.n * t.tn, t.tn)
+                    plgpu.copy_gmem_to_smem(a_ref.at[pl.ds(w.row0, t.tm), ks], a_smem.at[s], ready.at[owner * S + s],
+                                            **multicast)
+                    plgpu.copy_gmem_to_smem(b_ref.at[ks, cols] if b_is_kn else b_ref.at[cols, ks], b_smem.at[s],
+                                            ready.at[owner * S + s])
+
+        @pl.when(wg < 2)
+        def _consumer():
+            plgpu.set_max_registers(232, action="increase")
+
+            @pl.loop(0, div(work.tasks - wg + 1, 2))
+            def _tile(i):
+                own = 2 * i + wg
+                w = work.flat(own)
+                if setup is not None:   # a warpgroup's first tile in a row block has j 0 or 1
+                    pl.when(w.j < 2)(lambda: setup(w.row0, wg, extra_refs, sc))
+
+                def run(acc):
+                    def step(k, carry):
+                        c = own * k_steps + k
+                        s = rem(c, S)
+                        plgpu.barrier_wait(ready.at[wg * S + s])
+                        b_s = b_smem.at[s]
+                        plgpu.wgmma(acc, a_smem.at[s], b_s if b_is_kn else b_s.transpose((1, 0)))
+                        plgpu.wgmma_wait(1)   # step k - 1's wgmma is done: release its slot
+                        pl.when(k > 0)(lambda: plgpu.barrier_arrive(consumed.at[wg * S + rem(c - 1, S)]))
+                        return carry
+
+                    jax.lax.fori_loop(0, k_steps, step, 0)
+                    plgpu.wgmma_wait(0)
+                    z = acc[...]
+                    plgpu.barrier_arrive(consumed.at[wg * S + rem((own + 1) * k_steps - 1, S)])
+                    epilogue(z, Tile(w.n, i, w.row0, wg, w.real), extra_refs, out_refs, sc)
+
+                pl.run_scoped(run, plgpu.ACC((t.tm, t.tn), jnp.float32))
