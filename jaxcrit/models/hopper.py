@@ -212,7 +212,10 @@ def _pingpong(t: Tiles, a_ref, b_ref, extra_refs, out_refs, *, b_is_kn, k_steps,
     """Warpgroup w runs tasks w, w + 2, ... (whole [tm, tn] tiles). One ring of `stages` slots,
     filled in task order; ready and consumed barriers per warpgroup and slot, so each
     warpgroup's barrier phases count only its own tasks. Global step c = task * k_steps + k
-    uses slot c % stages; the producer refills it once the warpgroup of step c - stages is done."""
+    uses slot c % stages; the producer refills it once the warpgroup of step c - stages is done,
+    and waits for the last steps' releases before the block exits (with 2-block clusters the
+    partner's warpgroups arrive on this block's barriers: without the wait, one that exits first
+    faults the other, as an MLP probe did)."""
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
     S, dt = t.stages, a_ref.dtype
@@ -251,6 +254,12 @@ def _pingpong(t: Tiles, a_ref, b_ref, extra_refs, out_refs, *, b_is_kn, k_steps,
                                             **multicast)
                     plgpu.copy_gmem_to_smem(b_ref.at[ks, cols] if b_is_kn else b_ref.at[cols, ks], b_smem.at[s],
                                             ready.at[owner * S + s])
+
+            total = work.tasks * k_steps
+
+            @pl.loop(jnp.maximum(total - S, 0), total)
+            def _drain(c):   # the last steps' releases: a cluster partner must not arrive on an exited block
+                plgpu.barrier_wait(consumed.at[rem(div(c, k_steps), 2) * S + rem(c, S)])
 
         @pl.when(wg < 2)
         def _consumer():
