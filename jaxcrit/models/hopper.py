@@ -103,8 +103,9 @@ class _Work:
         self.per_block = tuple(pl.cdiv(r, t.cluster) for r in self.per_range)
         self.slot, self.rng = jax.lax.div(unit, ranges), jax.lax.rem(unit, ranges)
         self.last_block, self.last_rng = jax.lax.div(unit, split), jax.lax.rem(unit, split)
-        self.row_blocks = self.full + (self.last_block < rest).astype(jnp.int32)
-        self.tasks = self.full * self.per_block[0] + (self.last_block < rest).astype(jnp.int32) * self.per_block[1]
+        in_last = (self.last_block < rest).astype(jnp.int32)   # 1 if the block has a row block in the last round
+        self.row_blocks = self.full + in_last
+        self.tasks = self.full * self.per_block[0] + in_last * self.per_block[1]
 
     def count(self, r: jax.Array) -> jax.Array:
         """Tiles in the block's r-th row block."""
@@ -220,6 +221,7 @@ def _pingpong(t: Tiles, a_ref, b_ref, extra_refs, out_refs, *, b_is_kn, k_steps,
     import jax.experimental.pallas.mosaic_gpu as plgpu
     S, dt = t.stages, a_ref.dtype
     rem, div = jax.lax.rem, jax.lax.div
+    owner = lambda c: rem(div(c, k_steps), 2)   # the warpgroup that reads global step c
     tf = swizzled(min(t.tk, t.tn), dt)
     multicast = dict(collective_axes="cluster") if t.cluster > 1 else {}
     consumed_type = (functools.partial(plgpu.ClusterBarrier, collective_axes=("cluster",)) if t.cluster > 1
@@ -238,7 +240,7 @@ def _pingpong(t: Tiles, a_ref, b_ref, extra_refs, out_refs, *, b_is_kn, k_steps,
 
             @pl.loop(0, work.tasks)
             def _task(i):
-                w, owner = work.flat(i), rem(i, 2)
+                w = work.flat(i)
 
                 @pl.loop(0, k_steps)
                 def _step(k):
@@ -247,19 +249,19 @@ def _pingpong(t: Tiles, a_ref, b_ref, extra_refs, out_refs, *, b_is_kn, k_steps,
 
                     @pl.when(c >= S)
                     def _():
-                        plgpu.barrier_wait(consumed.at[rem(div(c - S, k_steps), 2) * S + s])
+                        plgpu.barrier_wait(consumed.at[owner(c - S) * S + s])
 
                     ks, cols = pl.ds(k * t.tk, t.tk), pl.ds(w.n * t.tn, t.tn)
-                    plgpu.copy_gmem_to_smem(a_ref.at[pl.ds(w.row0, t.tm), ks], a_smem.at[s], ready.at[owner * S + s],
+                    plgpu.copy_gmem_to_smem(a_ref.at[pl.ds(w.row0, t.tm), ks], a_smem.at[s], ready.at[owner(c) * S + s],
                                             **multicast)
                     plgpu.copy_gmem_to_smem(b_ref.at[ks, cols] if b_is_kn else b_ref.at[cols, ks], b_smem.at[s],
-                                            ready.at[owner * S + s])
+                                            ready.at[owner(c) * S + s])
 
             total = work.tasks * k_steps
 
             @pl.loop(jnp.maximum(total - S, 0), total)
             def _drain(c):   # the last steps' releases: a cluster partner must not arrive on an exited block
-                plgpu.barrier_wait(consumed.at[rem(div(c, k_steps), 2) * S + rem(c, S)])
+                plgpu.barrier_wait(consumed.at[owner(c) * S + rem(c, S)])
 
         @pl.when(wg < 2)
         def _consumer():
