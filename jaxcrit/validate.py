@@ -203,7 +203,7 @@ def against_model(c: ConfigDict) -> None:
     from jaxcrit.data.texts import read_paragraphs
     from jaxcrit.data.tokenize import encode, load_tokenizer
     from jaxcrit.engine import kernels
-    from jaxcrit.sharding import make_mesh
+    from jaxcrit.plan import target_mesh
 
     kind, path = resolve(c.model)
     cfg = kind.config(path)
@@ -216,5 +216,5 @@ def against_model(c: ConfigDict) -> None:
                 raise JaxcritError(f"generate.prompts: {prompt!r} has no tokens; give prompts of at least one token")
     if c.evaluate.file:
         read_paragraphs(c.evaluate.file, limit=c.evaluate.limit)
-    mesh = make_mesh(tuple(c.mesh.shape), subset=c.dry_run)
+    mesh = target_mesh(c)
     kernels(cfg, jnp.dtype(c.dtype), c.engine.attention, c.engine.mlp, c.engine.loss, mesh.size)

@@ -22,7 +22,7 @@ def plain(x, g, u) -> np.ndarray:
 def test_vmap_folds_rows_into_one_launch(monkeypatch):
     calls = []
 
-    def product(x, g, u, t):   # the kernel's contract: rows a multiple of 2 tm; records each launch's rows
+    def product(x, g, u, t):   # the kernel's contract: rows a multiple of TILES.rows; records each launch's rows
         jax.debug.callback(lambda a: calls.append(a.shape), x)
         return (jax.nn.silu(x @ g) * (x @ u)).astype(x.dtype)
 
@@ -31,7 +31,7 @@ def test_vmap_folds_rows_into_one_launch(monkeypatch):
     x = jax.random.normal(k[0], (3, 4, 20, 64))                 # rows x [B, T, D]: 3 x 80 token rows
     g, u = (0.1 * jax.random.normal(kk, (64, 256)) for kk in k[1:])
     out = jax.jit(jax.vmap(fused_mlp.swiglu, in_axes=(0, None, None)))(x, g, u)
-    assert calls == [(256, 64)]   # one launch: the 240 token rows together, padded to 2 tm (not 3 of 80 -> 128)
+    assert calls == [(256, 64)]   # one launch: the 240 token rows together, padded to TILES.rows (not 3 of 80 -> 128)
     want = np.stack([np.asarray(jax.nn.silu(r @ g) * (r @ u)) for r in x])
     np.testing.assert_allclose(np.asarray(out), want, rtol=1e-6, atol=1e-6)
     with pytest.raises(NotImplementedError, match="weights batched"):
