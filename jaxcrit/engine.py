@@ -215,19 +215,22 @@ _SITE_ENTRY = np.array([decoder.SITE_ENTRY[n] for n in SITE_NAMES], np.int32)
 _HIDDEN = np.array([n in decoder.HIDDEN for n in SITE_NAMES])
 
 
-@partial(jax.jit, static_argnames=("cfg", "sites", "with_values", "per_token", "vocab_chunk", "kernels", "mesh"),
-         compiler_options=decoder.COMPILER_OPTIONS)
+@partial(jax.jit, static_argnames=("cfg", "sites", "with_values", "per_token", "vocab_chunk", "kernels", "mesh",
+                                   "exact"), compiler_options=decoder.COMPILER_OPTIONS)
 def _chunk_nll(params, cache: decoder.Cache, valid, targets, tmask, shift, rows, start, *, cfg: ModelConfig,
                sites: tuple[str, ...], with_values: bool, per_token: bool, vocab_chunk: int, kernels: Kernels,
-               mesh: Mesh):
+               mesh: Mesh, exact: bool = False):
     """Loss of each row of one chunk: [R] mean NLL (or [R, B, T-1] per-token NLL).
 
     start [2]: the chunk's start point (layer, entry), the earliest of its rows' (unbatched).
     Tail layers that no row of the chunk edits run without masks (decoder.forward's `edited`):
     in an exhaustive scan every row's edits sit at its start layer, so the whole tail runs clean.
-    The logsumexp takes one pass over the logits, shifted by the clean run's max logit; if any
-    row over- or underflows there, the whole chunk is redone with the exact two-pass form (a
-    cond outside the vmap, so the fast path does not pay for it).
+    The logsumexp takes one pass over the logits, shifted by the clean run's max logit; positions
+    where that over- or underflows come back NaN and the engine redoes their rows with `exact`:
+    the two-pass form, each device's rows one at a time (the rare path holds one row's logits
+    chunk, so it fits wherever the fast program does). No branch on the result inside the
+    program: the host reads a cond's predicate, so it would wait for each chunk's end before
+    launching the next, and the device would idle between chunks.
     """
     active = (rows["scale"] != 1) | (rows["value"] != 0)
     edited = (active[..., None] & (rows["layer"][..., None] == jnp.arange(cfg.n_layers))).any((0, 1))  # [L]
@@ -239,13 +242,15 @@ def _chunk_nll(params, cache: decoder.Cache, valid, targets, tmask, shift, rows,
         return h[:, :-1]
 
     hs = jax.vmap(hidden)(rows)
-    lse_of = lambda sh: jax.vmap(lambda h: decoder.logsumexp_vocab(cfg, params, h, vocab_chunk, sh)[0])(hs)
-    if kernels.loss == "pallas":
+    lse_of = lambda h, sh=None: decoder.logsumexp_vocab(cfg, params, h, vocab_chunk, sh)[0]
+    if exact:   # [data, rows per device, ...]: a map over each device's own rows
+        local = hs.reshape(mesh.shape["data"], -1, *hs.shape[1:])
+        lse = jax.vmap(lambda h: jax.lax.map(lse_of, h))(local).reshape(hs.shape[:-1])
+    elif kernels.loss == "pallas":
         s = fused_loss.expsum_sharded(hs, decoder.unembed(cfg, params), shift, mesh)
         lse = jnp.where(jnp.isfinite(s) & (s > 1e-30), shift + jnp.log(s), jnp.nan)
     else:
-        lse = lse_of(shift)
-    lse = jax.lax.cond(jnp.isnan(lse).any(), lambda: lse_of(None), lambda: lse)
+        lse = jax.vmap(lambda h: lse_of(h, shift))(hs)
     nll = (lse - jax.vmap(lambda h: decoder.target_logit(cfg, params, h, targets))(hs)) * tmask
     return nll if per_token else nll.sum((1, 2)) / tmask.sum()
 
@@ -348,10 +353,10 @@ class Engine:
         per-token losses never compiles the mean's program)."""
         return float(self.losses(None)[0])
 
-    def _static(self, sites: tuple[str, ...], with_values: bool, per_token: bool) -> dict:
+    def _static(self, sites: tuple[str, ...], with_values: bool, per_token: bool, exact: bool = False) -> dict:
         """_chunk_nll's static arguments."""
         return dict(cfg=self.cfg, sites=sites, with_values=with_values, per_token=per_token,
-                    vocab_chunk=self.vocab_chunk, kernels=self.kernels, mesh=self.mesh)
+                    vocab_chunk=self.vocab_chunk, kernels=self.kernels, mesh=self.mesh, exact=exact)
 
     def plan(self, abl: Ablations) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
         """How a batch runs: (order [R], its rows in that order padded to whole chunks and to
@@ -424,8 +429,16 @@ class Engine:
                             np.ones((1, 1), np.float32), np.zeros((1, 1), np.float32))
         if abl.rows == 0:
             raise JaxcritError("empty perturbation batch: give at least one row")
-        order, cols, starts = self.plan(abl)
         static = self._static(self._held(set(abl.sites()) | set(sites or ())), bool((abl.value != 0).any()), per_token)
+        out = self._run(abl, static, desc)
+        redo = np.flatnonzero(np.isnan(out.reshape(abl.rows, -1)).any(1))
+        if redo.size:   # the one-pass logsumexp over- or underflowed there (or the row is NaN itself)
+            out[redo] = self._run(abl.take(redo), {**static, "exact": True}, f"{desc} (exact logsumexp)")
+        return out
+
+    def _run(self, abl: Ablations, static: dict, desc: str) -> np.ndarray:
+        """The rows' losses from _chunk_nll with these static arguments, in the caller's order."""
+        order, cols, starts = self.plan(abl)
         R, C = abl.rows, self.chunk
         bar = Progress(R, desc, enabled=self.progress and R > C)
         outs, pending = [], []

@@ -525,6 +525,18 @@ def test_prefix_longer_than_ranking(cfg):
     raises(lambda: prefixes(cfg, ["q_proj"] * 2, [0, 1], [0, 0], ns=[3]), "prefix sizes")
 
 
+@pytest.mark.parametrize("off", [200.0, -200.0])
+def test_rows_redone_exactly_when_shift_is_off(m, off):
+    """The one-pass logsumexp underflows (off > 0: every exp(z - shift) ~ 0) or overflows (off < 0)
+    at one position: the program flags its rows NaN, and the engine redoes them with the exact form."""
+    eng = Engine(m.cfg, m.params, m.texts, chunk=CHUNK, vocab_chunk=VOCAB_CHUNK, progress=False)
+    eng.shift = eng.shift.at[1, 5].add(off)
+    abl = m.random
+    fast = eng._run(abl, eng._static(eng._held(abl.sites()), False, False), "fast")
+    assert np.isnan(fast).all()   # every row predicts that position
+    assert_rows(eng.losses(abl), m.ref(abl), f"{m.arch} shift {off:+}")
+
+
 def test_one_pass_logsumexp_falls_back_when_shift_is_off():
     """The fast path's shift overflows or underflows: the exact two-pass form must take over."""
     from jaxcrit.models import decoder
