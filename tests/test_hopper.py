@@ -8,10 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxcrit.models import hopper
+from jaxcrit.models import fused_loss, fused_mlp, hopper
 
-HEAD = hopper.Tiles(128, 128, 64, 4, 2, cluster=2, pingpong=True)
-MLP = hopper.Tiles(64, 256, 64, 3, 2)
+HEAD, MLP = fused_loss.HOPPER, fused_mlp.TILES   # the kernels' own tiles
 
 
 @pytest.mark.parametrize("t, n_tiles, row_blocks, cores", [

@@ -22,7 +22,8 @@ import jax.numpy as jnp
 
 from jaxcrit.models import hopper
 
-TILES = hopper.Tiles(64, 256, 64, 3, 2)   # per warpgroup 64 rows x (128 gate + 128 up) columns
+TILES = hopper.Tiles(64, 256, 64, 3, 2, cluster=2)   # per warpgroup 64 rows x (128 gate + 128 up) columns;
+                                                    # 2-block clusters share the rows' loads
 STORE = 64                                # columns per TMA store of the product
 
 ACTS = ("silu",)   # activations the epilogue computes (Gemma's gelu_tanh stays on XLA)
