@@ -33,7 +33,8 @@ SCRIPT = textwrap.dedent("""
         eng = E.Engine(cfg, params, texts, mesh=mesh, chunk=8, progress=False)
         single = E.single(cfg, "down_proj", channels=range(0, 64, 5))
         rand = E.random_sets(cfg, ("q_proj", "act_fn", "post_attention_layernorm"), 13, 6, seed=1)
-        out = np.concatenate([eng.losses(single), eng.losses(rand)])
+        exact = eng._run(single, eng._static(eng._held(("down_proj",)), False, False, exact=True), "exact")
+        out = np.concatenate([eng.losses(single), eng.losses(rand), exact])   # exact: the redo's program
         np.save(f"{sys.argv[1]}/{run}.npy", out)
         held = {d: 0 for d in mesh.devices.flat}
         for v in params.values():
@@ -69,6 +70,10 @@ def test_engine_same_on_1_and_8_devices(tmp_path):
     for r, losses in eight.items():
         np.testing.assert_allclose(losses, one["1x1:replicated"], rtol=1e-5, atol=1e-6, err_msg=r)
     assert np.ptp(one["1x1:replicated"]) > 1e-3  # the ablations really differ from one another
+    singles = 3 * 13   # layers x channels; then 13 random rows, then the singles by the exact program
+    for r, losses in {**one, **eight}.items():   # the exact logsumexp (rows one at a time per device) agrees
+        assert len(losses) == 2 * singles + 13
+        np.testing.assert_allclose(losses[-singles:], losses[:singles], rtol=1e-5, err_msg=r)
     # every device holds the same bytes: tensor parallel halves everything but the norms; FSDP on
     # 8 devices splits every matrix 8 ways (over 'data' x 'model'), the biases over 'model' only
     per_device = {r: lines[r].split("[", 1)[1].split("]", 1)[0] for r in eight}
