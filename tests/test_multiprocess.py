@@ -21,10 +21,16 @@ from tiny_run import COMPARED, build_model, config_file, files
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
+def _ports(n: int) -> list[int]:
+    """n distinct free ports (all bound at once, so none is handed out twice)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("localhost", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def _start(cfg: Path, workdir: Path, devices: int, processes: int, index: int, port: int) -> subprocess.Popen:
@@ -41,12 +47,11 @@ def test_two_processes_write_what_one_writes(tmp_path):
     cfg = config_file(tmp_path / "cfg.py", model, stage1__batch=4, stage2__max_steps=8, baselines__ns=(1, 2),
                       baselines__names=("random", "gradient"), baselines__random_repeats=1, scan__layers=(1,),
                       scan__top=4, scan__greedy_steps=2, map__enabled=False, engine__chunk=8)
-    one = _start(cfg, tmp_path / "one", 8, 1, 0, _port())
+    single, pair = _ports(2)   # the single process and the pair run side by side: each is mostly one thread
+    one = _start(cfg, tmp_path / "one", 8, 1, 0, single)
+    procs = [_start(cfg, tmp_path / f"p{i}", 4, 2, i, pair) for i in range(2)]
     out, err = one.communicate(timeout=400)
     assert one.returncode == 0, err[-3000:]
-
-    port = _port()
-    procs = [_start(cfg, tmp_path / f"p{i}", 4, 2, i, port) for i in range(2)]
     logs = [p.communicate(timeout=400) for p in procs]
     for p, (o, e) in zip(procs, logs):
         assert p.returncode == 0, e[-3000:]
