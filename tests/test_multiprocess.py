@@ -33,6 +33,11 @@ def _ports(n: int) -> list[int]:
             s.close()
 
 
+def _port() -> int:
+    """A free port (the other multi-process tests import it)."""
+    return _ports(1)[0]
+
+
 def _start(cfg: Path, workdir: Path, devices: int, processes: int, index: int, port: int) -> subprocess.Popen:
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": str(devices)}
     return subprocess.Popen(
