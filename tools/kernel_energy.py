@@ -1,12 +1,15 @@
 """Each hot kernel of the engine alone at the card's power cap: TFLOP/s, watts, pJ per FLOP, SM clock.
 
-    python tools/kernel_energy.py [--rows 229376 --seconds 4]
+    python tools/kernel_energy.py [--rows 229376 --seconds 4 --only "fused MLP"]
 
 Under a long scan the H200 sits at its 700 W cap (docs/benchmarks.md), so a kernel's rate there is
 set by the energy it spends per FLOP, not by its speed in a short burst. Each kernel runs in a
 loop for 1 s to settle, then for --seconds while nvidia-smi samples power and SM clock every 200
 ms. Shapes: a 448-ablation chunk of Qwen2.5-0.5B at 512 tokens (229,376 rows), bf16 random data.
-GPU only (the Mosaic GPU kernels need sm_90); prints one JSON line per kernel.
+GPU only (the Mosaic GPU kernels need sm_90); prints one JSON line per kernel. --only picks the
+kernels whose names hold the text: with ncu, `ncu --kernel-name regex:fused_mlp --launch-skip 1
+--launch-count 1 python tools/kernel_energy.py --only "fused MLP" --seconds 0` profiles one launch
+of the MLP kernel at the chunk's shape (docs/benchmarks.md).
 """
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ def sampled(f, args, seconds: float) -> tuple[int, float, float, float]:
     smi = subprocess.Popen(["nvidia-smi", "--query-gpu=power.draw,clocks.sm", "--format=csv,noheader,nounits",
                             "-lms", "200"], stdout=subprocess.PIPE, text=True)
     n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
+    while n == 0 or time.perf_counter() - t0 < seconds:
         for _ in range(5):
             out = f(*args)
         jax.block_until_ready(out)
@@ -41,7 +44,7 @@ def sampled(f, args, seconds: float) -> tuple[int, float, float, float]:
     dt = time.perf_counter() - t0
     smi.terminate()
     rows = [line.split(",") for line in smi.communicate()[0].splitlines() if "," in line]
-    watts, mhz = np.array(rows[2:], float).mean(0)   # the first samples come before the loop's load
+    watts, mhz = np.array(rows[2:] or rows or [[np.nan, np.nan]], float).mean(0)   # the first samples come before the loop's load
     return n, dt, float(watts), float(mhz)
 
 
@@ -49,6 +52,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=448 * 512)
     ap.add_argument("--seconds", type=float, default=4.0)
+    ap.add_argument("--only", default="", help="time only the kernels whose names hold this text")
     args = ap.parse_args()
     cfg, N = QWEN_05B, args.rows
     D, F, V = cfg.d_model, cfg.d_ff, cfg.vocab_size
@@ -71,6 +75,8 @@ def main() -> None:
         "cuBLAS lm-head GEMM, 16,384 rows, bf16 logits": (mm, (x[:16384], w.T), 2 * 16384 * D * V),
     }
     for name, (f, a, flops) in kernels.items():
+        if args.only not in name:
+            continue
         n, dt, watts, mhz = sampled(f, a, args.seconds)
         rate = n * flops / dt
         print(json.dumps({"kernel": name, "tflops": round(rate / 1e12, 1), "watts": round(watts, 1),
