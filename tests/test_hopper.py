@@ -1,9 +1,14 @@
-"""The Hopper GEMM's division of work between persistent blocks (models/hopper.py `_Work`), on
-CPU: the plan is plain integer arithmetic, evaluated here for every block and tile at once and
-checked against a direct enumeration of the output's (row block, b tile) pairs. The kernels
-themselves need a Hopper GPU (tests/test_fused_*.py, GPU-only cases)."""
+"""The Hopper GEMM on CPU: its division of work between persistent blocks (models/hopper.py
+`_Work`), plain integer arithmetic evaluated here for every block and tile at once and checked
+against a direct enumeration of the output's (row block, b tile) pairs; and both kernels traced
+to jaxprs (no compile), so an error in their Python is caught here. Compiling and running them
+needs a Hopper GPU (tests/test_fused_*.py, GPU-only cases)."""
 from __future__ import annotations
 
+import inspect
+import re
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -44,3 +49,37 @@ def test_every_tile_once_and_blocks_balanced(t, n_tiles, row_blocks, cores):
     # task(r, j) is flat's view by row block: the first tile of each row block starts at j 0
     r = jnp.arange(int(np.asarray(work.row_blocks).max()))[None, None, :]
     assert (np.asarray(work.task(r, 0).j) == 0).all()
+
+
+@pytest.mark.parametrize("name", ["mlp", "head", "mlp single blocks"])
+def test_kernels_trace_on_cpu(name, monkeypatch):
+    """Each kernel's jaxpr: one wgmma per k-step in its consumers, the rows' loads multicast
+    exactly when blocks form clusters, a's slot holding a block's rows (2 tm in step, tm
+    ping-pong), and the producer's release waits in its loop and its drain."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    class Hopper:   # what hopper.gemm asks of the device
+        core_count = 132
+
+    monkeypatch.setattr(jax, "local_devices", lambda *a, **k: [Hopper()])
+    load = plgpu.load
+    if "idx" in inspect.signature(load).parameters and \
+            inspect.signature(load).parameters["idx"].default is inspect.Parameter.empty:
+        monkeypatch.setattr(plgpu, "load", lambda src, idx=..., **kw: load(src, idx, **kw))   # jax < 0.11
+    sds = jax.ShapeDtypeStruct
+    x, w = sds((2048, 896), jnp.bfloat16), sds((896, 4864), jnp.bfloat16)
+    t = {"mlp": MLP, "head": HEAD, "mlp single blocks": MLP._replace(cluster=1)}[name]
+    if name == "head":
+        jaxpr = jax.make_jaxpr(lambda h, v, s: fused_loss._hopper_partials(h, v, s, t))(
+            x, sds((151936, 896), jnp.bfloat16), sds((2048,), jnp.float32))
+    else:
+        jaxpr = jax.make_jaxpr(lambda a, g, u: fused_mlp._product(a, g, u, t))(x, w, w)
+    text = str(jaxpr)
+    assert text.count("wgmma_ref") == 1
+    tile_copies = [line for line in text.splitlines()
+                   if "copy_gmem_to_smem" in line and re.search(r"\[\w+:\w+\+\d+,\w+:\w+\+\d+\]", line)]
+    rows_copy = tile_copies[0]   # the producer loads a's slot first, then b's
+    assert ("collective_axes=('cluster',)" in rows_copy) == (t.cluster > 1), rows_copy
+    assert re.search(rf"\[\w+:\w+\+{t.rows},\w+:\w+\+{t.tk}\]", rows_copy), rows_copy
+    assert "collective_axes" not in tile_copies[1]   # b's tile: each block its own
+    assert text.count("barrier_wait") >= 3   # producer: a slot's release and the drain; consumers: a step's loads

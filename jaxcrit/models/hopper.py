@@ -141,12 +141,11 @@ def gemm(name: str, a: jax.Array, b: jax.Array, extra: tuple[jax.Array, ...], *,
     M, K = a.shape
     n_tiles, k_steps = (b.shape[1] if b_is_kn else b.shape[0]) // t.tn, K // t.tk
     units = jax.local_devices()[0].core_count // t.groups * (t.groups // t.cluster)   # blocks (clusters), <= 1 per SM
-    schedule = _pingpong if t.pingpong else _in_step
 
     def kernel(a_ref, b_ref, *refs):
         member = jax.lax.axis_index("cluster") if t.cluster > 1 else 0
         work = _Work(t, n_tiles, M // t.rows, units, jax.lax.axis_index("block"), member)
-        schedule(t, a_ref, b_ref, refs[:len(extra)], refs[len(extra):], b_is_kn=b_is_kn, k_steps=k_steps,
+        _ring(t, a_ref, b_ref, refs[:len(extra)], refs[len(extra):], b_is_kn=b_is_kn, k_steps=k_steps,
                  work=work, scratch=scratch, epilogue=epilogue, setup=setup)
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
@@ -157,114 +156,42 @@ def gemm(name: str, a: jax.Array, b: jax.Array, extra: tuple[jax.Array, ...], *,
                         **cluster)(a, b, *extra)
 
 
-def _in_step(t: Tiles, a_ref, b_ref, extra_refs, out_refs, *, b_is_kn, k_steps, work: _Work, scratch,
-             epilogue, setup):
-    """Both compute warpgroups on the same b tile (tm rows each of a slot's 2 tm). One ring of
-    `stages` slots through all of the block's tiles: the producer fills slot c % stages with
-    global step c = task * k_steps + k once both warpgroups (of both blocks, with clusters) have
-    released its last use, so it loads the next tile's first steps while the warpgroups finish a
-    tile and run its epilogue. (As one `emit_pipeline_warp_specialized` per tile, each tile's
-    loads started only after the last one's quiesce; on an H100 the ring ran the MLP 0.2-0.4 %
-    faster alone and in engine chunks, with the same results bit for bit: docs/benchmarks.md.)"""
+def _ring(t: Tiles, a_ref, b_ref, extra_refs, out_refs, *, b_is_kn, k_steps, work: _Work, scratch,
+          epilogue, setup):
+    """Both schedules on one ring of `stages` slots filled in task order through all of the
+    block's tiles: global step c = task * k_steps + k uses slot c % stages, and the producer
+    refills it once the last use's warpgroups (of both blocks, with clusters) released it, so it
+    loads the next tile's first steps while the warpgroups finish a tile and run its epilogue.
+    It waits for the last steps' releases before the block exits (with 2-block clusters the
+    partner's warpgroups arrive on this block's barriers: without the wait, one that exits first
+    faults the other, as an MLP probe did).
+
+    in step: both warpgroups read every slot (tm rows each of its 2 tm), on one ready and one
+    consumed barrier per slot. (As one `emit_pipeline_warp_specialized` per tile, each tile's
+    loads started only after the last one's quiesce; on an H100 the ring ran the MLP 0.1-0.4 %
+    faster alone and in engine chunks, with the same results bit for bit: docs/benchmarks.md.)
+    ping-pong: warpgroup w runs tasks w, w + 2, ... (whole [tm, tn] tiles), on ready and
+    consumed barriers per warpgroup and slot, so each warpgroup's barrier phases count only its
+    own tasks; setup runs at its first tile of a row block."""
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
-    if setup is not None:
+    pp = t.pingpong
+    if setup is not None and not pp:
         raise NotImplementedError("hopper: the in-step schedule has no setup hook; use Tiles.pingpong")
     S, dt = t.stages, a_ref.dtype
-    rem = jax.lax.rem
-    tf = swizzled(min(t.tk, t.tn), dt)
-    multicast = dict(collective_axes="cluster") if t.cluster > 1 else {}
-    consumed_type = (functools.partial(plgpu.ClusterBarrier, collective_axes=("cluster",)) if t.cluster > 1
-                     else plgpu.Barrier)   # with multicast, a slot is free once both blocks are done
-
-    @functools.partial(pl.run_scoped, a_smem=plgpu.SMEM((S, 2 * t.tm, t.tk), dt, **tf),
-                       b_smem=plgpu.SMEM((S, *((t.tk, t.tn) if b_is_kn else (t.tn, t.tk))), dt, **tf),
-                       ready=plgpu.Barrier(num_arrivals=2, num_barriers=S),
-                       consumed=consumed_type(num_arrivals=2, num_barriers=S), **scratch, collective_axes="wg")
-    def scope(a_smem, b_smem, ready, consumed, **sc):
-        wg = jax.lax.axis_index("wg")
-
-        @pl.when(wg == 2)
-        def _producer():
-            plgpu.set_max_registers(40, action="decrease")
-
-            @pl.loop(0, work.tasks)
-            def _task(i):
-                w = work.flat(i)
-
-                @pl.loop(0, k_steps)
-                def _step(k):
-                    c = i * k_steps + k
-                    s = rem(c, S)
-
-                    @pl.when(c >= S)
-                    def _():
-                        plgpu.barrier_wait(consumed.at[s])
-
-                    ks, cols = pl.ds(k * t.tk, t.tk), pl.ds(w.n * t.tn, t.tn)
-                    plgpu.copy_gmem_to_smem(a_ref.at[pl.ds(w.row0, 2 * t.tm), ks], a_smem.at[s], ready.at[s],
-                                            **multicast)
-                    plgpu.copy_gmem_to_smem(b_ref.at[ks, cols] if b_is_kn else b_ref.at[cols, ks], b_smem.at[s],
-                                            ready.at[s])
-
-            total = work.tasks * k_steps
-
-            @pl.loop(jnp.maximum(total - S, 0), total)
-            def _drain(c):   # the last steps' releases: a cluster partner must not arrive on an exited block
-                plgpu.barrier_wait(consumed.at[rem(c, S)])
-
-        @pl.when(wg < 2)
-        def _consumer():
-            plgpu.set_max_registers(232, action="increase")
-
-            @pl.loop(0, work.tasks)
-            def _tile(i):
-                w = work.flat(i)
-
-                def run(acc):
-                    def step(k, carry):
-                        c = i * k_steps + k
-                        s = rem(c, S)
-                        plgpu.barrier_wait(ready.at[s])
-                        b_s = b_smem.at[s]
-                        plgpu.wgmma(acc, a_smem.at[s].at[pl.ds(wg * t.tm, t.tm)],
-                                    b_s if b_is_kn else b_s.transpose((1, 0)))
-                        plgpu.wgmma_wait(1)   # step k - 1's wgmma is done: release its slot
-                        pl.when(k > 0)(lambda: plgpu.barrier_arrive(consumed.at[rem(c - 1, S)]))
-                        return carry
-
-                    jax.lax.fori_loop(0, k_steps, step, 0)
-                    plgpu.wgmma_wait(0)
-                    z = acc[...]
-                    plgpu.barrier_arrive(consumed.at[rem((i + 1) * k_steps - 1, S)])
-                    epilogue(z, Tile(w.n, i, w.row0 + wg * t.tm, wg, w.real), extra_refs, out_refs, sc)
-
-                pl.run_scoped(run, plgpu.ACC((t.tm, t.tn), jnp.float32))
-
-
-def _pingpong(t: Tiles, a_ref, b_ref, extra_refs, out_refs, *, b_is_kn, k_steps, work: _Work, scratch,
-              epilogue, setup):
-    """Warpgroup w runs tasks w, w + 2, ... (whole [tm, tn] tiles). One ring of `stages` slots,
-    filled in task order; ready and consumed barriers per warpgroup and slot, so each
-    warpgroup's barrier phases count only its own tasks. Global step c = task * k_steps + k
-    uses slot c % stages; the producer refills it once the warpgroup of step c - stages is done,
-    and waits for the last steps' releases before the block exits (with 2-block clusters the
-    partner's warpgroups arrive on this block's barriers: without the wait, one that exits first
-    faults the other, as an MLP probe did)."""
-    import jax.experimental.pallas as pl
-    import jax.experimental.pallas.mosaic_gpu as plgpu
-    S, dt = t.stages, a_ref.dtype
     rem, div = jax.lax.rem, jax.lax.div
-    owner = lambda c: rem(div(c, k_steps), 2)   # the warpgroup that reads global step c
+    # the barrier of global step c in slot s: per warpgroup (the step's owner) in ping-pong
+    barrier = (lambda c, s: rem(div(c, k_steps), 2) * S + s) if pp else (lambda c, s: s)
     tf = swizzled(min(t.tk, t.tn), dt)
     multicast = dict(collective_axes="cluster") if t.cluster > 1 else {}
     consumed_type = (functools.partial(plgpu.ClusterBarrier, collective_axes=("cluster",)) if t.cluster > 1
                      else plgpu.Barrier)   # with multicast, a slot is free once both blocks are done
+    readers = dict(num_barriers=2 * S) if pp else dict(num_arrivals=2, num_barriers=S)
 
-    @functools.partial(pl.run_scoped, a_smem=plgpu.SMEM((S, t.tm, t.tk), dt, **tf),
+    @functools.partial(pl.run_scoped, a_smem=plgpu.SMEM((S, t.rows, t.tk), dt, **tf),
                        b_smem=plgpu.SMEM((S, *((t.tk, t.tn) if b_is_kn else (t.tn, t.tk))), dt, **tf),
-                       ready=plgpu.Barrier(num_arrivals=2, num_barriers=2 * S),
-                       consumed=consumed_type(num_barriers=2 * S), **scratch, collective_axes="wg")
+                       ready=plgpu.Barrier(num_arrivals=2, num_barriers=2 * S if pp else S),
+                       consumed=consumed_type(**readers), **scratch, collective_axes="wg")
     def scope(a_smem, b_smem, ready, consumed, **sc):
         wg = jax.lax.axis_index("wg")
 
@@ -283,27 +210,28 @@ def _pingpong(t: Tiles, a_ref, b_ref, extra_refs, out_refs, *, b_is_kn, k_steps,
 
                     @pl.when(c >= S)
                     def _():
-                        plgpu.barrier_wait(consumed.at[owner(c - S) * S + s])
+                        plgpu.barrier_wait(consumed.at[barrier(c - S, s)])
 
                     ks, cols = pl.ds(k * t.tk, t.tk), pl.ds(w.n * t.tn, t.tn)
-                    plgpu.copy_gmem_to_smem(a_ref.at[pl.ds(w.row0, t.tm), ks], a_smem.at[s], ready.at[owner(c) * S + s],
+                    plgpu.copy_gmem_to_smem(a_ref.at[pl.ds(w.row0, t.rows), ks], a_smem.at[s], ready.at[barrier(c, s)],
                                             **multicast)
                     plgpu.copy_gmem_to_smem(b_ref.at[ks, cols] if b_is_kn else b_ref.at[cols, ks], b_smem.at[s],
-                                            ready.at[owner(c) * S + s])
+                                            ready.at[barrier(c, s)])
 
             total = work.tasks * k_steps
 
             @pl.loop(jnp.maximum(total - S, 0), total)
             def _drain(c):   # the last steps' releases: a cluster partner must not arrive on an exited block
-                plgpu.barrier_wait(consumed.at[owner(c) * S + rem(c, S)])
+                plgpu.barrier_wait(consumed.at[barrier(c, rem(c, S))])
 
         @pl.when(wg < 2)
         def _consumer():
             plgpu.set_max_registers(232, action="increase")
+            mine = (lambda s: wg * S + s) if pp else (lambda s: s)   # this warpgroup's barrier of slot s
 
-            @pl.loop(0, div(work.tasks - wg + 1, 2))
+            @pl.loop(0, div(work.tasks - wg + 1, 2) if pp else work.tasks)
             def _tile(i):
-                own = 2 * i + wg
+                own = 2 * i + wg if pp else i
                 w = work.flat(own)
                 if setup is not None:   # a warpgroup's first tile in a row block has j 0 or 1
                     pl.when(w.j < 2)(lambda: setup(w.row0, wg, extra_refs, sc))
@@ -312,17 +240,19 @@ def _pingpong(t: Tiles, a_ref, b_ref, extra_refs, out_refs, *, b_is_kn, k_steps,
                     def step(k, carry):
                         c = own * k_steps + k
                         s = rem(c, S)
-                        plgpu.barrier_wait(ready.at[wg * S + s])
+                        plgpu.barrier_wait(ready.at[mine(s)])
                         b_s = b_smem.at[s]
-                        plgpu.wgmma(acc, a_smem.at[s], b_s if b_is_kn else b_s.transpose((1, 0)))
+                        plgpu.wgmma(acc, a_smem.at[s] if pp else a_smem.at[s].at[pl.ds(wg * t.tm, t.tm)],
+                                    b_s if b_is_kn else b_s.transpose((1, 0)))
                         plgpu.wgmma_wait(1)   # step k - 1's wgmma is done: release its slot
-                        pl.when(k > 0)(lambda: plgpu.barrier_arrive(consumed.at[wg * S + rem(c - 1, S)]))
+                        pl.when(k > 0)(lambda: plgpu.barrier_arrive(consumed.at[mine(rem(c - 1, S))]))
                         return carry
 
                     jax.lax.fori_loop(0, k_steps, step, 0)
                     plgpu.wgmma_wait(0)
                     z = acc[...]
-                    plgpu.barrier_arrive(consumed.at[wg * S + rem((own + 1) * k_steps - 1, S)])
-                    epilogue(z, Tile(w.n, i, w.row0, wg, w.real), extra_refs, out_refs, sc)
+                    plgpu.barrier_arrive(consumed.at[mine(rem((own + 1) * k_steps - 1, S))])
+                    epilogue(z, Tile(w.n, i, w.row0 if pp else w.row0 + wg * t.tm, wg, w.real), extra_refs, out_refs,
+                             sc)
 
                 pl.run_scoped(run, plgpu.ACC((t.tm, t.tn), jnp.float32))
