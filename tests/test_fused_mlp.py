@@ -1,5 +1,6 @@
 """The fused gate|up kernel (models/fused_mlp.py): its vmap rule here (the kernel replaced by a
-plain product), the compiled kernel and the engine with it on a Hopper GPU (the benchmark call)."""
+plain product), its program in Pallas's Mosaic GPU interpreter on CPU, the compiled kernel and
+the engine with it on a Hopper GPU (the benchmark call)."""
 from __future__ import annotations
 
 import jax
@@ -36,6 +37,34 @@ def test_vmap_folds_rows_into_one_launch(monkeypatch):
     np.testing.assert_allclose(np.asarray(out), want, rtol=1e-6, atol=1e-6)
     with pytest.raises(NotImplementedError, match="weights batched"):
         jax.vmap(fused_mlp.swiglu)(x, jnp.stack([g] * 3), jnp.stack([u] * 3))
+
+
+@pytest.mark.parametrize("tiles", [fused_mlp.TILES._replace(cluster=1),
+                                   hopper.Tiles(64, 128, 64, 3, 2, cluster=1, defer=True)],
+                         ids=["kernel's tiles", "deferred epilogue"])
+def test_kernel_interpreted_on_cpu(tiles, monkeypatch):
+    """The kernel's own program (TMA copies, barriers, wgmma, the epilogue's stores) run by Pallas's
+    Mosaic GPU interpreter on CPU, against `plain`: 3 row blocks on 4 stand-in SMs (a whole round
+    of 2 row blocks, then one shared out), two blocks side by side on each, 2 k-steps a tile so
+    the ring of 3 slots runs through tile boundaries; also with each tile's epilogue deferred
+    beside the next tile's first wgmma. Single blocks: the interpreter has no cluster barriers
+    (the GPU tests run the clusters)."""
+    try:
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams, force_gpu_interpret_mode
+    except ImportError:
+        pytest.skip("this jax has no Mosaic GPU interpreter")
+
+    class Device:   # what hopper.gemm asks of the device
+        core_count = 4
+
+    monkeypatch.setattr(jax, "local_devices", lambda *a, **k: [Device()])
+    k = jax.random.split(jax.random.key(3), 3)
+    x = jax.random.normal(k[0], (384, 128)).astype(jnp.bfloat16)
+    g, u = ((0.1 * jax.random.normal(kk, (128, 512))).astype(jnp.bfloat16) for kk in k[1:])
+    with force_gpu_interpret_mode(InterpretGPUParams()):
+        out = fused_mlp._product(x, g, u, tiles)
+    frac, rel = differ(np.asarray(out, np.float64), plain(x, g, u))
+    assert frac < 0.001 and rel < 2 ** -5, (frac, rel)
 
 
 on_hopper = pytest.mark.skipif(not hopper.on_hopper(),

@@ -1,10 +1,11 @@
 """Variants of the fused MLP's tiles against each other, alternating: the kernel alone at the
 card's power cap, and whole engine chunks; every variant's products and losses against the first's.
 
-    python tools/mlp_tiles.py 64,256,64,3,2,2 64,256,64,4,2,2 [--rounds 2 --seconds 3]
+    python tools/mlp_tiles.py 64,256,64,3,2,2 64,128,64,3,2,2,0,1 [--rounds 2 --seconds 3]
 
-A variant is hopper.Tiles' tm,tn,tk,stages,groups,cluster for the in-step schedule (the first:
-the baseline, usually fused_mlp.TILES). Shapes: a 448-ablation chunk of Qwen2.5-0.5B at 512
+A variant is hopper.Tiles' fields in order, tm,tn,tk,stages,groups,cluster[,pingpong,defer]
+(0 or 1; the first variant: the baseline, usually fused_mlp.TILES; the second above defers each
+tile's epilogue beside the next tile's first wgmma). Shapes: a 448-ablation chunk of Qwen2.5-0.5B at 512
 tokens (229,376 rows), bf16 random data; the chunks: 12 of 448 down_proj rows starting after
 layers 0-11. Each variant is compiled once, before any timing, so the rounds alternate between
 compiled programs. Prints JSON lines. GPU only (Hopper); docs/benchmarks.md has its results.
@@ -27,6 +28,12 @@ from kernel_energy import sampled
 ROWS, SEQ = 448, 512
 
 
+def parse_tiles(text: str) -> hopper.Tiles:
+    """hopper.Tiles from its fields in order, comma-separated ints (0/1 for the flags)."""
+    values = [int(v) for v in text.split(",")]
+    return hopper.Tiles(*(type(d)(v) for d, v in zip(hopper.Tiles(*values[:5]), values)))
+
+
 def compiled_with(tiles: hopper.Tiles, build):
     """build() compiled while fused_mlp.TILES is `tiles` (the trace reads it; caches cleared)."""
     kept = fused_mlp.TILES
@@ -40,11 +47,11 @@ def compiled_with(tiles: hopper.Tiles, build):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("tiles", nargs="+", help="tm,tn,tk,stages,groups,cluster per variant")
+    ap.add_argument("tiles", nargs="+", help="tm,tn,tk,stages,groups,cluster[,pingpong,defer] per variant")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--seconds", type=float, default=3.0)
     args = ap.parse_args()
-    variants = {t: hopper.Tiles(*map(int, t.split(","))) for t in args.tiles}
+    variants = {t: parse_tiles(t) for t in args.tiles}
     cfg = QWEN_05B
     N, D, F = ROWS * SEQ, cfg.d_model, cfg.d_ff
     keys = jax.random.split(jax.random.key(0), 3)

@@ -21,7 +21,9 @@ tiles and b's stay in L2 (with a grid of row blocks, 132 blocks on different row
 485 against 631-658 TFLOP/s on the head). With cluster 2, pairs of those blocks form a cluster and
 each loads half of the rows' tile for both (TMA multicast): half the rows' traffic from L2.
 Mosaic GPU needs a GPU to compile, so these kernels are tested on one (tests/test_fused_*.py,
-GPU-only cases) and in the benchmark call.
+GPU-only cases) and in the benchmark call; on CPU, the MLP kernel's program runs in Pallas's
+Mosaic GPU interpreter (single blocks) and both kernels are traced to jaxprs (tests/test_fused_mlp.py,
+tests/test_hopper.py).
 """
 from __future__ import annotations
 
@@ -35,7 +37,9 @@ import jax.numpy as jnp
 class Tiles(NamedTuple):
     """rows per warpgroup's tile, b columns per tile, K per pipeline step, pipeline stages, blocks
     side by side on the same rows, blocks per cluster (1 or 2), and the schedule: the warpgroups
-    in step on one tile (a block's rows: 2 tm) or ping-pong on alternate tiles (tm)."""
+    in step on one tile (a block's rows: 2 tm) or ping-pong on alternate tiles (tm). defer (in
+    step): each tile's epilogue runs once the next tile's first wgmma is issued, beside it, instead
+    of while the tensor cores wait; it holds two [tm, tn] f32 tiles in registers (tn 128 at tm 64)."""
     tm: int
     tn: int
     tk: int
@@ -43,6 +47,7 @@ class Tiles(NamedTuple):
     groups: int
     cluster: int = 1
     pingpong: bool = False
+    defer: bool = False
 
     @property
     def rows(self) -> int:
@@ -229,6 +234,49 @@ def _ring(t: Tiles, a_ref, b_ref, extra_refs, out_refs, *, b_is_kn, k_steps, wor
             plgpu.set_max_registers(232, action="increase")
             mine = (lambda s: wg * S + s) if pp else (lambda s: s)   # this warpgroup's barrier of slot s
 
+            def k_steps_into(acc, own, during=None):
+                """Task own's k-steps into acc; its [tm, tn] f32 value once done, its last slot
+                released. during(): runs once the first step's wgmma is issued, beside it."""
+                def step(k, carry):
+                    c = own * k_steps + k
+                    s = rem(c, S)
+                    plgpu.barrier_wait(ready.at[mine(s)])
+                    b_s = b_smem.at[s]
+                    plgpu.wgmma(acc, a_smem.at[s] if pp else a_smem.at[s].at[pl.ds(wg * t.tm, t.tm)],
+                                b_s if b_is_kn else b_s.transpose((1, 0)))
+                    if during is not None and isinstance(k, int):   # the unrolled first step
+                        during()
+                    plgpu.wgmma_wait(1)   # step k - 1's wgmma is done: release its slot
+                    pl.when(k > 0)(lambda: plgpu.barrier_arrive(consumed.at[mine(rem(c - 1, S))]))
+                    return carry
+
+                if during is None:
+                    jax.lax.fori_loop(0, k_steps, step, 0)
+                else:   # the first step unrolled, so what runs beside it needs no branch
+                    jax.lax.fori_loop(1, k_steps, step, step(0, 0))
+                plgpu.wgmma_wait(0)
+                z = acc[...]
+                plgpu.barrier_arrive(consumed.at[mine(rem((own + 1) * k_steps - 1, S))])
+                return z
+
+            def tile_of(i, w):   # where the warpgroup's i-th tile, task w, sits
+                return Tile(w.n, i, w.row0 if pp else w.row0 + wg * t.tm, wg, w.real)
+
+            if t.defer:
+                if pp:
+                    raise NotImplementedError("hopper: defer applies to the in-step schedule")
+                acc_type = plgpu.ACC((t.tm, t.tn), jnp.float32)
+                finish = lambda z, i: epilogue(z, tile_of(i, work.flat(i)), extra_refs, out_refs, sc)
+
+                @pl.when(work.tasks > 0)
+                def _():
+                    def tile(i, z):   # tile i's k-steps, tile i - 1's epilogue beside its first
+                        return pl.run_scoped(lambda acc: k_steps_into(acc, i, lambda: finish(z, i - 1)), acc_type)
+
+                    z0 = pl.run_scoped(lambda acc: k_steps_into(acc, 0), acc_type)
+                    finish(jax.lax.fori_loop(1, work.tasks, tile, z0), work.tasks - 1)
+                return
+
             @pl.loop(0, div(work.tasks - wg + 1, 2) if pp else work.tasks)
             def _tile(i):
                 own = 2 * i + wg if pp else i
@@ -237,22 +285,6 @@ def _ring(t: Tiles, a_ref, b_ref, extra_refs, out_refs, *, b_is_kn, k_steps, wor
                     pl.when(w.j < 2)(lambda: setup(w.row0, wg, extra_refs, sc))
 
                 def run(acc):
-                    def step(k, carry):
-                        c = own * k_steps + k
-                        s = rem(c, S)
-                        plgpu.barrier_wait(ready.at[mine(s)])
-                        b_s = b_smem.at[s]
-                        plgpu.wgmma(acc, a_smem.at[s] if pp else a_smem.at[s].at[pl.ds(wg * t.tm, t.tm)],
-                                    b_s if b_is_kn else b_s.transpose((1, 0)))
-                        plgpu.wgmma_wait(1)   # step k - 1's wgmma is done: release its slot
-                        pl.when(k > 0)(lambda: plgpu.barrier_arrive(consumed.at[mine(rem(c - 1, S))]))
-                        return carry
-
-                    jax.lax.fori_loop(0, k_steps, step, 0)
-                    plgpu.wgmma_wait(0)
-                    z = acc[...]
-                    plgpu.barrier_arrive(consumed.at[mine(rem((own + 1) * k_steps - 1, S))])
-                    epilogue(z, Tile(w.n, i, w.row0 if pp else w.row0 + wg * t.tm, wg, w.real), extra_refs, out_refs,
-                             sc)
+                    epilogue(k_steps_into(acc, own), tile_of(i, w), extra_refs, out_refs, sc)
 
                 pl.run_scoped(run, plgpu.ACC((t.tm, t.tn), jnp.float32))
