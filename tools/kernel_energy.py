@@ -48,6 +48,14 @@ def sampled(f, args, seconds: float) -> tuple[int, float, float, float]:
     return n, dt, float(watts), float(mhz)
 
 
+def at_cap(f, args, flops: float, seconds: float) -> dict:
+    """f(*args)'s rate at the cap ({tflops, watts, pj_per_flop, sm_mhz}), flops per call."""
+    n, dt, watts, mhz = sampled(f, args, seconds)
+    rate = n * flops / dt
+    return {"tflops": round(rate / 1e12, 1), "watts": round(watts, 1), "pj_per_flop": round(watts / rate * 1e12, 4),
+            "sm_mhz": round(mhz)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=448 * 512)
@@ -77,10 +85,7 @@ def main() -> None:
     for name, (f, a, flops) in kernels.items():
         if args.only not in name:
             continue
-        n, dt, watts, mhz = sampled(f, a, args.seconds)
-        rate = n * flops / dt
-        print(json.dumps({"kernel": name, "tflops": round(rate / 1e12, 1), "watts": round(watts, 1),
-                          "pj_per_flop": round(watts / rate * 1e12, 4), "sm_mhz": round(mhz)}), flush=True)
+        print(json.dumps({"kernel": name, **at_cap(f, a, flops, args.seconds)}), flush=True)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ A variant is hopper.Tiles' fields in order, tm,tn,tk,stages,groups,cluster[,ping
 tile's epilogue beside the next tile's first wgmma). Shapes: a 448-ablation chunk of Qwen2.5-0.5B at 512
 tokens (229,376 rows), bf16 random data; the chunks: 12 of 448 down_proj rows starting after
 layers 0-11. Each variant is compiled once, before any timing, so the rounds alternate between
-compiled programs. Prints JSON lines. GPU only (Hopper); docs/benchmarks.md has its results.
+compiled programs. Prints JSON lines. GPU only (Hopper); docs/benchmarks.md has the results of
+the probe it was written from.
 """
 from __future__ import annotations
 
@@ -23,15 +24,15 @@ import numpy as np
 from jaxcrit import engine as E
 from jaxcrit.bench import QWEN_05B
 from jaxcrit.models import decoder, fused_mlp, hopper
-from kernel_energy import sampled
+from kernel_energy import at_cap
 
 ROWS, SEQ = 448, 512
 
 
 def parse_tiles(text: str) -> hopper.Tiles:
     """hopper.Tiles from its fields in order, comma-separated ints (0/1 for the flags)."""
-    values = [int(v) for v in text.split(",")]
-    return hopper.Tiles(*(type(d)(v) for d, v in zip(hopper.Tiles(*values[:5]), values)))
+    t = hopper.Tiles(*(int(v) for v in text.split(",")))
+    return t._replace(pingpong=bool(t.pingpong), defer=bool(t.defer))
 
 
 def compiled_with(tiles: hopper.Tiles, build):
@@ -67,10 +68,8 @@ def main() -> None:
                                                      for n, f in kernel.items()}}), flush=True)
     for r in range(args.rounds):
         for n, f in kernel.items():
-            calls, dt, watts, mhz = sampled(f, (x, g, u), args.seconds)
-            rate = calls * 4 * N * D * F / dt
-            print(json.dumps({"alone": n, "round": r, "tflops": round(rate / 1e12, 1), "watts": round(watts, 1),
-                              "pj_per_flop": round(watts / rate * 1e12, 4), "sm_mhz": round(mhz)}), flush=True)
+            print(json.dumps({"alone": n, "round": r, **at_cap(f, (x, g, u), 4 * N * D * F, args.seconds)}),
+                  flush=True)
 
     # engine chunks
     params = decoder.random_params(cfg, jax.random.key(1), jnp.bfloat16)
