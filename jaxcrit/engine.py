@@ -318,8 +318,9 @@ class Engine:
     attention: "xla" (exact f32 softmax), "cudnn" (fused flash attention, GPU with bf16/fp16), or
     "auto" (cudnn where it applies).
     mlp: "xla" (cuBLAS gate and up, then SiLU·mul), "pallas" (the fused gate|up kernel of
-    models/fused_mlp.py in the layers no row of a chunk edits: one Hopper GPU, bf16/fp16, SiLU),
-    or "auto" (pallas where it applies).
+    models/fused_mlp.py in the layers no row of a chunk edits, which also run both RMSNorms
+    folded into the GEMMs after them, `decoder.folded`: one Hopper GPU, bf16/fp16, SiLU), or
+    "auto" (pallas where it applies).
     loss: "xla" (vocabulary-chunked einsum + logsumexp), "pallas" (the fused kernel of
     models/fused_loss.py: GPUs, bf16/fp16; on a mesh under shard_map), or "auto" (pallas where
     it applies).

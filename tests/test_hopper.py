@@ -73,7 +73,7 @@ def test_kernels_trace_on_cpu(name, monkeypatch):
         jaxpr = jax.make_jaxpr(lambda h, v, s: fused_loss._hopper_partials(h, v, s, t))(
             x, sds((151936, 896), jnp.bfloat16), sds((2048,), jnp.float32))
     else:
-        jaxpr = jax.make_jaxpr(lambda a, g, u: fused_mlp._product(a, g, u, t))(x, w, w)
+        jaxpr = jax.make_jaxpr(lambda a, s, g, u: fused_mlp._product(a, s, g, u, t))(x, sds((2048,), jnp.float32), w, w)
     text = str(jaxpr)
     assert text.count("wgmma_ref") == 1
     tile_copies = [line for line in text.splitlines()
@@ -83,3 +83,5 @@ def test_kernels_trace_on_cpu(name, monkeypatch):
     assert re.search(rf"\[\w+:\w+\+{t.rows},\w+:\w+\+{t.tk}\]", rows_copy), rows_copy
     assert "collective_axes" not in tile_copies[1]   # b's tile: each block its own
     assert text.count("barrier_wait") >= 3   # producer: a slot's release and the drain; consumers: a step's loads
+    if name != "head":   # the prologue loads the rows' RMSNorm scales, one per row of the warpgroup's tile
+        assert f"f32[{t.tm}] = load[" in text

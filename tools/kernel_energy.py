@@ -69,6 +69,7 @@ def main() -> None:
     x, gate, up, w, down_in, down_w = rand((N, D)), rand((D, F), 0.03), rand((D, F), 0.03), rand((V, D), 0.02), \
         rand((N, F), 0.01), rand((F, D), 0.03)
     shift = jnp.full((N,), 3.0, jnp.float32)
+    scale = jnp.ones((N,), jnp.float32)   # the MLP rows' RMSNorm scales
     big = rand((8192, 8192))
     mm = jax.jit(lambda a, b: a @ b, compiler_options=decoder.COMPILER_OPTIONS)
     xla_mlp = jax.jit(lambda x, g, u: jax.nn.silu(x @ g) * (x @ u), compiler_options=decoder.COMPILER_OPTIONS)
@@ -76,7 +77,7 @@ def main() -> None:
     kernels = {   # name: (function, arguments, FLOPs per call)
         "cuBLAS matmul 8192^3": (mm, (big, big), 2 * 8192**3),
         "cuBLAS gate|up GEMM": (mm, (x, jnp.concatenate([gate, up], 1)), gate_up),
-        "fused MLP gate|up + SiLU*mul (Mosaic GPU)": (jax.jit(fused_mlp.swiglu), (x, gate, up), gate_up),
+        "fused MLP gate|up + SiLU*mul (Mosaic GPU)": (jax.jit(fused_mlp.swiglu), (x, scale, gate, up), gate_up),
         "XLA gate, up GEMMs + SiLU*mul pass": (xla_mlp, (x, gate, up), gate_up),
         "cuBLAS down_proj GEMM": (mm, (down_in, down_w), 2 * N * F * D),
         "head exp-sum (fused loss kernel)": (jax.jit(fused_loss.shifted_expsum), (x, w, shift), 2 * N * D * V),

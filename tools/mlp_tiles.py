@@ -1,11 +1,11 @@
 """Variants of the fused MLP's tiles against each other, alternating: the kernel alone at the
 card's power cap, and whole engine chunks; every variant's products and losses against the first's.
 
-    python tools/mlp_tiles.py 64,256,64,3,2,2 64,128,64,3,2,2,0,1 [--rounds 2 --seconds 3]
+    python tools/mlp_tiles.py 64,256,64,3,2,2 128,128,64,3,2,2 [--rounds 2 --seconds 3]
 
-A variant is hopper.Tiles' fields in order, tm,tn,tk,stages,groups,cluster[,pingpong,defer]
-(0 or 1; the first variant: the baseline, usually fused_mlp.TILES; the second above defers each
-tile's epilogue beside the next tile's first wgmma). Shapes: a 448-ablation chunk of Qwen2.5-0.5B at 512
+A variant is hopper.Tiles' fields in order, tm,tn,tk,stages,groups,cluster[,pingpong] (0 or 1;
+the first variant: the baseline, usually fused_mlp.TILES; the second above gives each
+warpgroup 128 rows of 64 gate and 64 up columns). Shapes: a 448-ablation chunk of Qwen2.5-0.5B at 512
 tokens (229,376 rows), bf16 random data; the chunks: 12 of 448 down_proj rows starting after
 layers 0-11. Each variant is compiled once, before any timing, so the rounds alternate between
 compiled programs. Prints JSON lines. GPU only (Hopper); docs/benchmarks.md has the results of
@@ -32,7 +32,7 @@ ROWS, SEQ = 448, 512
 def parse_tiles(text: str) -> hopper.Tiles:
     """hopper.Tiles from its fields in order, comma-separated ints (0/1 for the flags)."""
     t = hopper.Tiles(*(int(v) for v in text.split(",")))
-    return t._replace(pingpong=bool(t.pingpong), defer=bool(t.defer))
+    return t._replace(pingpong=bool(t.pingpong))
 
 
 def compiled_with(tiles: hopper.Tiles, build):
@@ -48,7 +48,7 @@ def compiled_with(tiles: hopper.Tiles, build):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("tiles", nargs="+", help="tm,tn,tk,stages,groups,cluster[,pingpong,defer] per variant")
+    ap.add_argument("tiles", nargs="+", help="tm,tn,tk,stages,groups,cluster[,pingpong] per variant")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--seconds", type=float, default=3.0)
     args = ap.parse_args()
@@ -60,15 +60,16 @@ def main() -> None:
     g, u = ((0.03 * jax.random.normal(k, (D, F), jnp.float32)).astype(jnp.bfloat16) for k in keys[1:])
 
     # the kernel alone
-    kernel = {n: compiled_with(t, lambda: jax.jit(lambda *a: fused_mlp.swiglu(*a)).lower(x, g, u).compile())
+    s = jnp.ones((N,), jnp.float32)   # the rows' RMSNorm scales
+    kernel = {n: compiled_with(t, lambda: jax.jit(lambda *a: fused_mlp.swiglu(*a)).lower(x, s, g, u).compile())
               for n, t in variants.items()}
     first = args.tiles[0]
-    want = kernel[first](x, g, u)
-    print(json.dumps({"products_differ_from_first": {n: float(jnp.mean(f(x, g, u) != want))
+    want = kernel[first](x, s, g, u)
+    print(json.dumps({"products_differ_from_first": {n: float(jnp.mean(f(x, s, g, u) != want))
                                                      for n, f in kernel.items()}}), flush=True)
     for r in range(args.rounds):
         for n, f in kernel.items():
-            print(json.dumps({"alone": n, "round": r, **at_cap(f, (x, g, u), 4 * N * D * F, args.seconds)}),
+            print(json.dumps({"alone": n, "round": r, **at_cap(f, (x, s, g, u), 4 * N * D * F, args.seconds)}),
                   flush=True)
 
     # engine chunks

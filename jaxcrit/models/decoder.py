@@ -42,13 +42,27 @@ def mm(x: Array, w: Array) -> Array:
     return jnp.matmul(x, w, precision=precision(x.dtype))
 
 
+def rms_scale(x: Array, eps: float) -> Array:
+    """RMSNorm's row scale 1 / rms(x) [..., 1] (f32) of x [..., D]."""
+    xf = x.astype(jnp.float32)
+    return jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+
+
 def rms_norm(x: Array, w: Array, eps: float, plus_one: bool) -> Array:
     """RMSNorm in f32, cast back as transformers does (Gemma scales by 1 + w before the cast)."""
-    xf = x.astype(jnp.float32)
-    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    xf = x.astype(jnp.float32) * rms_scale(x, eps)
     if plus_one:
         return (xf * (1.0 + w.astype(jnp.float32))).astype(x.dtype)
     return w * xf.astype(x.dtype)
+
+
+def folded(norm_w: Array, w: Array, plus_one: bool) -> Array:
+    """A GEMM's weight [D, C] with the RMSNorm before it folded in: rms_norm(x) @ w equals
+    rms_scale(x) * (x @ folded(...)) up to the dtype's rounding. The layers no row edits run
+    their norms so on the fused path (`mlp_impl` "pallas"): no normed copy of the residual is
+    written, the GEMMs read the residual itself and the scale goes to their outputs."""
+    gain = norm_w.astype(jnp.float32) + (1.0 if plus_one else 0.0)
+    return (gain[:, None] * w.astype(jnp.float32)).astype(w.dtype)
 
 
 def _act(name: str, x: Array) -> Array:
@@ -146,21 +160,28 @@ def editor(masks: SiteArrays | None, values: SiteArrays | None, record: dict[str
 
 
 def _attention_out(cfg: ModelConfig, p: Params, h: Array, valid: Array | None, cos: Array, sin: Array, site,
-                   attn_impl: str) -> Array:
+                   attn_impl: str, fold: bool = False) -> Array:
     """The attention branch's output o_proj(attn(norm(h))) [B, T, D], site-edited; h [B, T, D]."""
-    q, k, v = qkv(cfg, p, h, cos, sin, site)
+    q, k, v = qkv(cfg, p, h, cos, sin, site, fold)
     return attention_output(cfg, p, attend(cfg, q, k, v, valid, attn_impl), site)
 
 
-def qkv(cfg: ModelConfig, p: Params, h: Array, cos: Array, sin: Array, site) -> tuple[Array, Array, Array]:
+def qkv(cfg: ModelConfig, p: Params, h: Array, cos: Array, sin: Array, site, fold: bool = False
+        ) -> tuple[Array, Array, Array]:
     """The attention's q [B, T, H, hd] and k, v [B, T, KV, hd] of the residual h [B, T, D]:
-    site-edited projections, q/k-normed (Qwen3) and rotated (cos, sin [T, hd])."""
+    site-edited projections, q/k-normed (Qwen3) and rotated (cos, sin [T, hd]). fold: the input
+    norm folded into the projections (`folded`)."""
     B, T, _ = h.shape
-    x = rms_norm(h, p["input_norm"], cfg.norm_eps, cfg.family.norm_plus_one)
-    q, k, v = mm(x, p["q_w"]), mm(x, p["k_w"]), mm(x, p["v_w"])
+    if fold:
+        scale, gain = rms_scale(h, cfg.norm_eps), p["input_norm"]
+        proj = lambda n: scale * mm(h, folded(gain, p[n + "_w"], cfg.family.norm_plus_one)).astype(scale.dtype)
+    else:
+        x = rms_norm(h, p["input_norm"], cfg.norm_eps, cfg.family.norm_plus_one)
+        proj = lambda n: mm(x, p[n + "_w"])
+    q, k, v = (proj(n) for n in "qkv")
     if "q_b" in p:
         q, k, v = q + p["q_b"], k + p["k_b"], v + p["v_b"]
-    q, k, v = site("q_proj", q), site("k_proj", k), site("v_proj", v)
+    q, k, v = (site(n + "_proj", a.astype(h.dtype)) for n, a in zip("qkv", (q, k, v)))
     hd, KV = cfg.head_dim, cfg.n_kv_heads
     q = q.reshape(B, T, cfg.n_heads, hd)
     k = k.reshape(B, T, KV, hd)
@@ -183,10 +204,13 @@ def attention_output(cfg: ModelConfig, p: Params, o: Array, site) -> Array:
 def mlp_out(cfg: ModelConfig, p: Params, mid: Array, site, impl: str = "xla") -> Array:
     """The MLP's output down_proj(act(gate(x)) * up(x)) [B, T, D], site-edited, of the
     post-attention residual `mid` [B, T, D] (x is its post_attention_layernorm). impl "pallas":
-    act(gate(x)) * up(x) by the fused kernel (models/fused_mlp.py), for layers without edits."""
-    x = site("post_attention_layernorm", rms_norm(mid, p["post_norm"], cfg.norm_eps, cfg.family.norm_plus_one))
+    act(gate(x)) * up(x) by the fused kernel (models/fused_mlp.py) with the norm folded in
+    (`folded`), for layers without edits."""
     if impl == "pallas":
-        return mm(fused_mlp.swiglu(x, p["gate_w"], p["up_w"]), p["down_w"])
+        fold = lambda w: folded(p["post_norm"], w, cfg.family.norm_plus_one)
+        scale = rms_scale(mid, cfg.norm_eps)[..., 0]
+        return mm(fused_mlp.swiglu(mid, scale, fold(p["gate_w"]), fold(p["up_w"])), p["down_w"])
+    x = site("post_attention_layernorm", rms_norm(mid, p["post_norm"], cfg.norm_eps, cfg.family.norm_plus_one))
     g = site("gate_proj", mm(x, p["gate_w"]))
     u = site("up_proj", mm(x, p["up_w"]))
     a = site("act_fn", _act(cfg.family.act, g))
@@ -203,12 +227,14 @@ def block(cfg: ModelConfig, p: Params, h: Array, valid: Array | None, cos: Array
           masks: SiteArrays | None, values: SiteArrays | None, attn_impl: str = "xla", mlp_impl: str = "xla"
           ) -> tuple[Array, dict[str, Array]]:
     """One decoder layer. p holds this layer's slice of the stacked params; h [B, T, D].
-    mlp_impl applies to a layer without masks or values (an edited MLP needs its pieces)."""
+    mlp_impl "pallas" applies to a layer without masks or values (an edited MLP needs its pieces);
+    such a layer runs both its norms folded into the GEMMs after them (`folded`)."""
     p = layer_params(cfg, p)
     sites: dict[str, Array] = {}
     site = editor(masks, values, sites)
-    mid = h + _attention_out(cfg, p, h, valid, cos, sin, site, attn_impl)
-    return mid + mlp_out(cfg, p, mid, site, mlp_impl if masks is None and values is None else "xla"), sites
+    fast = masks is None and values is None and mlp_impl == "pallas"   # an unedited layer on the fused path
+    mid = h + _attention_out(cfg, p, h, valid, cos, sin, site, attn_impl, fold=fast)
+    return mid + mlp_out(cfg, p, mid, site, "pallas" if fast else "xla"), sites
 
 
 # Where a perturbed row can start inside its first perturbed layer S (site-level prefix sharing).

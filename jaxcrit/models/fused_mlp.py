@@ -1,13 +1,18 @@
-"""The MLP's hidden activations act(x @ gate) * (x @ up) as one Hopper GEMM (models/hopper.py):
-gate and up never go to memory.
+"""The MLP's hidden activations act(s * (x @ gate)) * (s * (x @ up)) as one Hopper GEMM
+(models/hopper.py): gate and up never go to memory. x is the post-attention residual itself and
+s its rows' RMSNorm scales (the norm's gain folded into the weights, `decoder.folded`), so no
+normed copy of the residual is written either; each warpgroup loads its rows' scales while its
+tile's k-steps run (hopper's prologue).
 
 XLA runs gate and up as two cuBLAS GEMMs, writes both [N, F] outputs and reads them back in one
 elementwise pass for SiLU·mul. Here each tile of the GEMM holds tn/2 gate columns beside the same
 tn/2 up columns (the weights interleaved per tile, once per call: a copy of the two weights), and
 the epilogue writes only the product. Rounding as transformers' MLP rounds in PyTorch: gate and up
 rounded to the activation dtype as GEMM outputs, SiLU computed in f32 and rounded once, the product
-rounded once. (XLA's program of the same jnp code rounds more often inside SiLU: its products differ
-from these in about a third of the elements, by up to 2^-6 relative.) On one H200
+rounded once. (XLA's program of the same jnp code rounds more often inside SiLU: its products
+differ from these in about a third of the elements, by up to 2^-6 relative.) The folded norms
+round otherwise than transformers' RMSNorm: with them, engine losses moved by bf16 rounding (at
+most 1.7e-3 nats, mean 3e-4, over 24 chunks in the tenth session's probe). On one H200
 (docs/benchmarks.md) it ties with cuBLAS's two GEMMs and XLA's pass alone (6.6-7.2 against
 6.8-7.7 ms at 229,376 x 896 x 2 x 4,864) and wins inside the layers: 11 mask-free Qwen2.5-0.5B
 layers of 448 x 512 tokens 138.8 ms against 152.2.
@@ -36,15 +41,22 @@ def supported(act: str, d_model: int, d_ff: int, dtype) -> bool:
             and d_model % TILES.tk == 0 and d_ff % (TILES.tn // 2) == 0 and hopper.on_hopper())
 
 
-def _product(x: jax.Array, gate_w: jax.Array, up_w: jax.Array, t: hopper.Tiles) -> jax.Array:
-    """silu(x @ gate_w) * (x @ up_w) [N, F] for x [N, D] (N a multiple of t.rows), weights [D, F]."""
+def _product(x: jax.Array, scale: jax.Array | None, gate_w: jax.Array, up_w: jax.Array, t: hopper.Tiles
+             ) -> jax.Array:
+    """silu(s * (x @ gate_w)) * (s * (x @ up_w)) [N, F] for x [N, D] (N a multiple of t.rows),
+    weights [D, F] and each row's scale s (scale [N] f32; None: 1)."""
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
     (N, D), F, half = x.shape, gate_w.shape[1], t.tn // 2
     w = jnp.stack([gate_w.reshape(D, F // half, half), up_w.reshape(D, F // half, half)], 2).reshape(D, 2 * F)
     dt, f32 = x.dtype, jnp.float32
 
-    def epilogue(z, tile: hopper.Tile, extra, outs, sc):
+    def prologue(tile: hopper.Tile, extra):   # the rows' scales, loaded while the k-steps run
+        return plgpu.load(extra[0], (pl.ds(tile.row, t.tm),), layout=plgpu.Layout.WGMMA.reduce(1), optimized=False)
+
+    def epilogue(z, tile: hopper.Tile, extra, outs, sc, early):
+        if early is not None:
+            z = z * jax.lax.broadcast_in_dim(early, z.shape, [0])
         g, u = (part.astype(dt).astype(f32) for part in (z[:, :half], z[:, half:]))
         out = ((g / (1.0 + jnp.exp(-g))).astype(dt).astype(f32) * u).astype(dt)
         buf = sc["o_smem"].at[tile.wg]
@@ -59,25 +71,29 @@ def _product(x: jax.Array, gate_w: jax.Array, up_w: jax.Array, t: hopper.Tiles) 
                 plgpu.copy_smem_to_gmem(buf.at[e], outs[0].at[pl.ds(tile.row, t.tm),
                                                               pl.ds(tile.n * half + e * STORE, STORE)])
 
-    return hopper.gemm("fused_mlp_swiglu", x, w, (), t=t, b_is_kn=True, epilogue=epilogue,
+    return hopper.gemm("fused_mlp_swiglu", x, w, () if scale is None else (scale,), t=t, b_is_kn=True,
+                       epilogue=epilogue, prologue=None if scale is None else prologue,
                        out_type=jax.ShapeDtypeStruct((N, F), dt),
                        scratch=dict(o_smem=plgpu.SMEM((2, half // STORE, t.tm, STORE), dt,
                                                       **hopper.swizzled(STORE, dt))))
 
 
 @jax.custom_batching.custom_vmap
-def swiglu(x: jax.Array, gate_w: jax.Array, up_w: jax.Array) -> jax.Array:
-    """silu(x @ gate_w) * (x @ up_w) [..., F] for x [..., D] and weights [D, F], by the kernel.
-    Under vmap (the engine's rows) the rows fold into the kernel's: one launch for the chunk."""
+def swiglu(x: jax.Array, scale: jax.Array, gate_w: jax.Array, up_w: jax.Array) -> jax.Array:
+    """silu(s * (x @ gate_w)) * (s * (x @ up_w)) [..., F] for x [..., D], each row's scale s
+    (scale [...] f32: RMSNorm's, its gain folded into the weights) and weights [D, F], by the
+    kernel. Under vmap (the engine's rows) the rows fold into the kernel's: one launch for the chunk."""
     lead, D = x.shape[:-1], x.shape[-1]
-    x = x.reshape(-1, D)
+    x, scale = x.reshape(-1, D), scale.reshape(-1)
     pad = (-x.shape[0]) % TILES.rows
-    out = _product(jnp.pad(x, ((0, pad), (0, 0))), gate_w, up_w, TILES)
+    out = _product(jnp.pad(x, ((0, pad), (0, 0))), jnp.pad(scale, (0, pad)), gate_w, up_w, TILES)
     return out[:x.shape[0]].reshape(*lead, -1)
 
 
 @swiglu.def_vmap
-def _swiglu_vmap(axis_size, in_batched, x, gate_w, up_w):
-    if any(in_batched[1:]):
+def _swiglu_vmap(axis_size, in_batched, x, scale, gate_w, up_w):
+    if any(in_batched[2:]):
         raise NotImplementedError("fused_mlp.swiglu: weights batched under vmap; use the XLA MLP (mlp='xla')")
-    return swiglu(x, gate_w, up_w), in_batched[0]
+    if in_batched[0] != in_batched[1]:   # rows and their scales batched together (the engine's case)
+        x, scale = (a if b else jnp.broadcast_to(a, (axis_size, *a.shape)) for a, b in zip((x, scale), in_batched[:2]))
+    return swiglu(x, scale, gate_w, up_w), True

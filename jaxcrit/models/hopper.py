@@ -37,9 +37,7 @@ import jax.numpy as jnp
 class Tiles(NamedTuple):
     """rows per warpgroup's tile, b columns per tile, K per pipeline step, pipeline stages, blocks
     side by side on the same rows, blocks per cluster (1 or 2), and the schedule: the warpgroups
-    in step on one tile (a block's rows: 2 tm) or ping-pong on alternate tiles (tm). defer (in
-    step): each tile's epilogue runs once the next tile's first wgmma is issued, beside it, instead
-    of while the tensor cores wait; it holds two [tm, tn] f32 tiles in registers (tn 128 at tm 64)."""
+    in step on one tile (a block's rows: 2 tm) or ping-pong on alternate tiles (tm)."""
     tm: int
     tn: int
     tk: int
@@ -47,7 +45,6 @@ class Tiles(NamedTuple):
     groups: int
     cluster: int = 1
     pingpong: bool = False
-    defer: bool = False
 
     @property
     def rows(self) -> int:
@@ -133,14 +130,17 @@ class _Work:
 
 
 def gemm(name: str, a: jax.Array, b: jax.Array, extra: tuple[jax.Array, ...], *, t: Tiles, b_is_kn: bool,
-         out_type, scratch: dict, epilogue: Callable, setup: Callable | None = None):
+         out_type, scratch: dict, epilogue: Callable, setup: Callable | None = None,
+         prologue: Callable | None = None):
     """Runs the kernel (named `name` in profiles); returns out_type's arrays, written by the epilogue.
 
     a [M, K] with M a multiple of t.rows; b [K, Nb] (b_is_kn) or [Nb, K], Nb a multiple
     of tn. extra: more inputs, passed as refs. scratch: name -> SMEM/Barrier shapes every
-    warpgroup sees. epilogue(z [tm, tn] f32, tile: Tile, extra_refs, out_refs, scratch_refs)
+    warpgroup sees. epilogue(z [tm, tn] f32, tile: Tile, extra_refs, out_refs, scratch_refs, early)
     writes the tile's results (only when tile.real). setup(row, wg, extra_refs, scratch_refs)
     (ping-pong only) runs when warpgroup wg moves to its next tm rows, starting at row.
+    prologue(tile, extra_refs) (in step only) runs before a tile's k-steps, so what it loads
+    arrives beside them; its value is the epilogue's `early` (None without a prologue).
     """
     import jax.experimental.pallas.mosaic_gpu as plgpu
     M, K = a.shape
@@ -151,7 +151,7 @@ def gemm(name: str, a: jax.Array, b: jax.Array, extra: tuple[jax.Array, ...], *,
         member = jax.lax.axis_index("cluster") if t.cluster > 1 else 0
         work = _Work(t, n_tiles, M // t.rows, units, jax.lax.axis_index("block"), member)
         _ring(t, a_ref, b_ref, refs[:len(extra)], refs[len(extra):], b_is_kn=b_is_kn, k_steps=k_steps,
-                 work=work, scratch=scratch, epilogue=epilogue, setup=setup)
+                 work=work, scratch=scratch, epilogue=epilogue, setup=setup, prologue=prologue)
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
     kernel.__name__ = name   # Mosaic GPU names the kernel after its body
@@ -162,7 +162,7 @@ def gemm(name: str, a: jax.Array, b: jax.Array, extra: tuple[jax.Array, ...], *,
 
 
 def _ring(t: Tiles, a_ref, b_ref, extra_refs, out_refs, *, b_is_kn, k_steps, work: _Work, scratch,
-          epilogue, setup):
+          epilogue, setup, prologue):
     """Both schedules on one ring of `stages` slots filled in task order through all of the
     block's tiles: global step c = task * k_steps + k uses slot c % stages, and the producer
     refills it once the last use's warpgroups (of both blocks, with clusters) released it, so it
@@ -181,8 +181,8 @@ def _ring(t: Tiles, a_ref, b_ref, extra_refs, out_refs, *, b_is_kn, k_steps, wor
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
     pp = t.pingpong
-    if setup is not None and not pp:
-        raise NotImplementedError("hopper: the in-step schedule has no setup hook; use Tiles.pingpong")
+    if (setup is not None and not pp) or (prologue is not None and pp):
+        raise NotImplementedError("hopper: setup is ping-pong's hook, prologue the in-step schedule's")
     S, dt = t.stages, a_ref.dtype
     rem, div = jax.lax.rem, jax.lax.div
     # the barrier of global step c in slot s: per warpgroup (the step's owner) in ping-pong
@@ -234,9 +234,8 @@ def _ring(t: Tiles, a_ref, b_ref, extra_refs, out_refs, *, b_is_kn, k_steps, wor
             plgpu.set_max_registers(232, action="increase")
             mine = (lambda s: wg * S + s) if pp else (lambda s: s)   # this warpgroup's barrier of slot s
 
-            def k_steps_into(acc, own, during=None):
-                """Task own's k-steps into acc; its [tm, tn] f32 value once done, its last slot
-                released. during(): runs once the first step's wgmma is issued, beside it."""
+            def k_steps_into(acc, own):
+                """Task own's k-steps into acc; its [tm, tn] f32 value once done, its last slot released."""
                 def step(k, carry):
                     c = own * k_steps + k
                     s = rem(c, S)
@@ -244,16 +243,11 @@ def _ring(t: Tiles, a_ref, b_ref, extra_refs, out_refs, *, b_is_kn, k_steps, wor
                     b_s = b_smem.at[s]
                     plgpu.wgmma(acc, a_smem.at[s] if pp else a_smem.at[s].at[pl.ds(wg * t.tm, t.tm)],
                                 b_s if b_is_kn else b_s.transpose((1, 0)))
-                    if during is not None and isinstance(k, int):   # the unrolled first step
-                        during()
                     plgpu.wgmma_wait(1)   # step k - 1's wgmma is done: release its slot
                     pl.when(k > 0)(lambda: plgpu.barrier_arrive(consumed.at[mine(rem(c - 1, S))]))
                     return carry
 
-                if during is None:
-                    jax.lax.fori_loop(0, k_steps, step, 0)
-                else:   # the first step unrolled, so what runs beside it needs no branch
-                    jax.lax.fori_loop(1, k_steps, step, step(0, 0))
+                jax.lax.fori_loop(0, k_steps, step, 0)
                 plgpu.wgmma_wait(0)
                 z = acc[...]
                 plgpu.barrier_arrive(consumed.at[mine(rem((own + 1) * k_steps - 1, S))])
@@ -261,21 +255,6 @@ def _ring(t: Tiles, a_ref, b_ref, extra_refs, out_refs, *, b_is_kn, k_steps, wor
 
             def tile_of(i, w):   # where the warpgroup's i-th tile, task w, sits
                 return Tile(w.n, i, w.row0 if pp else w.row0 + wg * t.tm, wg, w.real)
-
-            if t.defer:
-                if pp:
-                    raise NotImplementedError("hopper: defer applies to the in-step schedule")
-                acc_type = plgpu.ACC((t.tm, t.tn), jnp.float32)
-                finish = lambda z, i: epilogue(z, tile_of(i, work.flat(i)), extra_refs, out_refs, sc)
-
-                @pl.when(work.tasks > 0)
-                def _():
-                    def tile(i, z):   # tile i's k-steps, tile i - 1's epilogue beside its first
-                        return pl.run_scoped(lambda acc: k_steps_into(acc, i, lambda: finish(z, i - 1)), acc_type)
-
-                    z0 = pl.run_scoped(lambda acc: k_steps_into(acc, 0), acc_type)
-                    finish(jax.lax.fori_loop(1, work.tasks, tile, z0), work.tasks - 1)
-                return
 
             @pl.loop(0, div(work.tasks - wg + 1, 2) if pp else work.tasks)
             def _tile(i):
@@ -285,6 +264,8 @@ def _ring(t: Tiles, a_ref, b_ref, extra_refs, out_refs, *, b_is_kn, k_steps, wor
                     pl.when(w.j < 2)(lambda: setup(w.row0, wg, extra_refs, sc))
 
                 def run(acc):
-                    epilogue(k_steps_into(acc, own), tile_of(i, w), extra_refs, out_refs, sc)
+                    tile = tile_of(i, w)
+                    early = None if prologue is None else prologue(tile, extra_refs)
+                    epilogue(k_steps_into(acc, own), tile, extra_refs, out_refs, sc, early)
 
                 pl.run_scoped(run, plgpu.ACC((t.tm, t.tn), jnp.float32))
