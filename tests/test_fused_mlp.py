@@ -21,12 +21,17 @@ def plain(x, g, u, scale=None) -> np.ndarray:
     return bf(bf(a / (1 + np.exp(-a))) * b)
 
 
+def contract(x, s, g, u, t=None):
+    """What `fused_mlp._product` computes, as XLA code: the kernel's stand-in on CPU."""
+    return (jax.nn.silu(s[:, None] * (x @ g)) * (s[:, None] * (x @ u))).astype(x.dtype)
+
+
 def test_vmap_folds_rows_into_one_launch(monkeypatch):
     calls = []
 
-    def product(x, s, g, u, t):   # the kernel's contract: rows a multiple of TILES.rows; records each launch's rows
+    def product(x, s, g, u, t):   # rows a multiple of TILES.rows; records each launch's rows
         jax.debug.callback(lambda a: calls.append(a.shape), x)
-        return (jax.nn.silu(s[:, None] * (x @ g)) * (s[:, None] * (x @ u))).astype(x.dtype)
+        return contract(x, s, g, u)
 
     monkeypatch.setattr(fused_mlp, "_product", product)
     k = jax.random.split(jax.random.key(0), 3)
@@ -143,10 +148,7 @@ def test_fused_layer_folds_its_norms(model_type, monkeypatch):
     from jaxcrit.models import decoder
     from jaxcrit.models.config import ModelConfig
 
-    def product(x, s, g, u, t):   # the kernel's contract, on CPU
-        return jax.nn.silu(s[:, None] * (x @ g)) * (s[:, None] * (x @ u))
-
-    monkeypatch.setattr(fused_mlp, "_product", product)
+    monkeypatch.setattr(fused_mlp, "_product", contract)
     cfg = ModelConfig(model_type=model_type, vocab_size=64, d_model=64, n_layers=1, n_heads=4, n_kv_heads=2,
                       head_dim=16, d_ff=128, norm_eps=1e-6, rope_theta=1e4, tie_embeddings=True)
     if model_type == "gemma":   # the fold's 1 + w; the kernel's SiLU stands for Gemma's GELU on both sides

@@ -44,7 +44,8 @@ def supported(act: str, d_model: int, d_ff: int, dtype) -> bool:
 def _product(x: jax.Array, scale: jax.Array | None, gate_w: jax.Array, up_w: jax.Array, t: hopper.Tiles
              ) -> jax.Array:
     """silu(s * (x @ gate_w)) * (s * (x @ up_w)) [N, F] for x [N, D] (N a multiple of t.rows),
-    weights [D, F] and each row's scale s (scale [N] f32; None: 1)."""
+    weights [D, F] and each row's scale s (scale [N] f32; None: 1, no prologue: the form Pallas's
+    interpreter runs, which cannot load into a register layout)."""
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
     (N, D), F, half = x.shape, gate_w.shape[1], t.tn // 2
