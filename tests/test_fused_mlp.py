@@ -53,9 +53,9 @@ def test_kernel_interpreted_on_cpu(tiles, monkeypatch):
     """The kernel's own program (TMA copies, barriers, wgmma, the epilogue's stores) run by Pallas's
     Mosaic GPU interpreter on CPU, against `plain`: 3 row blocks on 4 stand-in SMs (a whole round
     of 2 row blocks, then one shared out), two blocks side by side on each, 2 k-steps a tile so
-    the ring of 3 slots runs through tile boundaries; also with 128 rows per warpgroup (two
-    wgmma row groups per accumulator). Single blocks: the interpreter has no cluster barriers
-    (the GPU tests run the clusters)."""
+    the ring of 3 slots runs through tile boundaries, the epilogue in its two parts; also with
+    128 rows per warpgroup (two wgmma row groups per accumulator). Single blocks: the interpreter
+    has no cluster barriers (the GPU tests run the clusters)."""
     try:
         from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams, force_gpu_interpret_mode
     except ImportError:

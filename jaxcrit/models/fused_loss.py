@@ -114,12 +114,12 @@ def _hopper_partials(h: jax.Array, w: jax.Array, shift2: jax.Array, t: hopper.Ti
             plgpu.copy_gmem_to_smem(s_ref.at[pl.ds(row, t.tm)], sc["s_smem"].at[wg], sc["loaded"].at[wg])
             plgpu.barrier_wait(sc["loaded"].at[wg])
 
-    def epilogue(z, tile: hopper.Tile, extra, outs, sc, early):
+    def epilogue(z, tile: hopper.Tile, extra, outs, sc, part):
         s2 = plgpu.load(sc["s_smem"].at[tile.wg], layout=plgpu.Layout.WGMMA.reduce(1))
-        part = jnp.exp2(z * LOG2E - jax.lax.broadcast_in_dim(s2, z.shape, [0])).sum(axis=1)
+        sums = jnp.exp2(z * LOG2E - jax.lax.broadcast_in_dim(s2, z.shape, [0])).sum(axis=1)
         buf = sc["o_smem"].at[tile.wg, jax.lax.rem(tile.j, 2)]
         plgpu.wait_smem_to_gmem(1, wait_read_only=True)
-        buf[...] = part
+        buf[...] = sums
         plgpu.commit_smem()
 
         @pl.when(tile.real)

@@ -50,30 +50,30 @@ def _product(x: jax.Array, scale: jax.Array | None, gate_w: jax.Array, up_w: jax
     import jax.experimental.pallas.mosaic_gpu as plgpu
     (N, D), F, half = x.shape, gate_w.shape[1], t.tn // 2
     w = jnp.stack([gate_w.reshape(D, F // half, half), up_w.reshape(D, F // half, half)], 2).reshape(D, 2 * F)
-    dt, f32 = x.dtype, jnp.float32
+    dt, f32, parts = x.dtype, jnp.float32, half // STORE
 
     def prologue(tile: hopper.Tile, extra):   # the rows' scales, loaded while the k-steps run
         return plgpu.load(extra[0], (pl.ds(tile.row, t.tm),), layout=plgpu.Layout.WGMMA.reduce(1), optimized=False)
 
-    def epilogue(z, tile: hopper.Tile, extra, outs, sc, early):
+    def finish(z, early):   # gate and up as the GEMMs' outputs: scaled by the rows' scales, rounded
         if early is not None:
             z = z * jax.lax.broadcast_in_dim(early, z.shape, [0])
-        g, u = (part.astype(dt).astype(f32) for part in (z[:, :half], z[:, half:]))
-        out = ((g / (1.0 + jnp.exp(-g))).astype(dt).astype(f32) * u).astype(dt)
-        buf = sc["o_smem"].at[tile.wg]
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # the last tile's stores have read buf
-        for e in range(half // STORE):
-            buf[e] = out[:, e * STORE:(e + 1) * STORE]
+        return z.astype(dt)
+
+    def epilogue(y, tile: hopper.Tile, extra, outs, sc, part):   # the product's columns part * STORE + [0, STORE)
+        g, u = (y[:, c + part * STORE:c + (part + 1) * STORE].astype(f32) for c in (0, half))
+        buf = sc["o_smem"].at[tile.wg, part]
+        plgpu.wait_smem_to_gmem(parts - 1, wait_read_only=True)   # buf's last store (parts stores ago) has read it
+        buf[...] = ((g / (1.0 + jnp.exp(-g))).astype(dt).astype(f32) * u).astype(dt)
         plgpu.commit_smem()
 
         @pl.when(tile.real)
         def _():
-            for e in range(half // STORE):
-                plgpu.copy_smem_to_gmem(buf.at[e], outs[0].at[pl.ds(tile.row, t.tm),
-                                                              pl.ds(tile.n * half + e * STORE, STORE)])
+            plgpu.copy_smem_to_gmem(buf, outs[0].at[pl.ds(tile.row, t.tm), pl.ds(tile.n * half + part * STORE, STORE)])
 
     return hopper.gemm("fused_mlp_swiglu", x, w, () if scale is None else (scale,), t=t, b_is_kn=True,
-                       epilogue=epilogue, prologue=None if scale is None else prologue,
+                       epilogue=epilogue, prologue=None if scale is None else prologue, finish=finish,
+                       parts=parts,
                        out_type=jax.ShapeDtypeStruct((N, F), dt),
                        scratch=dict(o_smem=plgpu.SMEM((2, half // STORE, t.tm, STORE), dt,
                                                       **hopper.swizzled(STORE, dt))))

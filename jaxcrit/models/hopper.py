@@ -131,16 +131,17 @@ class _Work:
 
 def gemm(name: str, a: jax.Array, b: jax.Array, extra: tuple[jax.Array, ...], *, t: Tiles, b_is_kn: bool,
          out_type, scratch: dict, epilogue: Callable, setup: Callable | None = None,
-         prologue: Callable | None = None):
+         prologue: Callable | None = None, finish: Callable | None = None, parts: int = 1):
     """Runs the kernel (named `name` in profiles); returns out_type's arrays, written by the epilogue.
 
     a [M, K] with M a multiple of t.rows; b [K, Nb] (b_is_kn) or [Nb, K], Nb a multiple
     of tn. extra: more inputs, passed as refs. scratch: name -> SMEM/Barrier shapes every
-    warpgroup sees. epilogue(z [tm, tn] f32, tile: Tile, extra_refs, out_refs, scratch_refs, early)
-    writes the tile's results (only when tile.real). setup(row, wg, extra_refs, scratch_refs)
-    (ping-pong only) runs when warpgroup wg moves to its next tm rows, starting at row.
-    prologue(tile, extra_refs) (in step only) runs before a tile's k-steps, so what it loads
-    arrives beside them; its value is the epilogue's `early` (None without a prologue).
+    warpgroup sees. finish(z [tm, tn] f32, early) gives the tile's value y once its k-steps are
+    done (default: z); epilogue(y, tile: Tile, extra_refs, out_refs, scratch_refs, part) writes
+    the tile's results (only when tile.real), in `parts` calls (part 0, 1, ...).
+    setup(row, wg, extra_refs, scratch_refs) (ping-pong only) runs when warpgroup wg moves to its
+    next tm rows, starting at row. prologue(tile, extra_refs) (in step only) runs before a tile's
+    k-steps, so what it loads arrives beside them; its value is finish's `early` (None without).
     """
     import jax.experimental.pallas.mosaic_gpu as plgpu
     M, K = a.shape
@@ -151,7 +152,8 @@ def gemm(name: str, a: jax.Array, b: jax.Array, extra: tuple[jax.Array, ...], *,
         member = jax.lax.axis_index("cluster") if t.cluster > 1 else 0
         work = _Work(t, n_tiles, M // t.rows, units, jax.lax.axis_index("block"), member)
         _ring(t, a_ref, b_ref, refs[:len(extra)], refs[len(extra):], b_is_kn=b_is_kn, k_steps=k_steps,
-                 work=work, scratch=scratch, epilogue=epilogue, setup=setup, prologue=prologue)
+                 work=work, scratch=scratch, epilogue=epilogue, setup=setup, prologue=prologue,
+                 finish=finish or (lambda z, early: z), parts=parts)
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
     kernel.__name__ = name   # Mosaic GPU names the kernel after its body
@@ -162,7 +164,7 @@ def gemm(name: str, a: jax.Array, b: jax.Array, extra: tuple[jax.Array, ...], *,
 
 
 def _ring(t: Tiles, a_ref, b_ref, extra_refs, out_refs, *, b_is_kn, k_steps, work: _Work, scratch,
-          epilogue, setup, prologue):
+          epilogue, setup, prologue, finish, parts):
     """Both schedules on one ring of `stages` slots filled in task order through all of the
     block's tiles: global step c = task * k_steps + k uses slot c % stages, and the producer
     refills it once the last use's warpgroups (of both blocks, with clusters) released it, so it
@@ -265,7 +267,9 @@ def _ring(t: Tiles, a_ref, b_ref, extra_refs, out_refs, *, b_is_kn, k_steps, wor
 
                 def run(acc):
                     tile = tile_of(i, w)
-                    early = None if prologue is None else prologue(tile, extra_refs)
-                    epilogue(k_steps_into(acc, own), tile, extra_refs, out_refs, sc, early)
+                    early = None if prologue is None else prologue(tile, extra_refs)   # loads beside the k-steps
+                    y = finish(k_steps_into(acc, own), early)
+                    for part in range(parts):
+                        epilogue(y, tile, extra_refs, out_refs, sc, part)
 
                 pl.run_scoped(run, plgpu.ACC((t.tm, t.tn), jnp.float32))
