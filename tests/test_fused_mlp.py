@@ -47,14 +47,16 @@ def test_vmap_folds_rows_into_one_launch(monkeypatch):
 
 
 @pytest.mark.parametrize("tiles", [fused_mlp.TILES._replace(cluster=1),
-                                   hopper.Tiles(128, 128, 64, 3, 2)],
-                         ids=["kernel's tiles", "128-row tiles"])
+                                   hopper.Tiles(128, 128, 64, 3, 2),
+                                   hopper.Tiles(128, 128, 64, 3, 2, pingpong=True)],
+                         ids=["kernel's tiles", "128-row tiles", "ping-pong"])
 def test_kernel_interpreted_on_cpu(tiles, monkeypatch):
     """The kernel's own program (TMA copies, barriers, wgmma, the epilogue's stores) run by Pallas's
     Mosaic GPU interpreter on CPU, against `plain`: 3 row blocks on 4 stand-in SMs (a whole round
     of 2 row blocks, then one shared out), two blocks side by side on each, 2 k-steps a tile so
     the ring of 3 slots runs through tile boundaries, the epilogue in its two parts; also with
-    128 rows per warpgroup (two wgmma row groups per accumulator). Single blocks: the interpreter
+    128 rows per warpgroup (two wgmma row groups per accumulator) and ping-pong (the warpgroups
+    on alternate tiles, one epilogue beside the other's k-steps). Single blocks: the interpreter
     has no cluster barriers (the GPU tests run the clusters)."""
     try:
         from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams, force_gpu_interpret_mode

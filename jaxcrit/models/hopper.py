@@ -140,7 +140,7 @@ def gemm(name: str, a: jax.Array, b: jax.Array, extra: tuple[jax.Array, ...], *,
     done (default: z); epilogue(y, tile: Tile, extra_refs, out_refs, scratch_refs, part) writes
     the tile's results (only when tile.real), in `parts` calls (part 0, 1, ...).
     setup(row, wg, extra_refs, scratch_refs) (ping-pong only) runs when warpgroup wg moves to its
-    next tm rows, starting at row. prologue(tile, extra_refs) (in step only) runs before a tile's
+    next tm rows, starting at row. prologue(tile, extra_refs) (either schedule) runs before a tile's
     k-steps, so what it loads arrives beside them; its value is finish's `early` (None without).
     """
     import jax.experimental.pallas.mosaic_gpu as plgpu
@@ -183,8 +183,8 @@ def _ring(t: Tiles, a_ref, b_ref, extra_refs, out_refs, *, b_is_kn, k_steps, wor
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
     pp = t.pingpong
-    if (setup is not None and not pp) or (prologue is not None and pp):
-        raise NotImplementedError("hopper: setup is ping-pong's hook, prologue the in-step schedule's")
+    if setup is not None and not pp:
+        raise NotImplementedError("hopper: setup is ping-pong's hook")
     S, dt = t.stages, a_ref.dtype
     rem, div = jax.lax.rem, jax.lax.div
     # the barrier of global step c in slot s: per warpgroup (the step's owner) in ping-pong
