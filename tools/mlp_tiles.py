@@ -32,9 +32,9 @@ ROWS, SEQ = 448, 512
 
 def parse_variant(text: str) -> tuple[hopper.Tiles, bool]:
     """(hopper.Tiles, K-major weight) from comma-separated ints: Tiles' fields in order, then the flag."""
-    v = [int(f) for f in text.split(",")]
-    t = hopper.Tiles(*v[:7])
-    return t._replace(pingpong=bool(t.pingpong)), bool(v[7]) if len(v) > 7 else False
+    v, n = [int(f) for f in text.split(",")], len(hopper.Tiles._fields)
+    t = hopper.Tiles(*v[:n])
+    return t._replace(pingpong=bool(t.pingpong)), bool(v[n]) if len(v) > n else False
 
 
 def compiled_with(variant: tuple[hopper.Tiles, bool], build):
