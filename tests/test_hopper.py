@@ -51,11 +51,11 @@ def test_every_tile_once_and_blocks_balanced(t, n_tiles, row_blocks, cores):
     assert (np.asarray(work.task(r, 0).j) == 0).all()
 
 
-@pytest.mark.parametrize("name", ["mlp", "head", "mlp single blocks", "mlp k-major"])
+@pytest.mark.parametrize("name", ["mlp", "head", "mlp single blocks"])
 def test_kernels_trace_on_cpu(name, monkeypatch):
     """Each kernel's jaxpr: one wgmma per k-step in its consumers, the rows' loads multicast
     exactly when blocks form clusters, a's slot holding a block's rows (2 tm in step, tm
-    ping-pong), b's tile [tk, tn] or, K-major (the head's, the MLP's with K_MAJOR), [tn, tk],
+    ping-pong), b's tile [tk, tn] (the MLP's weight) or [tn, tk] (the head's embedding, K-major),
     and the producer's release waits in its loop and its drain."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
@@ -69,9 +69,7 @@ def test_kernels_trace_on_cpu(name, monkeypatch):
         monkeypatch.setattr(plgpu, "load", lambda src, idx=..., **kw: load(src, idx, **kw))   # jax < 0.11
     sds = jax.ShapeDtypeStruct
     x, w = sds((2048, 896), jnp.bfloat16), sds((896, 4864), jnp.bfloat16)
-    t = {"mlp": MLP, "head": HEAD, "mlp single blocks": MLP._replace(cluster=1), "mlp k-major": MLP}[name]
-    k_major = name in ("head", "mlp k-major")
-    monkeypatch.setattr(fused_mlp, "K_MAJOR", name == "mlp k-major")
+    t = {"mlp": MLP, "head": HEAD, "mlp single blocks": MLP._replace(cluster=1)}[name]
     if name == "head":
         jaxpr = jax.make_jaxpr(lambda h, v, s: fused_loss._hopper_partials(h, v, s, t))(
             x, sds((151936, 896), jnp.bfloat16), sds((2048,), jnp.float32))
@@ -85,7 +83,7 @@ def test_kernels_trace_on_cpu(name, monkeypatch):
     assert ("collective_axes=('cluster',)" in rows_copy) == (t.cluster > 1), rows_copy
     assert re.search(rf"\[\w+:\w+\+{t.rows},\w+:\w+\+{t.tk}\]", rows_copy), rows_copy
     assert "collective_axes" not in tile_copies[1]   # b's tile: each block its own
-    b_box = (t.tn, t.tk) if k_major else (t.tk, t.tn)
+    b_box = (t.tn, t.tk) if name == "head" else (t.tk, t.tn)
     assert re.search(rf"\[\w+:\w+\+{b_box[0]},\w+:\w+\+{b_box[1]}\]", tile_copies[1]), tile_copies[1]
     assert text.count("barrier_wait") >= 3   # producer: a slot's release and the drain; consumers: a step's loads
     if name != "head":   # the prologue loads the rows' RMSNorm scales, one per row of the warpgroup's tile

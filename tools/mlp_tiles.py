@@ -3,9 +3,8 @@ card's power cap, and whole engine chunks; every variant's products and losses a
 
     python tools/mlp_tiles.py 64,256,64,3,2,2 128,128,64,3,2,2 [--rounds 2 --seconds 3]
 
-A variant is hopper.Tiles' fields in order, tm,tn,tk,stages,groups,cluster[,pingpong[,k_major]]
-(the flags 0 or 1; k_major: fused_mlp.K_MAJOR, the weight read K-major as the head reads its
-embedding; the first variant: the baseline, usually fused_mlp.TILES; the second above gives each
+A variant is hopper.Tiles' fields in order, tm,tn,tk,stages,groups,cluster[,pingpong] (0 or 1;
+the first variant: the baseline, usually fused_mlp.TILES; the second above gives each
 warpgroup 128 rows of 64 gate and 64 up columns). Shapes: a 448-ablation chunk of Qwen2.5-0.5B at 512
 tokens (229,376 rows), bf16 random data; the chunks: 12 of 448 down_proj rows starting after
 layers 0-11. Each variant is compiled once, before any timing, so the rounds alternate between
@@ -30,32 +29,30 @@ from kernel_energy import at_cap
 ROWS, SEQ = 448, 512
 
 
-def parse_variant(text: str) -> tuple[hopper.Tiles, bool]:
-    """(hopper.Tiles, K-major weight) from comma-separated ints: Tiles' fields in order, then the flag."""
-    v, n = [int(f) for f in text.split(",")], len(hopper.Tiles._fields)
-    t = hopper.Tiles(*v[:n])
-    return t._replace(pingpong=bool(t.pingpong)), bool(v[n]) if len(v) > n else False
+def parse_tiles(text: str) -> hopper.Tiles:
+    """hopper.Tiles from its fields in order, comma-separated ints (0/1 for the flags)."""
+    t = hopper.Tiles(*(int(v) for v in text.split(",")))
+    return t._replace(pingpong=bool(t.pingpong))
 
 
-def compiled_with(variant: tuple[hopper.Tiles, bool], build):
-    """build() compiled while fused_mlp.TILES and K_MAJOR are the variant's (the trace reads
-    them; caches cleared)."""
-    kept = fused_mlp.TILES, fused_mlp.K_MAJOR
-    fused_mlp.TILES, fused_mlp.K_MAJOR = variant
+def compiled_with(tiles: hopper.Tiles, build):
+    """build() compiled while fused_mlp.TILES is `tiles` (the trace reads it; caches cleared)."""
+    kept = fused_mlp.TILES
+    fused_mlp.TILES = tiles
     jax.clear_caches()
     try:
         return build()
     finally:
-        fused_mlp.TILES, fused_mlp.K_MAJOR = kept
+        fused_mlp.TILES = kept
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("tiles", nargs="+", help="tm,tn,tk,stages,groups,cluster[,pingpong[,k_major]] per variant")
+    ap.add_argument("tiles", nargs="+", help="tm,tn,tk,stages,groups,cluster[,pingpong] per variant")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--seconds", type=float, default=3.0)
     args = ap.parse_args()
-    variants = {t: parse_variant(t) for t in args.tiles}
+    variants = {t: parse_tiles(t) for t in args.tiles}
     cfg = QWEN_05B
     N, D, F = ROWS * SEQ, cfg.d_model, cfg.d_ff
     keys = jax.random.split(jax.random.key(0), 3)

@@ -30,7 +30,6 @@ from jaxcrit.models import hopper
 TILES = hopper.Tiles(64, 256, 64, 3, 2, cluster=2)   # per warpgroup 64 rows x (128 gate + 128 up) columns;
                                                     # 2-block clusters share the rows' loads
 STORE = 64                                # columns per TMA store of the product
-K_MAJOR = False   # the interleaved weight as [2F, D] (K-major, as the head reads its embedding) rather than [D, 2F]
 
 ACTS = ("silu",)   # activations the epilogue computes (Gemma's gelu_tanh stays on XLA)
 
@@ -51,7 +50,6 @@ def _product(x: jax.Array, scale: jax.Array | None, gate_w: jax.Array, up_w: jax
     import jax.experimental.pallas.mosaic_gpu as plgpu
     (N, D), F, half = x.shape, gate_w.shape[1], t.tn // 2
     w = jnp.stack([gate_w.reshape(D, F // half, half), up_w.reshape(D, F // half, half)], 2).reshape(D, 2 * F)
-    w = w.T if K_MAJOR else w
     dt, f32, parts = x.dtype, jnp.float32, half // STORE
 
     def prologue(tile: hopper.Tile, extra):   # the rows' scales, loaded while the k-steps run
@@ -73,7 +71,7 @@ def _product(x: jax.Array, scale: jax.Array | None, gate_w: jax.Array, up_w: jax
         def _():
             plgpu.copy_smem_to_gmem(buf, outs[0].at[pl.ds(tile.row, t.tm), pl.ds(tile.n * half + part * STORE, STORE)])
 
-    return hopper.gemm("fused_mlp_swiglu", x, w, () if scale is None else (scale,), t=t, b_is_kn=not K_MAJOR,
+    return hopper.gemm("fused_mlp_swiglu", x, w, () if scale is None else (scale,), t=t, b_is_kn=True,
                        epilogue=epilogue, prologue=None if scale is None else prologue, finish=finish,
                        parts=parts,
                        out_type=jax.ShapeDtypeStruct((N, F), dt),
