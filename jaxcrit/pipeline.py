@@ -27,6 +27,7 @@ from jaxcrit.report import io
 
 IGNORED_FOR_IDENTITY = ("overwrite", "progress", "engine.ahead")   # config fields that do not change any result
 RUN_FILES = ("config.json", "manifest.json")
+TEMPORARIES = (".*.tmp", ".*.tmp.npz")   # what io's writers and Store.put write before the rename onto the file
 
 
 def release_memory(programs: Sequence[Callable] = ()) -> None:
@@ -66,15 +67,22 @@ class Store:
     def _path(self, key: str) -> Path:
         return self.root / f"{key}.npz"
 
-    def get(self, key: str) -> dict[str, np.ndarray] | None:
-        """The kept arrays, on every process when process 0 has them (processes.py)."""
+    def get(self, key: str, keys: Sequence[str] = ()) -> dict[str, np.ndarray] | None:
+        """The kept arrays, on every process when process 0 has them (processes.py). A file that
+        np.load cannot read whole, or that lacks one of `keys`, is not kept work (a machine that
+        lost power before it reached the disk, a disk that filled up, a copy cut short): it is
+        removed and None returned, so the unit is redone."""
         if self.root is None:
             return self.mem.get(key)
         p = self._path(key)
         if not processes.agree(p.exists()):
             return None
-        with np.load(p) as z:
-            return {k: z[k] for k in z.files}
+        got = _read(p, keys)
+        if not processes.agree(got is not None):
+            if processes.writer():
+                p.unlink(missing_ok=True)
+            return None
+        return got
 
     def put(self, key: str, arrays: dict[str, np.ndarray]) -> None:
         if self.root is None:
@@ -84,19 +92,29 @@ class Store:
             return
         p = self._path(key)
         p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(f".{p.name}.tmp.npz")
+        tmp = p.with_name(f".{p.name}.tmp.npz")   # np.savez adds .npz to a name without it
         np.savez(tmp, **arrays)
         tmp.replace(p)
 
     def memo(self, prefix: str) -> Callable[[str, Callable[[], np.ndarray]], np.ndarray]:
         """memo(key, compute): the array kept under prefix/key, or compute() kept there."""
         def memo(key: str, compute: Callable[[], np.ndarray]) -> np.ndarray:
-            got = self.get(f"{prefix}/{key}")
+            got = self.get(f"{prefix}/{key}", ("value",))
             if got is None:
                 got = {"value": np.asarray(compute())}
                 self.put(f"{prefix}/{key}", got)
             return got["value"]
         return memo
+
+
+def _read(p: Path, keys: Sequence[str]) -> dict[str, np.ndarray] | None:
+    """Every array of the .npz file p, or None when it is not whole or lacks one of keys."""
+    try:
+        with np.load(p) as z:
+            got = {k: z[k] for k in z.files}
+    except Exception:   # a damaged file raises zipfile's, numpy's or the OS's errors, whichever part it hits
+        return None
+    return got if set(keys) <= got.keys() else None
 
 
 class Run:
@@ -230,7 +248,8 @@ def result_files(c: ConfigDict | None = None) -> tuple[str, ...]:
 
 def prepare_workdir(workdir: Path, c: ConfigDict) -> None:
     """Creates the workdir; refuses one holding another config's results unless overwrite, which
-    removes every result file of the stage table and the resume state."""
+    removes every result file of the stage table and the resume state. Temporary files a killed
+    run left (TEMPORARIES) are removed: nothing reads them."""
     mine = identity(c)
     saved = workdir / "config.json"
     other = saved.is_file() and _plain(io.read_json(saved)) != mine
@@ -244,6 +263,9 @@ def prepare_workdir(workdir: Path, c: ConfigDict) -> None:
         probe.unlink()
     except OSError as e:
         raise JaxcritError(f"workdir {workdir} is not writable ({e.strerror}); choose another --workdir") from None
+    for pattern in TEMPORARIES:
+        for leftover in [*workdir.glob(pattern), *(workdir / "state").rglob(pattern)]:
+            leftover.unlink()
     if other:
         for name in result_files():
             (workdir / name).unlink(missing_ok=True)

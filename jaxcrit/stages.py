@@ -63,7 +63,7 @@ def importance_scores(run: Run) -> stage1.Importance:
     """Stage 1's mean |A_clean - A_noisy|; the running sums are kept after every batch of noisy
     passes (a finished run's sums are found there again)."""
     c, m = run.c.stage1, run.model
-    got = run.store.get("stage1")
+    got = run.store.get("stage1", ("_k", *SITE_NAMES))
     state = stage1.Importance({k: v for k, v in got.items() if k != "_k"}, int(got["_k"])) if got else None
     if state is not None and state.k < c.samples:
         run.say(f"stage 1: resuming after {state.k} of {c.samples} noisy passes")

@@ -48,6 +48,20 @@ def build(arch: str, directory: Path, seed: int = 0, *, layers: int | None = Non
     return model
 
 
+def hf_site(model, arch: str, cfg, name: str, layer: int) -> tuple[torch.nn.Module, int]:
+    """The HF module whose output holds a site of a layer, and the site's first column in it
+    (phi3 fuses q/k/v into qkv_proj and gate/up into gate_up_proj); cfg: jaxcrit's ModelConfig."""
+    from jaxcrit.models.sites import site
+    Q, KV, F = cfg.q_dim, cfg.kv_dim, cfg.d_ff
+    module, offset = site(name).module, 0
+    if arch == "phi3":
+        fused = {"q_proj": ("self_attn.qkv_proj", 0), "k_proj": ("self_attn.qkv_proj", Q),
+                 "v_proj": ("self_attn.qkv_proj", Q + KV), "gate_proj": ("mlp.gate_up_proj", 0),
+                 "up_proj": ("mlp.gate_up_proj", F), "act_fn": ("mlp.activation_fn", 0)}
+        module, offset = fused.get(name, (module, 0))
+    return model.get_submodule(f"model.layers.{layer}.{module}"), offset
+
+
 @contextlib.contextmanager
 def zeroed(model, neurons: Iterable[tuple[str, int, int]], on: bool = True) -> Iterator:
     """The transformers model with these (site, layer, channel) outputs zeroed by forward hooks
@@ -69,3 +83,16 @@ def zeroed(model, neurons: Iterable[tuple[str, int, int]], on: bool = True) -> I
     finally:
         for h in handles:
             h.remove()
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """torch on one intra-op thread while inside. A tiny model's forward has next to nothing to
+    share out, and next to jax's threads a second OpenMP thread mostly spins: on 2 busy cores a
+    2-layer forward of 35 tokens took ~30x the CPU time of a single thread's."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -30,8 +30,11 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cli(model_dir, tmp_path_factory):
+    """The CLI's files of the stages compared here; the baselines and greedy search (no API
+    function) and the map (jaxcrit.map: test_maps.py) are off."""
     wd = tmp_path_factory.mktemp("cli")
-    M.run(tiny_config(model_dir, stage2__full_curve=True), wd)
+    M.run(tiny_config(model_dir, stage2__full_curve=True, baselines__names=(), scan__greedy_steps=0,
+                      map__enabled=False), wd)
     return wd
 
 

@@ -1,13 +1,10 @@
-"""The CLI end to end on a tiny llama: result files, resume inside every stage, overwrite.
+"""The CLI end to end on a tiny llama: result files, overwrite.
 
 `jaxcrit.main.run(config, workdir)` runs in-process (compiled programs are shared between runs
 of one model, so the later runs are cheap); the subprocess tests run `python -m jaxcrit.main`
 as a user would, from an empty directory.
 
-Resume: a run killed right after a stage kept its first unit of partial work (Stage 1's sums
-after one batch of noisy passes, a Stage 2 block, a baseline repeat, a scan block, a greedy
-step, a map screen, an evaluation block) and started again with the same workdir must compute only the units
-it lacks and write byte-identical result files to an uninterrupted run.
+Resume after a kill inside each stage, and over damaged state: tests/test_resume_faults.py.
 """
 from __future__ import annotations
 
@@ -24,8 +21,7 @@ import pytest
 from jaxcrit import engine as E
 from jaxcrit import main as M
 from jaxcrit import pipeline
-from jaxcrit.pipeline import Store
-from tiny_run import COMPARED, PROMPTS, TEXT, build_model, config_file, files, paragraphs, tiny_config
+from tiny_run import PROMPTS, TEXT, build_model, config_file, files, paragraphs, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,6 +43,11 @@ def full_config(model_dir, texts_file, **over):
                        evaluate__batch=2, **over)
 
 
+# The stages every run has (Stage 1, Stage 2, the critical set, the evaluation, the report); the
+# optional ones off, for the tests about the run around the stages rather than about a stage.
+CORE = dict(baselines__names=(), scan__sites=(), map__enabled=False, generate__enabled=False)
+
+
 @pytest.fixture(scope="module")
 def reference(model_dir, texts_file, tmp_path_factory):
     wd = tmp_path_factory.mktemp("reference")
@@ -56,10 +57,8 @@ def reference(model_dir, texts_file, tmp_path_factory):
 
 # ----------------------------------------------------------------------------- a full run
 
-def test_run_writes_every_result_file(model_dir, tmp_path):
-    wd = tmp_path / "run"
-    c = tiny_config(model_dir)
-    result = M.run(c, wd)
+def test_run_writes_every_result_file(model_dir, texts_file, reference):
+    wd, c = reference, full_config(model_dir, texts_file)
     for name in pipeline.result_files():   # the study's stages (test_study.py) are off by default
         on = name in pipeline.result_files(c)
         assert (wd / name).is_file() == on and (not on or (wd / name).stat().st_size > 0), name
@@ -83,14 +82,14 @@ def test_run_writes_every_result_file(model_dir, tmp_path):
     assert [x["layer_name"] for x in crit["neurons"]] == [r["layer_name"] for r in imp["neurons"][:n_last]]
 
     scan = (wd / "scan.csv").read_text().splitlines()
-    assert scan[0] == "site,layer,channel,delta" and len(scan) == 1 + 64   # layer 1's down_proj
+    assert scan[0] == "site,layer,channel,delta" and len(scan) == 1 + 2 * 64   # the down_proj of layers 0 and 1
     base_ = json.loads((wd / "baselines.json").read_text())
     assert set(base_) == {"random", "activation", "gradient", "massive"} and len(base_["random"]) == 2
     assert [r["n"] for r in base_["activation"][0]] == [1, 2, 5]
     greedy = json.loads((wd / "greedy.json").read_text())
     assert 1 <= len(greedy) <= 2
     ev = json.loads((wd / "evaluation.json").read_text())
-    assert ev["overall"]["tokens"] == 39
+    assert ev["overall"]["tokens"] == 5 * 29                                # the 5 rows of 30 words of texts_file
 
     import pandas as pd
     mp, meta = pd.read_csv(wd / "map.csv"), json.loads((wd / "map.json").read_text())
@@ -111,7 +110,6 @@ def test_run_writes_every_result_file(model_dir, tmp_path):
     assert "base perplexity" in summary and "Masked perplexity" in summary
     assert "## Whole-model map" in summary and "Δ (exact)" in summary
     assert f"10^{crit['base_loss'] / E.LN10:.2f}" in summary and f"10^{crit['loss'] / E.LN10:.2f}" in summary
-    assert abs(result["base_loss"] - crit["base_loss"]) < 1e-12
     for png in ("curve.png", "heatmap.png", "scan.png", "map.png"):
         assert (wd / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((wd / "manifest.json").read_text())["config"]["stage1"]["samples"] == 4
@@ -121,7 +119,8 @@ def test_scan_top_takes_stage1s_best_channels(model_dir, reference, texts_file, 
     """scan.top = 5: the 5 channels of each scanned layer that Stage 1 ranks highest, with the
     deltas the exhaustive scan measured for them."""
     wd = tmp_path / "run"
-    M.run(full_config(model_dir, texts_file, scan__top=5), wd)
+    scan_only = dict(CORE, scan__sites=("down_proj",), scan__greedy_steps=0)
+    M.run(full_config(model_dir, texts_file, scan__top=5, **scan_only), wd)
     ranking = json.loads((reference / "importance.json").read_text())["neurons"]
     full = {tuple(r.split(",")[:3]): float(r.split(",")[3]) for r in (reference / "scan.csv").read_text().split()[1:]}
     got = [r.split(",") for r in (wd / "scan.csv").read_text().split()[1:]]
@@ -135,60 +134,37 @@ def test_scan_top_takes_stage1s_best_channels(model_dir, reference, texts_file, 
 
 # ----------------------------------------------------------------------------- resume
 
-@pytest.mark.parametrize("prefix", ["stage1", "growth", "baselines", "scan", "greedy", "map", "evaluation"])
-def test_resume_inside_each_stage_is_identical(model_dir, texts_file, reference, tmp_path, monkeypatch, prefix):
-    wd = tmp_path / "run"
-    put = Store.put
-
-    def killing_put(self, key, arrays):
-        put(self, key, arrays)
-        if key.split("/")[0] == prefix:
-            raise KeyboardInterrupt        # killed right after the stage kept its first unit
-
-    monkeypatch.setattr(Store, "put", killing_put)
-    with pytest.raises(KeyboardInterrupt):
-        M.run(full_config(model_dir, texts_file), wd)
-    monkeypatch.undo()
-    kept = sorted(p.relative_to(wd / "state") for p in (wd / "state").rglob("*.npz") if p.parts[-2:][0] == prefix
-                  or p.stem == prefix)
-    assert len(kept) == 1
-
-    redone = []
-    monkeypatch.setattr(Store, "put", lambda self, key, arrays: (redone.append(key), put(self, key, arrays))[1])
-    M.run(full_config(model_dir, texts_file), wd)
-    assert str(kept[0].with_suffix("")) not in redone or prefix == "stage1"   # the kept unit is not redone
-    if prefix == "stage1":   # Stage 1 keeps running sums: only the batches after the first are run again
-        assert [k for k in redone if k == "stage1"] == ["stage1"]
-    assert files(wd) == files(reference)
-    assert set(files(wd)) == set(COMPARED)
-
-
 def test_engine_built_ahead_gives_the_same_files(model_dir, texts_file, reference, tmp_path, monkeypatch):
     """engine.ahead=always: the engine and Stage 2's program are built in a thread while Stage 1
-    runs (on CPU auto never does); the result files are byte-identical to the reference's, and
-    Stage 2's blocks run the program compiled ahead (one compile of its shape, in the thread)."""
+    runs (on CPU auto never does); the core stages' files are byte-identical to the reference's,
+    and Stage 2's blocks run the program compiled ahead (one compile of its shape, in the thread)."""
     import threading
     compiled = []
     compile_ = E.Engine.compile
     monkeypatch.setattr(E.Engine, "compile", lambda self, k, sites=(): (
         compiled.append((threading.current_thread().name, k)), compile_(self, k, sites))[1])
     wd = tmp_path / "run"
-    M.run(full_config(model_dir, texts_file, engine__ahead="always"), wd)
+    M.run(full_config(model_dir, texts_file, engine__ahead="always", **CORE), wd)
     assert [name.startswith("jaxcrit-engine") for name, _ in compiled] == [True]
-    assert files(wd) == files(reference)
+    got = files(wd)
+    assert sorted(got) == ["critical.json", "curve.csv", "evaluation.json", "importance.json"]
+    assert got == {name: data for name, data in files(reference).items() if name in got}
 
 
 def test_overwrite_replaces_every_stages_files(model_dir, texts_file, reference, tmp_path):
-    """A config without greedy and another seed, run with overwrite=True over a full workdir,
-    leaves exactly what a fresh run of that config leaves: no stale greedy.json."""
+    """A config with only the core stages and another seed, run with overwrite=True over a workdir
+    holding every stage's files, leaves exactly what a fresh run of that config leaves: none of
+    the optional stages' files stays behind."""
     wd = tmp_path / "run"
     shutil.copytree(reference, wd)
-    other = full_config(model_dir, texts_file, seed=7, scan__greedy_steps=0)
+    other = full_config(model_dir, texts_file, seed=7, **CORE)
     fresh = tmp_path / "fresh"
     M.run(other, fresh)
     other.overwrite = True
     M.run(other, wd)
-    assert not (wd / "greedy.json").exists()
+    stale = set(pipeline.result_files(full_config(model_dir, texts_file))) - set(pipeline.result_files(other))
+    assert {"greedy.json", "scan.csv", "map.csv", "baselines.json", "generations.json"} <= stale
+    assert not any((wd / name).exists() for name in stale)
     assert files(wd) == files(fresh) and files(wd)["importance.json"] != files(reference)["importance.json"]
     assert sorted(p.name for p in wd.iterdir()) == sorted(p.name for p in fresh.iterdir())
 
@@ -201,8 +177,9 @@ def test_workdir_of_another_config_is_refused_unless_overwrite(model_dir, texts_
         M.run(full_config(model_dir, texts_file, seed=7), wd)
     assert files(wd) == before
     # progress and overwrite are not part of a run's identity: the same config resumes, computing nothing
-    M.run(full_config(model_dir, texts_file, progress=True, overwrite=True), wd)
+    result = M.run(full_config(model_dir, texts_file, progress=True, overwrite=True), wd)
     assert files(wd) == before
+    assert abs(result["base_loss"] - json.loads((wd / "critical.json").read_text())["base_loss"]) < 1e-12
 
 
 # ----------------------------------------------------------------------------- as a user runs it
@@ -214,10 +191,9 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def test_cli_from_an_empty_directory_with_an_absolute_config(model_dir, tmp_path):
-    """The config file named by absolute path, run from an empty directory: every result file."""
-    cfg = config_file(tmp_path / "cfg.py", model_dir, stage1__batch=2, stage2__max_steps=8, baselines__ns=(1, 2),
-                      baselines__random_repeats=1, scan__top=4, scan__greedy_steps=1, map__top_k=2, map__audit=8,
-                      engine__chunk=8)
+    """The config file named by absolute path, run from an empty directory: every result file of
+    its config (the core stages; every stage's files: test_run_writes_every_result_file)."""
+    cfg = config_file(tmp_path / "cfg.py", model_dir, stage1__batch=2, stage2__max_steps=8, engine__chunk=8, **CORE)
     empty = tmp_path / "empty"
     empty.mkdir()
     p = _cli(f"--config={cfg}", "--workdir=out", cwd=empty)

@@ -1,8 +1,5 @@
 """jaxcrit as an lm-evaluation-harness model (jaxcrit/lmeval.py), offline, on a tiny random llama.
 
-lm_eval is the optional extra jaxcrit[eval], not part of the test extra (it brings ~37 packages,
-~400 MB: datasets, pyarrow, scikit-learn, ...), so this file skips where it is not installed.
-
 The test writes two local JSONL tasks (multiple choice: loglikelihood requests; generation:
 generate_until) and their YAMLs, runs lm_eval.simple_evaluate with model "jaxcrit" clean and with
 a neuron set zeroed (given as a critical.json file), and checks every logged response against
@@ -15,17 +12,16 @@ from __future__ import annotations
 
 import json
 
+import lm_eval
 import numpy as np
 import pytest
 import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
 
-lm_eval = pytest.importorskip("lm_eval")
-
-import hf_models  # noqa: E402
-from jaxcrit import engine as E  # noqa: E402
-from jaxcrit.convert.load import load  # noqa: E402
-from jaxcrit.lmeval import JaxcritLM  # noqa: E402
-from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
+import hf_models
+from jaxcrit import engine as E
+from jaxcrit.convert.load import load
+from jaxcrit.lmeval import JaxcritLM
 
 WORDS = 210            # w0..w209 are ids 1..210; [UNK] is 0: every id of the model decodes to a word
 EOS = 201              # w200; BOS stays 1 (w0)
@@ -64,13 +60,15 @@ def setup(tmp_path_factory):
         "metric_list:\n  - metric: exact_match\n"))
     critical = tmp_path_factory.mktemp("run") / "critical.json"
     critical.write_text(json.dumps({"n": 3, "neurons": [{"site": s, "layer": l, "channel": c} for s, l, c in NEURONS]}))
-    return d, torch_model, tok, tasks, critical
+    with hf_models.one_thread():
+        yield d, torch_model, tok, tasks, critical
 
 
 def evaluate(model_dir, tasks, neurons: str = ""):
     from lm_eval.tasks import TaskManager
     out = lm_eval.simple_evaluate(model="jaxcrit", model_args=f"model={model_dir},neurons={neurons},batch_size=4",
-                                  tasks=["jc_mc", "jc_gen"], task_manager=TaskManager(include_path=str(tasks)),
+                                  tasks=["jc_mc", "jc_gen"],
+                                  task_manager=TaskManager(include_path=str(tasks), include_defaults=False),
                                   log_samples=True, bootstrap_iters=0)
     return out["samples"]
 

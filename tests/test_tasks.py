@@ -2,11 +2,11 @@
 
 The builder on a WikiText-style corpus written here, whose articles, paragraphs and sentences the
 test knows: each item against the paragraph it came from, distractors from other articles, the
-same files for the same seed. The stage (skipped without lm_eval, the optional extra
-jaxcrit[eval]) on a tiny random llama with an alphabetic word-level tokenizer: its acc, acc_norm
-and stderr for the clean model and a masked set against transformers, one unbatched forward per
-choice (forward hooks zeroing the set's channels), and the metrics computed by hand. Half of the
-corpus's last words are what the clean model predicts, so last_word's acc is neither 0 nor 1.
+same files for the same seed. The stage on a tiny random llama with an alphabetic word-level
+tokenizer: its acc, acc_norm and stderr for the clean model and a masked set against
+transformers, one unbatched forward per choice (forward hooks zeroing the set's channels), and the
+metrics computed by hand. Half of the corpus's last words are what the clean model predicts, so
+last_word's acc is neither 0 nor 1.
 """
 from __future__ import annotations
 
@@ -139,15 +139,16 @@ def log_probs(model, ids: list[int]):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """A 2-layer random llama and a WordLevel tokenizer of SPECIAL + VOCAB."""
-    pytest.importorskip("lm_eval")
+    """A 2-layer random llama and a WordLevel tokenizer of SPECIAL + VOCAB; torch on one thread
+    for the ~400 reference forwards (hf_models.one_thread)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     d = tmp_path_factory.mktemp("tiny_llama")
     model = hf_models.build("llama", d, layers=2, initializer_range=0.2)
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(SPECIAL + VOCAB)}, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.save(str(d / "tokenizer.json"))
-    return d, model, tok
+    with hf_models.one_thread():
+        yield d, model, tok
 
 
 def stage_corpus(rng, model, tok, n_articles: int = 4, paragraphs: int = 6) -> list:
