@@ -1,6 +1,6 @@
 """The notebook API: the pipeline's stages on a loaded model, results as pandas DataFrames.
 
-Each function runs the stage code of the CLI (jaxcrit/stages.py) in memory, with a config built
+Each function runs the stage code of the CLI (jaxcrit/run/stages.py) in memory, with a config built
 from the CLI's defaults (jaxcrit/configs/common.py). Keyword arguments are config fields: first
 of the function's own section (importance: stage1, grow: stage2, scan: scan, evaluate:
 evaluate, map: map, generate: generate), then the top level (seed, max_tokens), then engine
@@ -24,7 +24,7 @@ from ml_collections import ConfigDict
 from jaxcrit import engine as E
 from jaxcrit.convert.load import DTYPES, Model, load
 from jaxcrit.errors import JaxcritError
-from jaxcrit.neurons import NeuronSet
+from jaxcrit.models.neurons import NeuronSet
 
 
 def config(model: str = "smollm2") -> ConfigDict:
@@ -35,8 +35,8 @@ def config(model: str = "smollm2") -> ConfigDict:
 
 def _run(model: Model, text: str, section: str, fields: dict[str, Any]):
     """A Run in memory over a loaded model, with config fields set as the module docstring says."""
-    from jaxcrit import validate
-    from jaxcrit.pipeline import Run
+    from jaxcrit.run import validate
+    from jaxcrit.run.runner import Run
     c = config(model.source)
     c.text = text
     for k, v in fields.items():
@@ -52,14 +52,14 @@ def _run(model: Model, text: str, section: str, fields: dict[str, Any]):
 def importance(model: Model, text: str, **stage1_fields):
     """Stage 1: the ranked neurons of one text, best first (layer_name, site, layer, channel,
     position, score); ranking='position' gives the reference's per-position list."""
-    from jaxcrit import stages
+    from jaxcrit.run import stages
     return stages.importance(_run(model, text, "stage1", stage1_fields)).to_pandas()
 
 
 def grow(model: Model, ranking, text: str, **stage2_fields):
     """Stage 2 along a ranking (a DataFrame from importance, a NeuronSet or (site, layer, channel)
     tuples): delta for each prefix n; attrs['critical_n'] is the first n with delta >= epsilon."""
-    from jaxcrit import stages
+    from jaxcrit.run import stages
     g = stages.growth_of(_run(model, text, "stage2", stage2_fields), NeuronSet.of(ranking))
     df = g.to_pandas()
     df.attrs["critical_n"] = g.critical_n
@@ -69,7 +69,7 @@ def grow(model: Model, ranking, text: str, **stage2_fields):
 def scan(model: Model, text: str, sites: Sequence[str] = ("down_proj",), layers: Sequence[int] | None = None,
          channels: Sequence[int] | None = None, **fields):
     """Single-neuron deltas of the given sites, layers (default all) and channels (default all)."""
-    from jaxcrit import stages, validate
+    from jaxcrit.run import stages, validate
     from jaxcrit.critical import scan as S
     layers = range(model.cfg.n_layers) if layers is None else layers
     r = _run(model, text, "scan", {"sites": sites, "layers": layers, "channels": channels or (), **fields})
@@ -84,7 +84,7 @@ def map(model: Model, text: str, **map_fields):
     and screen values are estimates. attrs['summary'] holds the exact top-k, the stopping rule
     and the audit. The importance screen runs Stage 1 with its defaults; leave it out of
     `screens` to skip that."""
-    from jaxcrit import stages
+    from jaxcrit.run import stages
     mp = stages.map_of(_run(model, text, "map", map_fields))
     df = mp.table()
     df.attrs["summary"] = mp.summary()
@@ -96,7 +96,7 @@ def evaluate(model: Model, neurons, texts: Sequence[str], **fields):
     (site, layer, channel) tuples): one row per text; attrs['overall'] is the token-weighted total."""
     import pandas as pd
 
-    from jaxcrit import stages
+    from jaxcrit.run import stages
     texts = list(texts)
     if not texts:
         raise JaxcritError("give at least one text to evaluate")
@@ -116,7 +116,7 @@ def generate(model: Model, prompts: str | Sequence[str], neurons=None, **fields)
     tokens, logprobs (of each new token under the model that wrote it)."""
     import pandas as pd
 
-    from jaxcrit import generation as G
+    from jaxcrit.evaluate import generation as G
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
         raise JaxcritError("give at least one prompt")

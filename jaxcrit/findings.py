@@ -2,7 +2,7 @@
 
     python -m jaxcrit.findings --workdir=runs/study --out=docs/findings.md
 
-Reads only the result files the study wrote (jaxcrit/study.py, jaxcrit/stages.py) and copies its
+Reads only the result files the study wrote (jaxcrit/run/study.py, jaxcrit/run/stages.py) and copies its
 plots next to the page (docs/findings/), so every number on the page comes from the command the
 page names. A question whose stage did not run says so.
 """
@@ -71,7 +71,7 @@ def command(r: Results) -> str:
     """The command that reproduces the workdir: configs/study.py with its corpus, plus every field
     that differs from that config."""
     from jaxcrit.configs.study import get_config
-    from jaxcrit.pipeline import identity
+    from jaxcrit.run.runner import identity
     saved = r.config
     corpus = saved["evaluate"]["file"]
     ref = _flat(identity(get_config(corpus or None)))
@@ -352,11 +352,11 @@ def task_scores(r: Results) -> list[str]:
     rows = [[task, metric, _f(chance), *(cell(t["sets"][k]["scores"][task][metric]) for k in columns)]
             for task, meta in t["tasks"].items() for metric, chance in meta["chance"].items()]
     sizes = ", ".join(f"{k} {t['sets'][k]['n']} neuron(s)" for k in columns if k != "base")
-    out = [f"Task scores through lm-evaluation-harness (the `jaxcrit` model of `jaxcrit/lmeval.py`), clean (`base`) "
+    out = [f"Task scores through lm-evaluation-harness (the `jaxcrit` model of `jaxcrit/evaluate/lmeval.py`), clean (`base`) "
            f"and with each set zeroed ({sizes}); mean ± standard error over the items (`tasks.json`):", ""]
     out += _md_table(["task", "metric", "chance", *(names[k] for k in columns)], rows, "llr" + "r" * len(columns))
     out += ["", f"The study built the tasks from the corpus (`{t['corpus']}`, seed {t['seed']}) and wrote their "
-            "items and lm-eval YAMLs to the workdir's `tasks/` (`jaxcrit/tasks.py`); nothing was downloaded:", ""]
+            "items and lm-eval YAMLs to the workdir's `tasks/` (`jaxcrit/evaluate/tasks.py`); nothing was downloaded:", ""]
     return out + [f"- `{k}` ({meta['items']} items), {meta['what']}." for k, meta in t["tasks"].items()] + [""]
 
 

@@ -4,7 +4,7 @@
     python -m jaxcrit.main --config=smollm2 ...          # a packaged config, from any directory
     python -m jaxcrit.main --config=hf:/path/to/checkpoint ...
 
-The stages and their files are the table in jaxcrit/stages.py; jaxcrit/pipeline.py runs it.
+The stages and their files are the table in jaxcrit/run/stages.py; jaxcrit/run/runner.py runs it.
 Bad input is one `jaxcrit: error:` line and exit code 2, before any weight is read.
 """
 from __future__ import annotations
@@ -81,8 +81,10 @@ def run(c: ConfigDict, workdir: Path, single_use: bool = False) -> dict:
     """
     import jax
 
-    from jaxcrit import processes, validate
-    from jaxcrit.pipeline import Run, prepare_workdir, run_all
+    from jaxcrit.dist import processes
+
+    from jaxcrit.run import validate
+    from jaxcrit.run.runner import Run, prepare_workdir, run_all
     from jaxcrit.report import io, summary
 
     # --- check the config, join the other processes, check against the model, plan the memory
@@ -90,7 +92,7 @@ def run(c: ConfigDict, workdir: Path, single_use: bool = False) -> dict:
     processes.start(c)
     validate.against_model(c)
     if c.dry_run or c.plan == "always" or (c.plan == "auto" and jax.default_backend() != "cpu"):
-        from jaxcrit.plan import plan
+        from jaxcrit.run.plan import plan
         p = plan(c)
         if processes.writer():
             print("\n".join(p.lines()), file=sys.stderr if not c.dry_run else sys.stdout, flush=True)
@@ -117,7 +119,7 @@ def run(c: ConfigDict, workdir: Path, single_use: bool = False) -> dict:
     if processes.writer():
         io.write_json(workdir / "manifest.json", io.manifest(c.to_dict()))
 
-    # --- the stages (jaxcrit/stages.py), then the summary
+    # --- the stages (jaxcrit/run/stages.py), then the summary
     result = run_all(r)
     if processes.writer():
         print(summary.terminal_table(result))
@@ -125,8 +127,8 @@ def run(c: ConfigDict, workdir: Path, single_use: bool = False) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from jaxcrit import processes
-    from jaxcrit.pipeline import few_heap_arenas
+    from jaxcrit.dist import processes
+    from jaxcrit.run.runner import few_heap_arenas
     few_heap_arenas()
     logging.set_verbosity(logging.WARNING)
     argv = list(sys.argv if argv is None else argv)

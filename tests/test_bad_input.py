@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from jaxcrit import main as M
-from jaxcrit import pipeline
+from jaxcrit.run import runner as pipeline
 from tiny_run import build_model, config_file
 
 REPO = Path(__file__).resolve().parents[1]

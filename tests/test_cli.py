@@ -23,8 +23,8 @@ import pytest
 
 from jaxcrit import engine as E
 from jaxcrit import main as M
-from jaxcrit import pipeline
-from jaxcrit.pipeline import Store
+from jaxcrit.run import runner as pipeline
+from jaxcrit.run.runner import Store
 from tiny_run import COMPARED, PROMPTS, TEXT, build_model, config_file, files, paragraphs, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]

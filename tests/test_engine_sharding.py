@@ -19,7 +19,7 @@ SCRIPT = textwrap.dedent("""
     from jaxcrit import engine as E
     from jaxcrit.models import decoder
     from jaxcrit.models.config import ModelConfig
-    from jaxcrit.sharding import make_mesh, rules
+    from jaxcrit.dist.sharding import make_mesh, rules
     from jaxcrit.models.params import shard
     cfg = ModelConfig(model_type="qwen2", vocab_size=256, d_model=64, n_layers=3, n_heads=4, n_kv_heads=2,
                       head_dim=16, d_ff=96, norm_eps=1e-6, rope_theta=1e4, tie_embeddings=True)

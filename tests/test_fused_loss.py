@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxcrit.models.fused_loss import Tiles, shifted_expsum
+from jaxcrit.kernels.fused_loss import Tiles, shifted_expsum
 
 
 def plain(h, w, shift) -> np.ndarray:
@@ -34,8 +34,8 @@ def test_shifted_expsum_matches_plain_sum(V, tiles):
 
 SCRIPT = textwrap.dedent("""
     import sys, numpy as np, jax, jax.numpy as jnp
-    from jaxcrit.models.fused_loss import Tiles, expsum_sharded
-    from jaxcrit.sharding import make_mesh
+    from jaxcrit.kernels.fused_loss import Tiles, expsum_sharded
+    from jaxcrit.dist.sharding import make_mesh
     mesh = make_mesh(tuple(int(x) for x in sys.argv[2].split("x")))
     k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
     hs = jax.random.normal(k1, (8, 2, 5, 64)).astype(jnp.bfloat16)          # [R, B, T, D]

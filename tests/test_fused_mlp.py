@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxcrit.models import fused_mlp, hopper
+from jaxcrit.kernels import fused_mlp, hopper
 
 
 def plain(x, g, u, scale=None) -> np.ndarray:

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxcrit.models import fused_loss, fused_mlp, hopper
+from jaxcrit.kernels import fused_loss, fused_mlp, hopper
 
 HEAD, MLP = fused_loss.HOPPER, fused_mlp.TILES   # the kernels' own tiles
 

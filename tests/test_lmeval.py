@@ -1,4 +1,4 @@
-"""jaxcrit as an lm-evaluation-harness model (jaxcrit/lmeval.py), offline, on a tiny random llama.
+"""jaxcrit as an lm-evaluation-harness model (jaxcrit/evaluate/lmeval.py), offline, on a tiny random llama.
 
 lm_eval is the optional extra jaxcrit[eval], not part of the test extra (it brings ~37 packages,
 ~400 MB: datasets, pyarrow, scikit-learn, ...), so this file skips where it is not installed.
@@ -24,7 +24,7 @@ lm_eval = pytest.importorskip("lm_eval")
 import hf_models  # noqa: E402
 from jaxcrit import engine as E  # noqa: E402
 from jaxcrit.convert.load import load  # noqa: E402
-from jaxcrit.lmeval import JaxcritLM  # noqa: E402
+from jaxcrit.evaluate.lmeval import JaxcritLM  # noqa: E402
 from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 
 WORDS = 210            # w0..w209 are ids 1..210; [UNK] is 0: every id of the model decodes to a word

@@ -11,7 +11,7 @@ from jaxcrit.errors import JaxcritError
 from jaxcrit.models import decoder
 from jaxcrit.models.config import ModelConfig
 from jaxcrit.models.params import param_table, shard
-from jaxcrit.sharding import make_mesh, named
+from jaxcrit.dist.sharding import make_mesh, named
 
 
 def logits(cfg, params, ids):

@@ -23,12 +23,12 @@ from jaxcrit import engine as E
 from jaxcrit import findings
 from jaxcrit import main as M
 from jaxcrit.critical import learned as LM
-from jaxcrit.critical.evaluate import evaluate_sets
+from jaxcrit.evaluate.perplexity import evaluate_sets
 from jaxcrit.data.texts import read_paragraphs
 from jaxcrit.errors import JaxcritError
 from jaxcrit.models import decoder
 from jaxcrit.models.sites import width
-from jaxcrit.neurons import NeuronSet
+from jaxcrit.models.neurons import NeuronSet
 from tiny_run import TEXT, WORDS, build_model, tiny_config
 
 WIKITEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext"
@@ -183,7 +183,7 @@ def test_study_stages_and_findings(model_dir, tmp_path):
     equal to the main run is the main run, float32's dtype curve is curve.csv, the main mode's
     curve in modes.json is curve.csv; the evaluation's prefix@E is the curve's first prefix
     reaching E; findings.md answers every question from these files."""
-    from jaxcrit.pipeline import result_files
+    from jaxcrit.run.runner import result_files
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     rng = np.random.default_rng(1)

@@ -1,4 +1,4 @@
-"""The tasks built from a corpus (jaxcrit/tasks.py) and the tasks stage that scores them through lm-eval.
+"""The tasks built from a corpus (jaxcrit/evaluate/tasks.py) and the tasks stage that scores them through lm-eval.
 
 The builder on a WikiText-style corpus written here, whose articles, paragraphs and sentences the
 test knows: each item against the paragraph it came from, distractors from other articles, the
@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 import hf_models
-from jaxcrit import tasks as T
+from jaxcrit.evaluate import tasks as T
 
 VOCAB = [a + b for a in "bcdfghklmnprstvz" for b in "aeiou"]   # 80 alphabetic words
 SPECIAL = ["[UNK]", ".", ","]                                   # ids 0, 1, 2; the words follow
@@ -174,9 +174,9 @@ def test_tasks_stage_against_transformers(tiny, tmp_path):
     greedy set holds the critical set's neurons in another order, so it is scored once."""
     import torch  # noqa: F401
     from jaxcrit import findings
-    from jaxcrit.neurons import NeuronSet
-    from jaxcrit.pipeline import Run, prepare_workdir
-    from jaxcrit.stages import Critical
+    from jaxcrit.models.neurons import NeuronSet
+    from jaxcrit.run.runner import Run, prepare_workdir
+    from jaxcrit.run.stages import Critical
     from tiny_run import tiny_config
     model_dir, model, tok = tiny
     rng = np.random.default_rng(2)

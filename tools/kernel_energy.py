@@ -23,7 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcrit.bench import QWEN_05B
-from jaxcrit.models import decoder, fused_loss, fused_mlp
+from jaxcrit.models import decoder
+from jaxcrit.kernels import fused_loss, fused_mlp
 
 
 def sampled(f, args, seconds: float) -> tuple[int, float, float, float]:

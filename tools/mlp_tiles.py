@@ -23,7 +23,8 @@ import numpy as np
 
 from jaxcrit import engine as E
 from jaxcrit.bench import QWEN_05B
-from jaxcrit.models import decoder, fused_mlp, hopper
+from jaxcrit.models import decoder
+from jaxcrit.kernels import fused_mlp, hopper
 from kernel_energy import at_cap
 
 ROWS, SEQ = 448, 512

@@ -32,8 +32,9 @@ import numpy as np
 
 from jaxcrit import engine as E
 from jaxcrit.bench import QWEN_05B, attention_flops, head_flops, matmul_peak, mlp_flops, row_flops
-from jaxcrit.models import decoder, fused_loss
-from jaxcrit.models.fused_loss import Tiles
+from jaxcrit.models import decoder
+from jaxcrit.kernels import fused_loss
+from jaxcrit.kernels.fused_loss import Tiles
 
 SWEEP = [Tiles(128, 256, 64, 8, 3), Tiles(128, 256, 64, 8, 4), Tiles(128, 256, 32, 8, 4), Tiles(128, 256, 128, 8, 2),
          Tiles(128, 128, 64, 4, 3), Tiles(128, 128, 64, 4, 4), Tiles(128, 128, 64, 8, 3), Tiles(128, 128, 128, 4, 3),

@@ -24,7 +24,7 @@ import numpy as np
 
 from jaxcrit import engine as E
 from jaxcrit.bench import SHAPES, device_params, peak_memory
-from jaxcrit.sharding import make_mesh
+from jaxcrit.dist.sharding import make_mesh
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """The defaults every config starts from: the paper's method (shared/docs/method.md) as fields.
 
-Each field's comment says what it turns; jaxcrit/validate.py says what values it takes. A config
+Each field's comment says what it turns; jaxcrit/run/validate.py says what values it takes. A config
 for a model overrides `model` and what differs.
 """
 from __future__ import annotations
@@ -65,7 +65,7 @@ def base(model: str) -> ml_collections.ConfigDict:
     c.evaluate.batch = 8            # texts per resumable evaluation block
     c.evaluate.sets = ()            # neuron sets scored next to the critical set: greedy, learned, prefix@E (the ranking's first prefix reaching delta E)
 
-    # --- generations: what the model says with the critical set masked (jaxcrit/generation.py)
+    # --- generations: what the model says with the critical set masked (jaxcrit/evaluate/generation.py)
     c.generate = ml_collections.ConfigDict()
     c.generate.enabled = True         # the generations stage: prompts continued by the clean and the masked model
     c.generate.prompts = PROMPTS      # the prompts (one batch)
@@ -84,7 +84,7 @@ def base(model: str) -> ml_collections.ConfigDict:
     c.engine.loss = "auto"          # auto | xla | pallas (fused matmul + exp-sum kernel, one GPU, bf16/fp16)
     c.engine.ahead = "auto"         # auto | always | never: build the engine and compile Stage 2 in a thread while Stage 1 runs (auto: GPU/TPU, one process, chunk given)
 
-    # --- issue 15: the study (jaxcrit/study.py; configs/study.py turns it on) and the learned mask
+    # --- issue 15: the study (jaxcrit/run/study.py; configs/study.py turns it on) and the learned mask
     c.study = ml_collections.ConfigDict()
     c.study.other_ranking = False   # rank Stage 1's scores the other way too (channel <-> position) and grow that curve
     c.study.seeds = ()              # Stage 1 + Stage 2 again with each seed (stability; the main seed is the main run)
@@ -95,7 +95,7 @@ def base(model: str) -> ml_collections.ConfigDict:
     c.study.massive = 0             # list the N largest |down_proj output| channels and where the critical set ranks (0: off)
 
     c.tasks = ml_collections.ConfigDict()
-    c.tasks.enabled = False         # lm-eval scores, clean and with each set of the evaluation masked, on tasks built from evaluate.file (jaxcrit/tasks.py; needs jaxcrit[eval])
+    c.tasks.enabled = False         # lm-eval scores, clean and with each set of the evaluation masked, on tasks built from evaluate.file (jaxcrit/evaluate/tasks.py; needs jaxcrit[eval])
     c.tasks.limit = 100             # items per task (fewer where the corpus gives fewer)
     c.tasks.batch = 16              # sequences per compiled call of the lm-eval model
 

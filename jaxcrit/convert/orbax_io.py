@@ -18,7 +18,7 @@ from jax.sharding import Mesh
 from jaxcrit.errors import JaxcritError
 from jaxcrit.models.config import ModelConfig
 from jaxcrit.models.params import param_table
-from jaxcrit.sharding import DEFAULT_RULES, make_mesh, named
+from jaxcrit.dist.sharding import DEFAULT_RULES, make_mesh, named
 
 META = "jaxcrit.json"
 PARAMS = "params"

@@ -18,7 +18,7 @@ from jaxcrit.critical.stage1 import rank
 from jaxcrit.models import decoder
 from jaxcrit.models.config import ModelConfig
 from jaxcrit.models.sites import SITE_NAMES, width
-from jaxcrit.neurons import NeuronSet
+from jaxcrit.models.neurons import NeuronSet
 
 @partial(jax.jit, static_argnames=("cfg",))
 def _activations(cfg: ModelConfig, params, tokens):

@@ -30,7 +30,7 @@ from jaxcrit.errors import JaxcritError
 from jaxcrit.models import decoder
 from jaxcrit.models.config import ModelConfig
 from jaxcrit.models.sites import width
-from jaxcrit.neurons import NeuronSet
+from jaxcrit.models.neurons import NeuronSet
 
 
 def candidates(ranking: NeuronSet, n: int) -> NeuronSet:

@@ -9,7 +9,7 @@ from jaxcrit import engine as E
 from jaxcrit.critical.stage2 import Memo, no_memo
 from jaxcrit.models.config import ModelConfig
 from jaxcrit.models.sites import width
-from jaxcrit.neurons import NeuronSet
+from jaxcrit.models.neurons import NeuronSet
 
 
 def neurons(cfg: ModelConfig, sites: Sequence[str], layers: Sequence[int],

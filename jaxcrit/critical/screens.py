@@ -23,11 +23,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcrit import engine as E
-from jaxcrit import processes
+from jaxcrit.dist import processes
 from jaxcrit.models import decoder
 from jaxcrit.models.config import ModelConfig
 from jaxcrit.models.sites import SITE_NAMES, width
-from jaxcrit.neurons import NeuronSet
+from jaxcrit.models.neurons import NeuronSet
 
 SiteArrays = dict[str, np.ndarray]
 

@@ -8,7 +8,7 @@ import numpy as np
 
 from jaxcrit import engine as E
 from jaxcrit.models.sites import SITE_NAMES
-from jaxcrit.neurons import NeuronSet
+from jaxcrit.models.neurons import NeuronSet
 
 Memo = Callable[[str, Callable[[], np.ndarray]], np.ndarray]
 

@@ -46,7 +46,7 @@ def read_paragraphs(path: str | Path, min_chars: int = PARAGRAPH_CHARS, limit: i
 
 
 # ----------------------------------------------------------------------------- issue 15: study texts
-# Ten short paragraphs for the stability study (jaxcrit/study.py): five English registers and five
+# Ten short paragraphs for the stability study (jaxcrit/run/study.py): five English registers and five
 # other languages, written for jaxcrit (no outside source), each about 80-130 tokens for SmolLM2.
 STUDY_TEXTS = {
     "en_science": (

@@ -14,10 +14,10 @@ from typing import Mapping, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxcrit.models import fused_mlp
+from jaxcrit.kernels import fused_mlp
 from jaxcrit.models.config import ModelConfig, rope_inv_freq
 from jaxcrit.models.params import param_table
-from jaxcrit.sharding import gathered
+from jaxcrit.dist.sharding import gathered
 
 # For jax.jit(compiler_options=...) of the programs that run the decoder on GPUs: GEMMs go to
 # cuBLAS. XLA's own Triton GEMMs made a decoder layer ~4 % slower on the H200, and autotuning

@@ -30,7 +30,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from ml_collections import ConfigDict
 
-from jaxcrit import coordinator
+from jaxcrit.dist import coordinator
 from jaxcrit.errors import JaxcritError
 
 PEER_FAILED = 4   # exit code of a process ended because another one failed

@@ -10,7 +10,7 @@
     evaluation  perplexity before/after masking    evaluation.json
     generations prompts continued, clean vs masked  generations.json
     tasks       lm-eval scores, clean vs masked    tasks.json (and the tasks it built: tasks/)
-    modes, stability, dtypes, learned, relations: the study's stages (jaxcrit/study.py)
+    modes, stability, dtypes, learned, relations: the study's stages (jaxcrit/run/study.py)
     report      the summary of all of the above    curve.png, summary.md
 
 A stage reads earlier stages' values as run[name]; the functions named *_of take their input
@@ -27,17 +27,17 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from jaxcrit import engine as E
-from jaxcrit import study
+from jaxcrit.run import study
 from jaxcrit.critical import baselines as B
 from jaxcrit.critical import maps
 from jaxcrit.critical import screens as SC
 from jaxcrit.critical import scan as S
 from jaxcrit.critical import stage1, stage2
-from jaxcrit.critical.evaluate import evaluate
+from jaxcrit.evaluate.perplexity import evaluate
 from jaxcrit.errors import JaxcritError
 from jaxcrit.models.sites import SITE_NAMES
-from jaxcrit.neurons import NeuronSet
-from jaxcrit.pipeline import Run
+from jaxcrit.models.neurons import NeuronSet
+from jaxcrit.run.runner import Run
 from jaxcrit.report import io, plots, summary
 
 
@@ -311,7 +311,7 @@ def evaluation(run: Run) -> dict:
     """The critical set evaluated on evaluate.file's rows (or the config text), and with it the
     sets evaluate.sets names (study.eval_set), all in one pass over the texts: evaluation.json's
     "texts" and "overall" are the critical set's, "sets" holds each set's overall and per-text PPL."""
-    from jaxcrit.critical.evaluate import evaluate_sets
+    from jaxcrit.evaluate.perplexity import evaluate_sets
     from jaxcrit.data.texts import read_paragraphs
     c = run.c.evaluate
     texts = read_paragraphs(c.file, limit=c.limit) if c.file else [run.c.text]
@@ -330,7 +330,7 @@ def evaluation(run: Run) -> dict:
 
 def evaluated_sets(run: Run) -> dict[str, NeuronSet]:
     """The sets the evaluation and the task scores mask: the critical set, then evaluate.sets."""
-    from jaxcrit.study import eval_set
+    from jaxcrit.run.study import eval_set
     return {"critical": run["critical"].neurons, **{name: eval_set(run, name) for name in run.c.evaluate.sets}}
 
 
@@ -345,8 +345,8 @@ def evaluate_texts(run: Run, neurons: NeuronSet, texts: list[str]) -> dict:
 
 def generations(run: Run) -> dict:
     """generate.prompts continued by the clean model and with the critical set zeroed (one batch;
-    jaxcrit/generation.py)."""
-    from jaxcrit import generation as G
+    jaxcrit/evaluate/generation.py)."""
+    from jaxcrit.evaluate import generation as G
     c = run.c.generate
     sampling = G.Sampling(c.temperature, c.top_k, c.top_p, run.c.seed)
     return G.base_vs_masked(run.model, list(c.prompts), run["critical"].neurons, max_new_tokens=c.max_new_tokens,
@@ -356,14 +356,14 @@ def generations(run: Run) -> dict:
 # ----------------------------------------------------------------------------- task scores
 
 def task_scores(run: Run) -> dict:
-    """The tasks of jaxcrit/tasks.py built from evaluate.file (into the workdir's tasks/) and
-    scored through lm-eval (jaxcrit/lmeval.py) by the clean model ("base") and with each
+    """The tasks of jaxcrit/evaluate/tasks.py built from evaluate.file (into the workdir's tasks/) and
+    scored through lm-eval (jaxcrit/evaluate/lmeval.py) by the clean model ("base") and with each
     evaluated set zeroed; a set holding the same neurons as an earlier one is scored once and
     names it in "same_as". tasks.json."""
     import tempfile
 
-    from jaxcrit import lmeval
-    from jaxcrit import tasks as T
+    from jaxcrit.evaluate import lmeval
+    from jaxcrit.evaluate import tasks as T
     c = run.c
     with tempfile.TemporaryDirectory(prefix="jaxcrit-tasks-") as tmp:
         folder = run.workdir / "tasks" if run.workdir else Path(tmp)
@@ -442,7 +442,7 @@ STAGES: dict[str, Stage] = {st.name: st for st in (
           lambda run: io.read_json(run.workdir / "generations.json"), enabled=lambda c: c.generate.enabled),
     Stage("tasks", ("tasks.json",), task_scores, lambda run, v: io.write_json(run.workdir / "tasks.json", v),
           lambda run: io.read_json(run.workdir / "tasks.json"), enabled=lambda c: c.tasks.enabled),
-    # --- issue 15: the study's stages (jaxcrit/study.py)
+    # --- issue 15: the study's stages (jaxcrit/run/study.py)
     Stage("modes", ("modes.json", "modes.png"), study.modes, study.save_modes,
           lambda run: io.read_json(run.workdir / "modes.json"), enabled=lambda c: c.study.other_ranking),
     Stage("stability", ("stability.json", "texts.png"), study.stability, study.save_stability,

@@ -32,8 +32,8 @@ from jaxcrit.errors import JaxcritError
 from jaxcrit.models import decoder
 from jaxcrit.models.config import ModelConfig
 from jaxcrit.models.sites import module_path
-from jaxcrit.neurons import NeuronSet
-from jaxcrit.pipeline import Run, release_memory
+from jaxcrit.models.neurons import NeuronSet
+from jaxcrit.run.runner import Run, release_memory
 from jaxcrit.report import io, plots
 
 DROP = 0.5            # a step of the main curve lowering delta by more than this is analysed (modes)
@@ -67,7 +67,7 @@ def modes(run: Run) -> dict:
     """Both ranking modes' curves (the other mode ranks Stage 1's same scores) and each step of
     the main curve where delta falls by more than DROP: the neuron added there, its own delta,
     and the delta of the ranking's first neuron together with it."""
-    from jaxcrit import stages
+    from jaxcrit.run import stages
     c = run.c
     other = "position" if c.stage1.ranking == "channel" else "channel"
     ranked, main = run["importance"], run["growth"]

@@ -44,7 +44,7 @@ def device_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.bfloat16, mesh=Non
     decoder.random_params draws them, but no whole-tensor f32 draw: a 32B or 72B shape's peak
     stays at the params plus one layer's draw)."""
     from jaxcrit.models.params import param_table
-    from jaxcrit.sharding import make_mesh, named, rules
+    from jaxcrit.dist.sharding import make_mesh, named, rules
     mesh = mesh or make_mesh()
     out = {}
     for i, (name, (shape, axes)) in enumerate(sorted(param_table(cfg).items())):

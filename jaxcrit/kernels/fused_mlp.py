@@ -25,7 +25,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxcrit.models import hopper
+from jaxcrit.kernels import hopper
 
 TILES = hopper.Tiles(64, 256, 64, 3, 2, cluster=2)   # per warpgroup 64 rows x (128 gate + 128 up) columns;
                                                     # 2-block clusters share the rows' loads

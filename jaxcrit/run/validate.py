@@ -52,8 +52,8 @@ def _fields() -> tuple[tuple[str, Check, str], ...]:
     from jaxcrit.critical.screens import SCREENS
     from jaxcrit.data.texts import STUDY_TEXTS
     from jaxcrit.models.sites import SITE_NAMES
-    from jaxcrit.sharding import LAYOUTS
-    from jaxcrit.study import valid_set_name
+    from jaxcrit.dist.sharding import LAYOUTS
+    from jaxcrit.run.study import valid_set_name
     return (
         ("model", lambda v: isinstance(v, str) and bool(v), "an embedded name, a checkpoint dir or a file"),
         ("dtype", _one_of(*DTYPES), f"one of {', '.join(DTYPES)}"),
@@ -201,9 +201,9 @@ def against_model(c: ConfigDict) -> None:
     from jaxcrit.convert.checkpoints import resolve
     from jaxcrit.convert.load import tokens
     from jaxcrit.data.texts import read_paragraphs
-    from jaxcrit.data.tokenize import encode, load_tokenizer
+    from jaxcrit.convert.tokenizer import encode, load_tokenizer
     from jaxcrit.engine import kernels
-    from jaxcrit.plan import target_mesh
+    from jaxcrit.run.plan import target_mesh
 
     kind, path = resolve(c.model)
     cfg = kind.config(path)

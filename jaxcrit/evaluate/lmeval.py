@@ -1,11 +1,11 @@
 """jaxcrit as an lm-evaluation-harness model: downstream task scores with a neuron set masked.
 
     pip install 'jaxcrit[eval]'
-    python -m jaxcrit.lmeval run --model jaxcrit --tasks arc_easy --limit 100 \\
+    python -m jaxcrit.evaluate.lmeval run --model jaxcrit --tasks arc_easy --limit 100 \\
         --model_args model=smollm2,neurons=runs/smollm2/critical.json
 
-`python -m jaxcrit.lmeval` is lm-eval's own command line with the model "jaxcrit" registered;
-in Python, `import jaxcrit.lmeval` registers it for `lm_eval.simple_evaluate(model="jaxcrit",
+`python -m jaxcrit.evaluate.lmeval` is lm-eval's own command line with the model "jaxcrit" registered;
+in Python, `import jaxcrit.evaluate.lmeval` registers it for `lm_eval.simple_evaluate(model="jaxcrit",
 model_args={...}, tasks=[...])`. Only this module imports lm_eval; nothing on jaxcrit's main
 path does. jaxcrit never imports torch (simple_evaluate seeds torch where it is installed).
 
@@ -28,7 +28,7 @@ lm-eval's HF model cuts them); generate_until runs generation.generate_ids (KV c
 masks), stopping at the model's EOS tokens or once an `until` string appears, then cut at it.
 
 `scores` is what the study's tasks stage calls: simple_evaluate on task YAMLs in a folder
-(jaxcrit/tasks.py writes them), each metric with its standard error.
+(jaxcrit/evaluate/tasks.py writes them), each metric with its standard error.
 """
 from __future__ import annotations
 
@@ -43,10 +43,10 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 
-from jaxcrit import generation as G
+from jaxcrit.evaluate import generation as G
 from jaxcrit.errors import JaxcritError
 from jaxcrit.models.sites import parse_module_path
-from jaxcrit.neurons import NeuronSet
+from jaxcrit.models.neurons import NeuronSet
 
 SAMPLING_KWARGS = ("do_sample", "temperature", "top_k", "top_p")
 
@@ -217,7 +217,7 @@ def scores(lm: JaxcritLM, folder: Path, tasks: list[str]) -> dict[str, dict[str,
 def main() -> int:
     """lm-eval's command line with the jaxcrit model registered; a bad model arg is one error line."""
     from lm_eval.__main__ import cli_evaluate
-    sys.argv[0] = "python -m jaxcrit.lmeval"
+    sys.argv[0] = "python -m jaxcrit.evaluate.lmeval"
     try:
         cli_evaluate()
     except JaxcritError as e:

@@ -33,7 +33,7 @@ from jax._src.lib import _jax
 from jaxcrit.errors import JaxcritError
 
 _STOP = "stop\n"
-_MAIN = "import sys; from jaxcrit.coordinator import main; sys.exit(main(sys.argv))"
+_MAIN = "import sys; from jaxcrit.dist.coordinator import main; sys.exit(main(sys.argv))"
 
 
 def start(address: str, num_processes: int, heartbeat_timeout: int) -> str:

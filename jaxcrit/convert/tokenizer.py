@@ -6,7 +6,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from jaxcrit.data.gguf_tokenizer import gguf_tokenizer
+from jaxcrit.convert.gguf_tokenizer import gguf_tokenizer
 from jaxcrit.errors import JaxcritError
 
 

@@ -44,7 +44,7 @@ from jaxcrit.errors import JaxcritError
 from jaxcrit.models.config import ModelConfig
 from jaxcrit.models.params import param_table
 from jaxcrit.models.sites import SITE_NAMES
-from jaxcrit.sharding import LAYOUTS, make_mesh, named, placed, rules
+from jaxcrit.dist.sharding import LAYOUTS, make_mesh, named, placed, rules
 
 GIB = 2**30
 HEADROOM = 0.7   # the share of free memory a planned chunk fills (as Engine.plan_chunk); also the
@@ -133,7 +133,7 @@ def text_tokens(c: ConfigDict, path: Path) -> int:
     """Tokens of the config text with the checkpoint's tokenizer; a dry run of a model shape
     without one (tools/model_shape.py) plans for max_tokens."""
     from jaxcrit.convert.load import tokens
-    from jaxcrit.data.tokenize import load_tokenizer
+    from jaxcrit.convert.tokenizer import load_tokenizer
     if path.is_dir() and not (path / "tokenizer.json").exists() and c.dry_run:
         return c.max_tokens
     return len(tokens(load_tokenizer(path), c.text, c.max_tokens, min_tokens=10))

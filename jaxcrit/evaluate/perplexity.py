@@ -13,7 +13,7 @@ import numpy as np
 from jaxcrit import engine as E
 from jaxcrit.critical.stage2 import Memo, no_memo
 from jaxcrit.models.config import ModelConfig
-from jaxcrit.neurons import NeuronSet
+from jaxcrit.models.neurons import NeuronSet
 
 BUCKET = 128  # texts are padded to a multiple of this many tokens: one set of compiled programs per bucket (4 at 512 tokens)
 

@@ -12,7 +12,7 @@ Two compiled programs per (rows, prompt bucket): the prefill (prompts right-padd
 max_new_tokens rounded up to whole chunks. Between chunks the host checks the stop rule, so
 generation ends once every sequence has stopped.
 
-`token_logprobs` is the other half of what a language-model harness asks (jaxcrit/lmeval.py):
+`token_logprobs` is the other half of what a language-model harness asks (jaxcrit/evaluate/lmeval.py):
 log p(token | the tokens before it) of given sequences under a perturbation, batched through
 the decoder's forward with the loss computed in vocabulary chunks.
 """
@@ -30,7 +30,7 @@ from jaxcrit import engine as E
 from jaxcrit.errors import JaxcritError
 from jaxcrit.models import decoder
 from jaxcrit.models.config import ModelConfig
-from jaxcrit.neurons import NeuronSet
+from jaxcrit.models.neurons import NeuronSet
 
 Array = jax.Array
 STEPS = 8   # decode steps per compiled chunk (the host checks the stop rule between chunks)

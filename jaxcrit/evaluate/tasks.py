@@ -3,7 +3,7 @@
 lm-eval's own tasks download their datasets from the Hugging Face hub; these are written from the
 corpus the run already reads (`evaluate.file`: the study's WikiText test split), as one JSONL file
 of items and one lm-eval task YAML each (`dataset_path: json`), and scored by
-jaxcrit/lmeval.py's model. Items are drawn with a seeded generator, so a seed and a corpus give
+jaxcrit/evaluate/lmeval.py's model. Items are drawn with a seeded generator, so a seed and a corpus give
 the same files. Each row of TASKS says what its task asks, how it is scored and its chance level:
 next_sentence (multiple choice: does the model follow a text's topic and discourse?) and last_word
 (LAMBADA-style: can it carry a name or term across a paragraph?).

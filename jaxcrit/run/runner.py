@@ -6,7 +6,7 @@ computed, a computed one is saved, and partial work inside a stage (Stage 1's ru
 scan and Stage 2 blocks, each baseline repeat, greedy steps, map screens and rounds, evaluation
 blocks) is kept under state/ so a killed run resumes where it stopped. Without a workdir (the
 Python API) the same stages run in memory. The CLI and the API both go through here;
-jaxcrit/stages.py is the table.
+jaxcrit/run/stages.py is the table.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from ml_collections import ConfigDict
 
-from jaxcrit import processes
+from jaxcrit.dist import processes
 from jaxcrit.errors import JaxcritError
 from jaxcrit.report import io
 
@@ -123,7 +123,7 @@ class Run:
     @functools.cached_property
     def model(self):
         from jaxcrit.convert.load import load
-        from jaxcrit.sharding import make_mesh, rules
+        from jaxcrit.dist.sharding import make_mesh, rules
         t = time.perf_counter()
         m = load(self.c.model, self.c.dtype, make_mesh(tuple(self.c.mesh.shape)), rules(self.c.mesh.params))
         release_memory()
@@ -184,13 +184,13 @@ class Run:
 
     def computes(self, name: str) -> bool:
         """Whether an enabled stage is computed rather than loaded from its result files."""
-        from jaxcrit.stages import STAGES
+        from jaxcrit.run.stages import STAGES
         st = STAGES[name]
         return not processes.agree(bool(self.workdir) and st.cached and all((self.workdir / f).exists() for f in st.files))
 
     def __getitem__(self, name: str) -> Any:
         """A stage's value: seeded, loaded from its files, or computed (and saved)."""
-        from jaxcrit.stages import STAGES
+        from jaxcrit.run.stages import STAGES
         if name in self.values:
             return self.values[name]
         st = STAGES[name]
@@ -201,7 +201,7 @@ class Run:
             self.values[name] = st.load(self)
             return self.values[name]
         t = time.perf_counter()
-        from jaxcrit.sharding import placed
+        from jaxcrit.dist.sharding import placed
         with placed(self.model.mesh, self.model.params):   # FSDP's per-layer gathers (sharding.gathered) need it
             value = st.compute(self)
         if self.workdir and processes.writer():
@@ -224,7 +224,7 @@ class Run:
 def result_files(c: ConfigDict | None = None) -> tuple[str, ...]:
     """Every file a run may write in its workdir (with a config: a run of that config writes):
     the stage table's files and the run's own."""
-    from jaxcrit.stages import STAGES
+    from jaxcrit.run.stages import STAGES
     return tuple(f for st in STAGES.values() if c is None or st.enabled(c) for f in st.files) + RUN_FILES
 
 
@@ -274,7 +274,7 @@ def _plain(x):
 
 def run_all(run: Run) -> dict:
     """Every enabled stage in table order; returns the report stage's summary."""
-    from jaxcrit.stages import STAGES
+    from jaxcrit.run.stages import STAGES
     if run.ahead() and run.computes("importance") and STAGES["growth"].enabled(run.c):
         run.build_ahead()
     for name in STAGES:

@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
-from jaxcrit.models import hopper
-from jaxcrit.sharding import spec
+from jaxcrit.kernels import hopper
+from jaxcrit.dist.sharding import spec
 
 
 class Tiles(NamedTuple):

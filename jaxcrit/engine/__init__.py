@@ -27,13 +27,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxcrit import processes
+from jaxcrit.dist import processes
 from jaxcrit.errors import JaxcritError
-from jaxcrit.models import decoder, fused_loss, fused_mlp
+from jaxcrit.models import decoder
+from jaxcrit.kernels import fused_loss, fused_mlp
 from jaxcrit.models.config import ModelConfig
 from jaxcrit.models.sites import SITE_INDEX, SITE_NAMES, site as site_info, width
 from jaxcrit.progress import Progress
-from jaxcrit.sharding import make_mesh, placed
+from jaxcrit.dist.sharding import make_mesh, placed
 
 LN10 = math.log(10.0)
 
