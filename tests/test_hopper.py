@@ -1,4 +1,4 @@
-"""The Hopper GEMM on CPU: its division of work between persistent blocks (models/hopper.py
+"""The Hopper GEMM on CPU: its division of work between persistent blocks (kernels/hopper.py
 `_Work`), plain integer arithmetic evaluated here for every block and tile at once and checked
 against a direct enumeration of the output's (row block, b tile) pairs; and both kernels traced
 to jaxprs (no compile), so an error in their Python is caught here. Compiling and running them

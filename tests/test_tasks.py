@@ -175,8 +175,9 @@ def test_tasks_stage_against_transformers(tiny, tmp_path):
     import torch  # noqa: F401
     from jaxcrit import findings
     from jaxcrit.models.neurons import NeuronSet
+    from jaxcrit.critical.stage2 import Critical
     from jaxcrit.run.runner import Run, prepare_workdir
-    from jaxcrit.run.stages import Critical
+    from jaxcrit.run.stages import STAGES
     from tiny_run import tiny_config
     model_dir, model, tok = tiny
     rng = np.random.default_rng(2)
@@ -184,10 +185,10 @@ def test_tasks_stage_against_transformers(tiny, tmp_path):
     c = tiny_config(model_dir, evaluate__file=str(tmp_path / "corpus.raw"), evaluate__sets=("greedy",),
                     tasks__enabled=True, tasks__limit=100, tasks__batch=5)
     wd = tmp_path / "run"
-    prepare_workdir(wd, c)
+    prepare_workdir(wd, c, STAGES)
     crit = NeuronSet.of(MASKED)
     greedy = [{"site": s, "layer": l, "channel": ch} for s, l, ch in MASKED[::-1]]
-    run = Run(c, wd, values={"critical": Critical(crit, len(crit), 1.0, 1.0, 1.0), "greedy": greedy})
+    run = Run(c, wd, stages=STAGES, values={"critical": Critical(crit, len(crit), 1.0, 1.0, 1.0), "greedy": greedy})
     got = run["tasks"]
     assert json.loads((wd / "tasks.json").read_text()) == got
     assert list(got["sets"]) == ["base", "critical", "greedy"]

@@ -1,4 +1,4 @@
-"""The study (issue 15) on the embedded SmolLM2-135M-Instruct, sized for a 2-core CPU; docs/findings.md is its report.
+"""The study on the embedded SmolLM2-135M-Instruct, sized for a 2-core CPU; docs/findings.md is its report.
 
     python -m jaxcrit.main --config=configs/study.py:../shared/data/wikitext --workdir=runs/study
     python -m jaxcrit.findings --workdir=runs/study --out=docs/findings.md

@@ -3,9 +3,9 @@
 A perturbation is the engine's: one `engine.Ablations` row per sequence, made dense by
 `engine.row_masks` and applied by the decoder's own site editor at every position, prompt and
 generated tokens alike, so a continuation under a NeuronSet comes from the model the engine
-scores. One cached step runs the decoder's pieces (qkv, attend, attention_output, mlp_out): the
-new tokens' keys and values are written into a fixed-size cache [L, S, KV, hd] per sequence at
-their positions, and their queries attend over it by position.
+scores. One cached step runs the decoder's own layer (decoder.layer) with an attention that first
+writes the new tokens' keys and values into a fixed-size cache [L, S, KV, hd] per sequence at
+their positions, then attends their queries over it by position.
 
 Two compiled programs per (rows, prompt bucket): the prefill (prompts right-padded to a bucket of
 16, 32, 64, ... tokens) and a chunk of STEPS decode steps over a cache of the bucket plus
@@ -117,16 +117,18 @@ def step(cfg: ModelConfig, params: dict, kv: KV, tokens: Array, pos: Array, leng
 
     def layer(h, x):
         p, k_l, v_l, m, vals = x
-        site = decoder.editor(m or None, vals or None)
-        q, k, v = decoder.qkv(cfg, p, h, cos, sin, site)
-        k_l = jax.lax.dynamic_update_slice_in_dim(k_l, k[0].astype(k_l.dtype), pos, axis=0)
-        v_l = jax.lax.dynamic_update_slice_in_dim(v_l, v[0].astype(v_l.dtype), pos, axis=0)
-        o = decoder.attend(cfg, q, k_l[None], v_l[None], keys, "xla", positions)
-        mid = h + decoder.attention_output(cfg, p, o, site)
-        return mid + decoder.mlp_out(cfg, p, mid, site), (k_l, v_l)
+        cached = {}
+
+        def attend(q, k, v):   # the new keys and values into the cache; the queries over it by position
+            cached["k"] = jax.lax.dynamic_update_slice_in_dim(k_l, k[0].astype(k_l.dtype), pos, axis=0)
+            cached["v"] = jax.lax.dynamic_update_slice_in_dim(v_l, v[0].astype(v_l.dtype), pos, axis=0)
+            return decoder.attend(cfg, q, cached["k"][None], cached["v"][None], keys, positions)
+
+        h = decoder.layer(cfg, p, h, cos, sin, decoder.editor(m or None, vals or None), attend)
+        return h, (cached["k"], cached["v"])
 
     h, (k, v) = jax.lax.scan(layer, h, (decoder.stacked_params(params), kv.k, kv.v, masks or {}, values or {}))
-    return decoder.rms_norm(h[0], params["final_norm"], cfg.norm_eps, cfg.family.norm_plus_one), KV(k, v)
+    return decoder.final_norm(cfg, params, h[0]), KV(k, v)
 
 
 def _next_logits(cfg: ModelConfig, params: dict, h: Array) -> Array:
@@ -249,8 +251,8 @@ GREEDY_TOLERANCE = 1e-5
 def _score(params, inputs, targets, valid, masks, values, *, cfg: ModelConfig, vocab_chunk: int):
     """log p(targets | inputs up to there) [B, T] and whether each target is the argmax [B, T]."""
     h, _ = decoder.forward(cfg, params, decoder.embed(cfg, params, inputs), valid, masks=masks, values=values)
-    lse, top = decoder.logsumexp_vocab(cfg, params, h, vocab_chunk)
-    z = decoder.target_logit(cfg, params, h, targets)
+    lse, top = E.logsumexp_vocab(cfg, params, h, vocab_chunk)
+    z = E.target_logit(cfg, params, h, targets)
     return z - lse, z >= top - GREEDY_TOLERANCE * jnp.maximum(1.0, jnp.abs(top))
 
 

@@ -11,9 +11,9 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from jaxcrit import engine as E
-from jaxcrit.critical.stage2 import Memo, no_memo
 from jaxcrit.models.config import ModelConfig
 from jaxcrit.models.neurons import NeuronSet
+from jaxcrit.progress import Memo, no_memo
 
 BUCKET = 128  # texts are padded to a multiple of this many tokens: one set of compiled programs per bucket (4 at 512 tokens)
 

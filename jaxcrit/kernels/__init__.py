@@ -1,1 +1,3 @@
-"""Hand-written Pallas kernels for Hopper GPUs (the fused MLP and loss) and their shared GEMM."""
+"""The hot spots' fused implementations and the one choice between them and XLA's (selection.py):
+cuDNN's flash attention, the hand-written Pallas kernels for the MLP and the loss, their shared
+Hopper GEMM."""

@@ -5,7 +5,7 @@ chunk of 256 ablations x 512 tokens on Qwen2.5-0.5B that is ~160 GB of traffic b
 TFLOP matmul. Both kernels keep each logit tile in registers (half-precision inputs, f32
 accumulation) and add exp(z - shift) into per-row sums:
 
-* Hopper GPUs (sm_90): the persistent Mosaic GPU GEMM of models/hopper.py (warp-specialised
+* Hopper GPUs (sm_90): the persistent Mosaic GPU GEMM of kernels/hopper.py (warp-specialised
   TMA producer, two wgmma warpgroups, blocks side by side on the same rows in 2-block clusters
   that share the rows' loads) with an epilogue that writes one partial sum per row and
   128-column vocabulary tile, added afterwards. Needs the vocabulary a multiple of 128.
@@ -14,7 +14,8 @@ accumulation) and add exp(z - shift) into per-row sums:
   tiles run unmasked; only a last partial tile is masked.
 
 On a mesh, `expsum_sharded` runs it under shard_map: rows over the rows' mesh axis, the
-vocabulary over the axis the sharding rules give it (partial sums added by a psum).
+vocabulary over the axis the sharding rules give it (partial sums added by a psum). The tiles
+passed pick the kernel (kernels/selection.py chooses them: `HOPPER` where it applies, else `TILES`).
 Tile sizes come from sweeps on the H200 (the Triton kernel's: tools/profile_engine.py --sweep;
 both in docs/benchmarks.md).
 """
@@ -40,23 +41,17 @@ class Tiles(NamedTuple):
     stages: int
 
 
-TILES = Tiles(128, 256, 64, 8, 3)
+TILES = Tiles(128, 256, 64, 8, 3)   # the Triton kernel's, on any GPU
+
+HOPPER = hopper.Tiles(128, 128, 64, 4, 2, cluster=2, pingpong=True)   # the Hopper kernel's, on sm_90
 
 
-HOPPER = hopper.Tiles(128, 128, 64, 4, 2, cluster=2, pingpong=True)
-
-
-def tiles_for(d_model: int, vocab: int) -> Tiles | hopper.Tiles:
-    """The Hopper kernel where it applies (an sm_90 GPU, jax with Pallas Mosaic GPU, tiles that
-    divide the vocabulary and the hidden size), else the Triton kernel's tiles."""
-    if hopper.on_hopper() and vocab % HOPPER.tn == 0 and d_model % HOPPER.tk == 0:
-        return HOPPER
-    return TILES
-
-
-def supported(d_model: int, dtype, tiles: Tiles = TILES) -> bool:
-    """Whether the kernel applies: a GPU, half-precision activations, d_model a multiple of bk."""
-    return jax.default_backend() == "gpu" and dtype in (jnp.bfloat16, jnp.float16) and d_model % tiles.bk == 0
+def fits(d_model: int, vocab: int, tiles: Tiles | hopper.Tiles) -> bool:
+    """Whether the kernel of these tiles computes this head: the Triton kernel's k-step divides
+    d_model (a last partial vocabulary tile is masked); the Hopper kernel's tiles divide both."""
+    if isinstance(tiles, hopper.Tiles):
+        return vocab % tiles.tn == 0 and d_model % tiles.tk == 0
+    return d_model % tiles.bk == 0
 
 
 LOG2E = 1.4426950408889634
@@ -133,14 +128,14 @@ def _hopper_partials(h: jax.Array, w: jax.Array, shift2: jax.Array, t: hopper.Ti
                                     loaded=plgpu.Barrier(num_barriers=2)))
 
 
-def shifted_expsum(h: jax.Array, w: jax.Array, shift: jax.Array, tiles: Tiles | hopper.Tiles | None = None,
+def shifted_expsum(h: jax.Array, w: jax.Array, shift: jax.Array, tiles: Tiles | hopper.Tiles,
                    interpret: bool = False) -> jax.Array:
     """sum_v exp(h @ w[v] - shift) per row. h [N, D], w [V, D] (same half dtype), shift [N] f32.
-    Tiles: the kernel and its shape (`tiles_for` picks; the Triton kernel when interpreted)."""
+    tiles: the kernel and its shape (hopper.Tiles: the Hopper kernel; Tiles: the Triton kernel,
+    which alone runs interpreted)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plt
     N, D = h.shape
-    tiles = tiles or (TILES if interpret else tiles_for(D, w.shape[0]))
     if isinstance(tiles, hopper.Tiles):
         pad = (-N) % tiles.rows
         parts = _hopper_partials(jnp.pad(h, ((0, pad), (0, 0))), w, jnp.pad(shift, (0, pad)) * LOG2E, tiles)
@@ -157,8 +152,8 @@ def shifted_expsum(h: jax.Array, w: jax.Array, shift: jax.Array, tiles: Tiles | 
     return out[:N]
 
 
-def expsum_sharded(hs: jax.Array, w: jax.Array, shift: jax.Array, mesh: Mesh,
-                   tiles: Tiles | hopper.Tiles | None = None, interpret: bool = False) -> jax.Array:
+def expsum_sharded(hs: jax.Array, w: jax.Array, shift: jax.Array, mesh: Mesh, tiles: Tiles | hopper.Tiles,
+                   interpret: bool = False) -> jax.Array:
     """sum_v exp(hs[r] @ w[v] - shift) [R, B, T] for hs [R, B, T, D], w [V, D], shift [B, T] f32.
 
     Each device runs the kernel on its rows (the rows' mesh axis) and its part of the

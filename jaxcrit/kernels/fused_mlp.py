@@ -1,8 +1,8 @@
 """The MLP's hidden activations act(s * (x @ gate)) * (s * (x @ up)) as one Hopper GEMM
-(models/hopper.py): gate and up never go to memory. x is the post-attention residual itself and
-s its rows' RMSNorm scales (the norm's gain folded into the weights, `decoder.folded`), so no
-normed copy of the residual is written either; each warpgroup loads its rows' scales while its
-tile's k-steps run (hopper's prologue).
+(kernels/hopper.py): gate and up never go to memory. With the norms folded (kernels/selection.py's
+`norms`), x is the post-attention residual itself and s its rows' RMSNorm scales (the norm's gain
+folded into the weights, `decoder.folded`), so no normed copy of the residual is written either;
+each warpgroup loads its rows' scales while its tile's k-steps run (hopper's prologue).
 
 XLA runs gate and up as two cuBLAS GEMMs, writes both [N, F] outputs and reads them back in one
 elementwise pass for SiLU·mul. Here each tile of the GEMM holds tn/2 gate columns beside the same
@@ -11,16 +11,18 @@ the epilogue writes only the product. Rounding as transformers' MLP rounds in Py
 rounded to the activation dtype as GEMM outputs, SiLU computed in f32 and rounded once, the product
 rounded once. (XLA's program of the same jnp code rounds more often inside SiLU: its products
 differ from these in about a third of the elements, by up to 2^-6 relative.) The folded norms
-round otherwise than transformers' RMSNorm: with them, engine losses moved by bf16 rounding (at
-most 1.7e-3 nats, mean 3e-4, over 24 chunks in the tenth session's probe). On one H200
-(docs/benchmarks.md) it ties with cuBLAS's two GEMMs and XLA's pass alone (6.6-7.2 against
-6.8-7.7 ms at 229,376 x 896 x 2 x 4,864) and wins inside the layers: 11 mask-free Qwen2.5-0.5B
-layers of 448 x 512 tokens 138.8 ms against 152.2.
+round otherwise than transformers' RMSNorm: with them, engine losses move by bf16 rounding (at
+most 1.7e-3 nats, mean 3e-4, over 24 chunks of a bf16 scan). On one H200 (docs/benchmarks.md) it
+ties with cuBLAS's two GEMMs and XLA's pass alone (6.6-7.2 against 6.8-7.7 ms at 229,376 x 896 x
+2 x 4,864) and wins inside the layers: 11 mask-free Qwen2.5-0.5B layers of 448 x 512 tokens
+138.8 ms against 152.2.
 
-Used by the engine for the layers no row of a chunk edits (decoder.forward's mask-free tail),
-where nothing needs gate or up themselves.
+The engine runs it in the layers no row of a chunk edits, where nothing needs gate or up themselves.
 """
 from __future__ import annotations
+
+import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -34,11 +36,10 @@ STORE = 64                                # columns per TMA store of the product
 ACTS = ("silu",)   # activations the epilogue computes (Gemma's gelu_tanh stays on XLA)
 
 
-def supported(act: str, d_model: int, d_ff: int, dtype) -> bool:
-    """Whether the kernel applies: an sm_90 GPU, half-precision activations, an activation of
-    ACTS, and the hidden sizes whole multiples of the tiles."""
-    return (jax.default_backend() == "gpu" and dtype in (jnp.bfloat16, jnp.float16) and act in ACTS
-            and d_model % TILES.tk == 0 and d_ff % (TILES.tn // 2) == 0 and hopper.on_hopper())
+def fits(act: str, d_model: int, d_ff: int, tiles: hopper.Tiles) -> bool:
+    """Whether the kernel computes this MLP: an activation of ACTS, d_model a multiple of the
+    tiles' k-step and d_ff of their gate (or up) columns."""
+    return act in ACTS and d_model % tiles.tk == 0 and d_ff % (tiles.tn // 2) == 0
 
 
 def _product(x: jax.Array, scale: jax.Array | None, gate_w: jax.Array, up_w: jax.Array, t: hopper.Tiles
@@ -79,22 +80,32 @@ def _product(x: jax.Array, scale: jax.Array | None, gate_w: jax.Array, up_w: jax
                                                       **hopper.swizzled(STORE, dt))))
 
 
-@jax.custom_batching.custom_vmap
-def swiglu(x: jax.Array, scale: jax.Array, gate_w: jax.Array, up_w: jax.Array) -> jax.Array:
-    """silu(s * (x @ gate_w)) * (s * (x @ up_w)) [..., F] for x [..., D], each row's scale s
-    (scale [...] f32: RMSNorm's, its gain folded into the weights) and weights [D, F], by the
-    kernel. Under vmap (the engine's rows) the rows fold into the kernel's: one launch for the chunk."""
-    lead, D = x.shape[:-1], x.shape[-1]
-    x, scale = x.reshape(-1, D), scale.reshape(-1)
-    pad = (-x.shape[0]) % TILES.rows
-    out = _product(jnp.pad(x, ((0, pad), (0, 0))), jnp.pad(scale, (0, pad)), gate_w, up_w, TILES)
-    return out[:x.shape[0]].reshape(*lead, -1)
+@functools.cache
+def swiglu_for(tiles: hopper.Tiles) -> Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]:
+    """The kernel with these tiles as swiglu(x, scale, gate_w, up_w) -> silu(s * (x @ gate_w)) *
+    (s * (x @ up_w)) [..., F] for x [..., D], each row's scale s (scale [...] f32: RMSNorm's, its
+    gain folded into the weights; ones when it is not) and weights [D, F]. Under vmap (the engine's
+    rows) the rows fold into the kernel's: one launch for the chunk. One function per tiles (cached),
+    so equal tiles give the same function and a program that holds it compiles once."""
+
+    @jax.custom_batching.custom_vmap
+    def swiglu(x: jax.Array, scale: jax.Array, gate_w: jax.Array, up_w: jax.Array) -> jax.Array:
+        lead, D = x.shape[:-1], x.shape[-1]
+        x, scale = x.reshape(-1, D), scale.reshape(-1)
+        pad = (-x.shape[0]) % tiles.rows
+        out = _product(jnp.pad(x, ((0, pad), (0, 0))), jnp.pad(scale, (0, pad)), gate_w, up_w, tiles)
+        return out[:x.shape[0]].reshape(*lead, -1)
+
+    @swiglu.def_vmap
+    def batched(axis_size, in_batched, x, scale, gate_w, up_w):
+        if any(in_batched[2:]):
+            raise NotImplementedError("fused_mlp.swiglu: weights batched under vmap; use the XLA MLP (mlp='xla')")
+        if in_batched[0] != in_batched[1]:   # rows and their scales batched together (the engine's case)
+            x, scale = (a if b else jnp.broadcast_to(a, (axis_size, *a.shape))
+                        for a, b in zip((x, scale), in_batched[:2]))
+        return swiglu(x, scale, gate_w, up_w), True
+
+    return swiglu
 
 
-@swiglu.def_vmap
-def _swiglu_vmap(axis_size, in_batched, x, scale, gate_w, up_w):
-    if any(in_batched[2:]):
-        raise NotImplementedError("fused_mlp.swiglu: weights batched under vmap; use the XLA MLP (mlp='xla')")
-    if in_batched[0] != in_batched[1]:   # rows and their scales batched together (the engine's case)
-        x, scale = (a if b else jnp.broadcast_to(a, (axis_size, *a.shape)) for a, b in zip((x, scale), in_batched[:2]))
-    return swiglu(x, scale, gate_w, up_w), True
+swiglu = swiglu_for(TILES)   # the kernel with its own tiles

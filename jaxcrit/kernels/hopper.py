@@ -171,7 +171,7 @@ def _ring(t: Tiles, a_ref, b_ref, extra_refs, out_refs, *, b_is_kn, k_steps, wor
     loads the next tile's first steps while the warpgroups finish a tile and run its epilogue.
     It waits for the last steps' releases before the block exits (with 2-block clusters the
     partner's warpgroups arrive on this block's barriers: without the wait, one that exits first
-    faults the other, as an MLP probe did).
+    faults the other).
 
     in step: both warpgroups read every slot (tm rows each of its 2 tm), on one ready and one
     consumed barrier per slot. (As one `emit_pipeline_warp_specialized` per tile, each tile's

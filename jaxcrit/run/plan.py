@@ -22,13 +22,14 @@ CPU devices).
 `--config.dry_run=True` prints the plan and stops; with `plan` on (auto: on GPUs and TPUs) a run
 that would not fit is refused with the plan's one line before the weights are read. The plan
 also suggests a mesh (the most 'data' rows whose params leave room for the rest) and a chunk.
+The programs, their arguments' shapes and the chunk's arithmetic are the engine's and Stage 1's
+own descriptions (engine/program.py, stage1.batch_shapes); the plan adds only the config's sizes.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import math
-import os
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -40,15 +41,15 @@ from ml_collections import ConfigDict
 
 from jaxcrit import engine as E
 from jaxcrit.critical import stage1
+from jaxcrit.engine import program
 from jaxcrit.errors import JaxcritError
+from jaxcrit.kernels.selection import CHOICES, select
 from jaxcrit.models.config import ModelConfig
 from jaxcrit.models.params import param_table
 from jaxcrit.models.sites import SITE_NAMES
 from jaxcrit.dist.sharding import LAYOUTS, make_mesh, named, placed, rules
 
 GIB = 2**30
-HEADROOM = 0.7   # the share of free memory a planned chunk fills (as Engine.plan_chunk); also the
-                 # share of a device the params may take in a suggestion made without compiling
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,10 +124,8 @@ def capacity(c: ConfigDict, mesh: Mesh) -> int:
     free host memory shared by this process's devices."""
     if c.mesh.device_memory_gib:
         return int(c.mesh.device_memory_gib * GIB)
-    stats = mesh.devices.flat[0].memory_stats() or {}
-    if "bytes_limit" in stats:
-        return int(stats["bytes_limit"])
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // max(len(jax.local_devices()), 1)
+    held = program.memory(mesh.devices.flat[0])
+    return held[0] if held else program.host_free() // max(len(jax.local_devices()), 1)
 
 
 def text_tokens(c: ConfigDict, path: Path) -> int:
@@ -165,14 +164,16 @@ class Compiler:
         upcast = jax.default_backend() == "cpu" and dtype.itemsize < 4
         return cls(dtype, jnp.dtype(jnp.float32) if upcast else dtype)
 
-    def program(self, name: str, fn, args: Callable[[jnp.dtype], tuple], beside: int = 0, **static) -> Program:
-        """fn (a jitted function) on args(dtype), the positional args in that param dtype."""
-        target = fn.lower(*args(self.dtype), **static)
+    def program(self, name: str, lower: Callable[..., jax.stages.Lowered], args: Callable[[jnp.dtype], tuple],
+                beside: int = 0) -> Program:
+        """The program lower(*args(dtype)) gives, its arguments in that param dtype (shapes; other
+        arguments, such as static ones, count nothing)."""
+        target = lower(*args(self.dtype))
         if self.compute == self.dtype:
             m = target.compile().memory_analysis()   # outputs aliased to donated arguments are counted once
             return Program(name, int(m.argument_size_in_bytes),
                            int(m.output_size_in_bytes) - int(m.alias_size_in_bytes), int(m.temp_size_in_bytes), beside)
-        compiled = fn.lower(*args(self.compute), **static).compile()
+        compiled = lower(*args(self.compute)).compile()
         temp = compiled.memory_analysis().temp_size_in_bytes * self.dtype.itemsize // self.compute.itemsize
         return Program(name, shard_bytes(args(self.dtype)), shard_bytes(target.out_info, compiled.output_shardings),
                        int(temp), beside)
@@ -203,9 +204,9 @@ def _plan(c: ConfigDict, context: contextlib.ExitStack) -> Plan:
     cap = capacity(c, mesh)
     plan_of = partial(Plan, tuple(mesh.shape.values()), c.mesh.params, T, c.dtype, cap, held,
                       note=comp.note)
-    if held > cap:   # nothing to compile: the params alone do not fit
-        return plan_of(0, (), suggest(cfg, comp.dtype, mesh.devices.size, int(HEADROOM * cap), 0))
-    context.enter_context(placed(mesh, params[comp.dtype]))   # as pipeline.Run runs them (sharding.gathered)
+    if held > cap:   # nothing to compile: the params alone do not fit; they may take the chunk's share
+        return plan_of(0, (), suggest(cfg, comp.dtype, mesh.devices.size, int(program.MEMORY_SHARE * cap), 0))
+    context.enter_context(placed(mesh, params[comp.dtype]))   # as runner.Run runs them (sharding.gathered)
     rep = NamedSharding(mesh, P())
     arr = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=rep)
     tokens, valid = arr((1, T), jnp.int32), arr((1, T), jnp.bool_)
@@ -213,46 +214,45 @@ def _plan(c: ConfigDict, context: contextlib.ExitStack) -> Plan:
 
     # Stage 1: one batch of noisy passes; the running sums (the program's output) live beside it
     b = c.stage1.batch
-    s1 = lambda dt: (cfg, params[dt], tokens, arr((b, T, cfg.d_model), jnp.float32), arr((), jnp.float32),
-                     arr((b,), jnp.float32))
-    p1 = comp.program(f"stage 1 (batch {b})", stage1._differences, s1)
+    s1 = lambda dt: (cfg, params[dt], tokens, *stage1.batch_shapes(cfg, T, b, rep))
+    p1 = comp.program(f"stage 1 (batch {b})", stage1.differences.lower, s1)
     programs.append(dataclasses.replace(p1, beside=p1.out))
 
     # the clean pass; its cache and shift are the chunk program's arguments
     clean = lambda dt: (cfg, params[dt], tokens, valid, c.engine.vocab_chunk)
-    programs.append(comp.program("clean pass", E._clean_pass, clean))
+    programs.append(comp.program("clean pass", program.clean_pass.lower, clean))
     resident = held + programs[-1].out
 
     # ... as shapes in each dtype, placed as the compiled pass places them (whatever the dtype; the
     # compile is the one just made, so jax's cache has it: no narrow-dtype compile on XLA:CPU)
-    placement = E._clean_pass.lower(*clean(comp.compute)).compile().output_shardings
+    placement = program.clean_pass.lower(*clean(comp.compute)).compile().output_shardings
     cached = {dt: jax.tree.map(lambda o, s: jax.ShapeDtypeStruct(o.shape, o.dtype, sharding=s),
-                               E._clean_pass.lower(*clean(dt)).out_info, placement) for dt in params}
+                               program.clean_pass.lower(*clean(dt)).out_info, placement) for dt in params}
 
     # the engine's chunk: as configured, or planned as Engine.plan_chunk plans it
-    kernels = E.kernels(cfg, comp.dtype, c.engine.attention, c.engine.mlp, c.engine.loss, mesh.size)
+    kernels = select(cfg, comp.dtype, mesh, **{spot: c.engine.get(spot, "auto") for spot in CHOICES})
     tail = (arr((1, T - 1), jnp.int32), arr((1, T - 1), jnp.float32))
 
-    def chunk_program(name: str, rows: int, entries: int, sites: tuple[str, ...]) -> Program:
-        args = lambda dt: (params[dt], cached[dt][0], valid, *tail, cached[dt][1], *E.chunk_shapes(mesh, rows, entries))
-        return comp.program(name, E._chunk_nll, args, cfg=cfg, sites=sites, with_values=False, per_token=False,
-                            vocab_chunk=c.engine.vocab_chunk, kernels=kernels, mesh=mesh)
+    def chunk_program(name: str, rows: int, k: int, sites: tuple[str, ...]) -> Program:
+        """The chunk program for rows of k entries (padded as the engine pads them)."""
+        chunk_of = program.ChunkProgram(cfg, mesh, kernels, c.engine.vocab_chunk, sites)
+        args = lambda dt: (params[dt], cached[dt][0], valid, *tail, cached[dt][1], rows, k)
+        return comp.program(name, chunk_of.lower, args)
 
     if c.engine.chunk:
-        chunk = max(data, -(-c.engine.chunk // data) * data)
+        chunk = program.round_chunk(c.engine.chunk, data)
     else:
-        size = lambda rows: (lambda p: p.out + p.temp)(chunk_program("", rows, E.entries(1), SITE_NAMES))
+        size = lambda rows: (lambda p: p.out + p.temp)(chunk_program("", rows, 1, SITE_NAMES))
         try:
-            chunk = E.fit_chunk(size(8 * data), size(16 * data), data, HEADROOM * (cap - resident))
+            chunk = program.planned_chunk(size, data, cap - resident)
         except JaxcritError:
             chunk = 8 * data
-    entries = max(c.stage2.max_steps, *c.baselines.ns) if c.baselines.names else c.stage2.max_steps
-    entries = E.entries(min(entries, c.stage1.top_n))   # rows are padded as the engine pads them
-    programs.append(chunk_program(f"stage 2 chunk {chunk} x {entries} entries", chunk, entries, SITE_NAMES))
+    k = max(c.stage2.max_steps, *c.baselines.ns) if c.baselines.names else c.stage2.max_steps
+    k = min(k, c.stage1.top_n)
+    programs.append(chunk_program(f"stage 2 chunk {chunk} x {E.entries(k)} entries", chunk, k, SITE_NAMES))
     scan_sites = SITE_NAMES if c.map.enabled else tuple(c.scan.sites)
     if scan_sites:
-        one = E.entries(1)
-        programs.append(chunk_program(f"scan/map chunk {chunk} x {one} entries", chunk, one,
+        programs.append(chunk_program(f"scan/map chunk {chunk} x {E.entries(1)} entries", chunk, 1,
                                       tuple(sorted(scan_sites, key=SITE_NAMES.index))))
     others = max(p.peak for p in programs) - held
     return plan_of(chunk, tuple(programs), suggest(cfg, comp.dtype, mesh.devices.size, cap, others))

@@ -5,25 +5,28 @@ A `Run` holds a config, an optional workdir and every stage's value, computed on
 computed, a computed one is saved, and partial work inside a stage (Stage 1's running sums,
 scan and Stage 2 blocks, each baseline repeat, greedy steps, map screens and rounds, evaluation
 blocks) is kept under state/ so a killed run resumes where it stopped. Without a workdir (the
-Python API) the same stages run in memory. The CLI and the API both go through here;
-jaxcrit/run/stages.py is the table.
+Python API) the same stages run in memory. The CLI and the API both go through here, each
+handing the Run its stage table (jaxcrit/run/stages/).
 """
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
 import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 from ml_collections import ConfigDict
 
 from jaxcrit.dist import processes
 from jaxcrit.errors import JaxcritError
+from jaxcrit.progress import Memo
 from jaxcrit.report import io
+from jaxcrit.report.summary import LN10
 
 IGNORED_FOR_IDENTITY = ("overwrite", "progress", "engine.ahead")   # config fields that do not change any result
 RUN_FILES = ("config.json", "manifest.json")
@@ -57,6 +60,19 @@ def few_heap_arenas(n: int = 2) -> None:
         pass
 
 
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One row of a stage table: what the runner needs to compute, save, load or skip a stage."""
+    name: str
+    files: tuple[str, ...]                      # result files it writes in the workdir
+    compute: Callable[["Run"], Any]
+    save: Callable[["Run", Any], None]
+    load: Callable[["Run"], Any]
+    enabled: Callable[[ConfigDict], bool] = lambda c: True
+    cached: bool = True                         # False: recomputed on every run (the report)
+    programs: tuple[Callable, ...] = ()         # jitted functions only this stage uses: the CLI drops them after it
+
+
 class Store:
     """Partial results of stages as .npz files under `root` (in memory when root is None)."""
 
@@ -88,7 +104,7 @@ class Store:
         np.savez(tmp, **arrays)
         tmp.replace(p)
 
-    def memo(self, prefix: str) -> Callable[[str, Callable[[], np.ndarray]], np.ndarray]:
+    def memo(self, prefix: str) -> Memo:
         """memo(key, compute): the array kept under prefix/key, or compute() kept there."""
         def memo(key: str, compute: Callable[[], np.ndarray]) -> np.ndarray:
             got = self.get(f"{prefix}/{key}")
@@ -100,12 +116,13 @@ class Store:
 
 
 class Run:
-    """One run: config, workdir (None: in memory), the model and engine (built on first use), and
-    every stage's value. `values` may be seeded with inputs a caller already has."""
+    """One run: config, workdir (None: in memory), the stage table, the model and engine (built on
+    first use), and every stage's value. `values` may be seeded with inputs a caller already has."""
 
-    def __init__(self, config: ConfigDict, workdir: Path | None = None, model=None,
-                 values: dict[str, Any] | None = None, single_use: bool = False):
+    def __init__(self, config: ConfigDict, workdir: Path | None = None, *, stages: Mapping[str, Stage],
+                 model=None, values: dict[str, Any] | None = None, single_use: bool = False):
         self.c = config
+        self.stages = stages
         self.single_use = single_use   # the process runs this pipeline and exits (the CLI)
         self.workdir = Path(workdir) if workdir is not None else None
         self.values: dict[str, Any] = dict(values or {})
@@ -135,27 +152,29 @@ class Run:
         """[T] the config text's token ids (at least 10)."""
         return self.model.tokens(self.c.text, self.c.max_tokens, min_tokens=10)
 
-    def engine_kw(self) -> dict:
-        e = self.c.engine
-        return dict(mesh=self.model.mesh, vocab_chunk=e.vocab_chunk, prefix_sharing=e.prefix_sharing,
-                    attention=e.attention, mlp=e.mlp, loss=e.loss, sites=e.sites)
+    def title(self, what: str) -> str:
+        """A plot's title: the model's name and what the plot shows."""
+        return f"{Path(str(self.c.model)).name}: {what}"
+
+    def engine_options(self) -> dict:
+        """Engine's keyword arguments as the config's engine section sets them."""
+        from jaxcrit.run.engines import engine_options
+        return engine_options(self.model, self.c.engine)
 
     @functools.cached_property
     def engine(self):
         """The engine scoring ablations on the config text (built by `build_ahead`'s thread when
         one was started)."""
-        from jaxcrit import engine as E
         eng = self._ahead.result() if self._ahead else self._build_engine(compile_entries=0)
-        self.say(f"base loss {eng.base_loss:.4f} nats/token (log10 PPL {eng.base_loss / E.LN10:.3f})")
+        self.say(f"base loss {eng.base_loss:.4f} nats/token (log10 PPL {eng.base_loss / LN10:.3f})")
         return eng
 
     def _build_engine(self, compile_entries: int):
         """The engine and its base loss; compile_entries > 0 also compiles Stage 2's chunk program
         (rows of that many entries, masks for every site: stage2.grow's)."""
-        from jaxcrit import engine as E
         from jaxcrit.models.sites import SITE_NAMES
-        eng = E.Engine(self.model.cfg, self.model.params, E.Texts.from_ids([self.tokens.tolist()]),
-                       chunk=self.c.engine.chunk, progress=self.c.progress, **self.engine_kw())
+        from jaxcrit.run.engines import build_engine
+        eng = build_engine(self.model, [self.tokens], self.c.engine, progress=self.c.progress)
         eng.base_loss
         if compile_entries:
             eng.compile(compile_entries, SITE_NAMES)
@@ -184,16 +203,14 @@ class Run:
 
     def computes(self, name: str) -> bool:
         """Whether an enabled stage is computed rather than loaded from its result files."""
-        from jaxcrit.run.stages import STAGES
-        st = STAGES[name]
+        st = self.stages[name]
         return not processes.agree(bool(self.workdir) and st.cached and all((self.workdir / f).exists() for f in st.files))
 
     def __getitem__(self, name: str) -> Any:
         """A stage's value: seeded, loaded from its files, or computed (and saved)."""
-        from jaxcrit.run.stages import STAGES
         if name in self.values:
             return self.values[name]
-        st = STAGES[name]
+        st = self.stages[name]
         if not st.enabled(self.c):
             self.values[name] = None
             return None
@@ -221,14 +238,13 @@ class Run:
             io.write_json(self.workdir / "state" / "timings.json", self.timings)
 
 
-def result_files(c: ConfigDict | None = None) -> tuple[str, ...]:
+def result_files(stages: Mapping[str, Stage], c: ConfigDict | None = None) -> tuple[str, ...]:
     """Every file a run may write in its workdir (with a config: a run of that config writes):
     the stage table's files and the run's own."""
-    from jaxcrit.run.stages import STAGES
-    return tuple(f for st in STAGES.values() if c is None or st.enabled(c) for f in st.files) + RUN_FILES
+    return tuple(f for st in stages.values() if c is None or st.enabled(c) for f in st.files) + RUN_FILES
 
 
-def prepare_workdir(workdir: Path, c: ConfigDict) -> None:
+def prepare_workdir(workdir: Path, c: ConfigDict, stages: Mapping[str, Stage]) -> None:
     """Creates the workdir; refuses one holding another config's results unless overwrite, which
     removes every result file of the stage table and the resume state."""
     mine = identity(c)
@@ -245,7 +261,7 @@ def prepare_workdir(workdir: Path, c: ConfigDict) -> None:
     except OSError as e:
         raise JaxcritError(f"workdir {workdir} is not writable ({e.strerror}); choose another --workdir") from None
     if other:
-        for name in result_files():
+        for name in result_files(stages):
             (workdir / name).unlink(missing_ok=True)
         shutil.rmtree(workdir / "state", ignore_errors=True)
         (workdir / "state").mkdir()
@@ -274,9 +290,8 @@ def _plain(x):
 
 def run_all(run: Run) -> dict:
     """Every enabled stage in table order; returns the report stage's summary."""
-    from jaxcrit.run.stages import STAGES
-    if run.ahead() and run.computes("importance") and STAGES["growth"].enabled(run.c):
+    if run.ahead() and run.computes("importance") and run.stages["growth"].enabled(run.c):
         run.build_ahead()
-    for name in STAGES:
+    for name in run.stages:
         run[name]
     return run["report"]

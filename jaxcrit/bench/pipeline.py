@@ -1,12 +1,12 @@
-"""Stage 1 + Stage 2 wall time on a Qwen2.5-shaped model (random bf16 weights on the device).
+"""Stage 1 + Stage 2 wall time on a Qwen2.5-shaped model (random weights on the device).
 
-    PYTHONPATH=. python tools/pipeline_bench.py [--shape 0.5b|7b|32b|72b --tokens 115 --samples 100 --steps 1000]
+    python -m jaxcrit.bench pipeline [--shape 0.5b|7b|32b|72b --tokens 115 --samples 100 --steps 1000]
 
 The default text is 113-115 tokens for these tokenizers; random ids of that length stand in
-for it (timing does not depend on values). Stage 2 runs the full curve n = 1..steps, the cost
-when no prefix collapses the model. Each program is compiled before its timing (compile times
-are reported apart). Peak device memory is for the whole process, the params drawn one layer at
-a time (bench.device_params); compare it with the memory plan of the same settings:
+for it. Stage 2 runs the full curve n = 1..steps, the cost when no prefix collapses the model.
+The pipeline runs twice: "cold", the first run after load, every program compiling inside it as
+in a real run, then "warm". Peak device memory is for the whole process, the params drawn one
+layer at a time; compare it with the memory plan of the same settings:
 
     python tools/model_shape.py 32b /tmp/q32 && python -m jaxcrit.main --config=hf:/tmp/q32 \\
         --config.dry_run=True --config.max_tokens=115 --config.stage1.batch=20 --config.engine.chunk=256 \\
@@ -18,42 +18,39 @@ reference's cost per Stage 2 step and per noisy pass.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
 from jaxcrit import engine as E
-from jaxcrit.bench import SHAPES, device_params, peak_memory
+from jaxcrit.bench.measure import header, peak_memory_gib
+from jaxcrit.bench.model import SHAPES, add_model_arguments, random_params, random_tokens
 from jaxcrit.critical import stage1, stage2
 from jaxcrit.models.sites import SITE_NAMES
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--shape", default="0.5b", choices=SHAPES)
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    add_model_arguments(ap)
     ap.add_argument("--tokens", type=int, default=115)
     ap.add_argument("--samples", type=int, default=100)
-    ap.add_argument("--batch", type=int, default=20)
+    ap.add_argument("--batch", type=int, default=20, help="noisy passes per Stage 1 call")
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--chunk", type=int, default=256)
     ap.add_argument("--loss", default="auto", help="auto | xla | pallas")
     ap.add_argument("--ahead", type=int, default=1, help="1: the engine built beside Stage 1 (engine.ahead); 0: after")
-    args = ap.parse_args()
+
+
+def run(args: argparse.Namespace) -> dict:
     cfg = SHAPES[args.shape]
     t = time.perf_counter()
-    params = device_params(cfg, jax.random.key(1), jnp.bfloat16)
-    jax.block_until_ready(params)
-    res = {"device": jax.devices()[0].device_kind, "shape": args.shape, "tokens": args.tokens,
-           "samples": args.samples, "batch": args.batch, "steps": args.steps, "chunk": args.chunk,
-           "dtype": "bfloat16", "params_s": time.perf_counter() - t}
-    tok = np.random.default_rng(0).integers(0, cfg.vocab_size, args.tokens).astype(np.int32)
+    params = jax.block_until_ready(random_params(cfg, args.dtype))
+    res = {**header(), "shape": args.shape, "tokens": args.tokens, "samples": args.samples, "batch": args.batch,
+           "steps": args.steps, "chunk": args.chunk, "dtype": args.dtype, "params_s": time.perf_counter() - t}
+    tok = random_tokens(cfg, args.tokens)
 
     def engine() -> E.Engine:
-        """The engine, its base loss and Stage 2's program, as pipeline.Run builds them ahead."""
+        """The engine, its base loss and Stage 2's program, as the runner builds them ahead."""
         eng = E.Engine(cfg, params, E.Texts.from_ids([tok.tolist()]), chunk=args.chunk, loss=args.loss,
                        progress=False)
         eng.base_loss
@@ -72,22 +69,19 @@ def main() -> None:
         t = time.perf_counter()
         rk = stage1.rank(scores, 10000, 1e-6, False)
         res[f"{tag}_rank_s"] = time.perf_counter() - t
-        del imp, scores   # the pipeline drops Stage 1's sums before Stage 2 too
+        del imp, scores   # the runner drops Stage 1's sums before Stage 2 too
         t = time.perf_counter()
         eng = ahead.result() if ahead else engine()
         g = stage2.grow(eng, rk, epsilon=1e9, max_steps=args.steps, full_curve=True)
         res[f"{tag}_stage2_s"] = time.perf_counter() - t
         res[f"{tag}_total_s"] = sum(res[f"{tag}_{k}_s"] for k in ("stage1", "rank", "stage2"))
-        res.update(eng.kernels._asdict())
+        res.update(eng.kernels.names())
         return g
 
-    pipeline("cold")   # the first run after load: every program compiles in it
+    pipeline("cold")
     g = pipeline("warm")
+    res["stage2_steps"] = len(g.ns)
     res["stage2_ms_per_step"] = 1e3 * res["warm_stage2_s"] / len(g.ns)
     res["stage1_ms_per_noisy_pass"] = 1e3 * res["warm_stage1_s"] / args.samples
-    res["peak_memory_gib"] = (peak_memory() or 0) / 2**30
-    print(json.dumps(res, indent=1))
-
-
-if __name__ == "__main__":
-    main()
+    res["peak_memory_gib"] = peak_memory_gib()
+    return res

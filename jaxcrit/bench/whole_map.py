@@ -1,6 +1,6 @@
-"""Whole-model map wall time on Qwen2.5-shaped models (random bf16 weights on the device).
+"""Whole-model map wall time on Qwen2.5-shaped models (random weights on the device).
 
-    PYTHONPATH=. python tools/map_bench.py [--shape 0.5b|7b --seq 512 --block 0 --audit 128]
+    python -m jaxcrit.bench map [--shape 0.5b|7b --seq 512 --block 0 --audit 128]
 
 Times the screens' gradient pass (first_order and magnitude of every neuron; compile reported
 apart), then the verification rounds and the audit through the engine (chunk planned from free
@@ -11,35 +11,35 @@ deltas themselves mean nothing; the cost does not depend on them.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxcrit import engine as E
-from jaxcrit.bench import SHAPES, peak_memory
+from jaxcrit.bench.measure import header, line, peak_memory_gib
+from jaxcrit.bench.model import SHAPES, add_model_arguments, random_params, random_tokens
 from jaxcrit.configs.common import base
 from jaxcrit.critical import maps
 from jaxcrit.critical import screens as SC
-from jaxcrit.models import decoder
 from jaxcrit.models.sites import SITE_NAMES
 
-def main() -> None:
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
     c = base("bench").map
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--shape", default="0.5b", choices=SHAPES)
+    add_model_arguments(ap)
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--top-k", type=int, default=c.top_k)
     ap.add_argument("--block", type=int, default=c.block)
     ap.add_argument("--max-rounds", type=int, default=c.max_rounds)
     ap.add_argument("--audit", type=int, default=c.audit)
-    args = ap.parse_args()
+    ap.add_argument("--chunk", type=int, default=0, help="engine rows per compiled call (0: planned from memory)")
+
+
+def run(args: argparse.Namespace) -> dict:
     cfg = SHAPES[args.shape]
-    params = decoder.random_params(cfg, jax.random.key(1), jnp.bfloat16)
-    tok = np.random.default_rng(0).integers(0, cfg.vocab_size, args.seq).astype(np.int32)
-    res = {"device": jax.devices()[0].device_kind, "shape": args.shape, "seq": args.seq, "dtype": "bfloat16",
+    params = random_params(cfg, args.dtype)
+    tok = random_tokens(cfg, args.seq)
+    res = {**header(), "shape": args.shape, "seq": args.seq, "dtype": args.dtype,
            "screens": ["first_order", "magnitude"], "top_k": args.top_k, "block": args.block, "audit": args.audit}
 
     t = time.perf_counter()
@@ -50,7 +50,7 @@ def main() -> None:
     res["screen_pass_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    eng = E.Engine(cfg, params, E.Texts.from_ids([tok.tolist()]), chunk=0, progress=False)
+    eng = E.Engine(cfg, params, E.Texts.from_ids([tok.tolist()]), chunk=args.chunk, progress=False)
     everyone = SC.universe(cfg)
     warm = everyone[np.arange(0, len(everyone), len(everyone) // eng.chunk)[:eng.chunk]]
     eng.deltas(E.make(warm.site, warm.layer, warm.channel, cfg=cfg), sites=SITE_NAMES)   # compile
@@ -59,11 +59,12 @@ def main() -> None:
     units = []
 
     def measure(key: str, idx: np.ndarray) -> np.ndarray:
+        """The exact deltas of these neurons, timed as one unit of the map."""
         part = everyone[idx]
         t = time.perf_counter()
         d = eng.deltas(E.make(part.site, part.layer, part.channel, cfg=cfg), sites=SITE_NAMES)
         units.append({"unit": key, "rows": len(idx), "s": time.perf_counter() - t})
-        print(json.dumps(units[-1]), flush=True)
+        line(units[-1])
         return d
 
     t = time.perf_counter()
@@ -77,9 +78,5 @@ def main() -> None:
     res.update(neurons=len(everyone), rounds=mp.rounds, stopped=mp.stopped, verified=s["verified"],
                audited=s["audited"], ablations=rows, abl_per_s=rate, units=units,
                map_s=res["screen_pass_s"] + res["verify_s"], exhaustive_exact_s_at_this_rate=len(everyone) / rate,
-               peak_memory_gib=(peak_memory() or 0) / 2**30, audit_result=s["audit"])
-    print(json.dumps(res, indent=1), flush=True)
-
-
-if __name__ == "__main__":
-    main()
+               peak_memory_gib=peak_memory_gib(), audit_result=s["audit"])
+    return res
