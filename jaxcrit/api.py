@@ -1,6 +1,6 @@
 """The notebook API: the pipeline's stages on a loaded model, results as pandas DataFrames.
 
-Each function runs the stage code of the CLI (jaxcrit/stages.py) in memory, with a config built
+Each function runs the stage code of the CLI (jaxcrit/run/stages/) in memory, with a config built
 from the CLI's defaults (jaxcrit/configs/common.py). Keyword arguments are config fields: first
 of the function's own section (importance: stage1, grow: stage2, scan: scan, evaluate:
 evaluate, map: map, generate: generate), then the top level (seed, max_tokens), then engine
@@ -21,10 +21,15 @@ from typing import Any, Sequence
 
 from ml_collections import ConfigDict
 
+# jaxcrit/__init__ binds this module's `evaluate` and `run` as jaxcrit.evaluate and jaxcrit.run, the names of
+# two subpackages; a subpackage imported for the first time is bound over its package's attribute of that
+# name, so both are imported here, before those bindings, and a later import leaves the functions in place.
+import jaxcrit.evaluate  # noqa: F401
+import jaxcrit.run  # noqa: F401
 from jaxcrit import engine as E
 from jaxcrit.convert.load import DTYPES, Model, load
 from jaxcrit.errors import JaxcritError
-from jaxcrit.neurons import NeuronSet
+from jaxcrit.models.neurons import NeuronSet
 
 
 def config(model: str = "smollm2") -> ConfigDict:
@@ -35,8 +40,9 @@ def config(model: str = "smollm2") -> ConfigDict:
 
 def _run(model: Model, text: str, section: str, fields: dict[str, Any]):
     """A Run in memory over a loaded model, with config fields set as the module docstring says."""
-    from jaxcrit import validate
-    from jaxcrit.pipeline import Run
+    from jaxcrit.run import validate
+    from jaxcrit.run.runner import Run
+    from jaxcrit.run.stages import STAGES
     c = config(model.source)
     c.text = text
     for k, v in fields.items():
@@ -46,21 +52,21 @@ def _run(model: Model, text: str, section: str, fields: dict[str, Any]):
                                "(jaxcrit/configs/common.py)")
         where[k] = tuple(v) if isinstance(v, (list, range)) else v
     validate.fields(c)
-    return Run(c, None, model)
+    return Run(c, None, stages=STAGES, model=model)
 
 
 def importance(model: Model, text: str, **stage1_fields):
     """Stage 1: the ranked neurons of one text, best first (layer_name, site, layer, channel,
     position, score); ranking='position' gives the reference's per-position list."""
-    from jaxcrit import stages
-    return stages.importance(_run(model, text, "stage1", stage1_fields)).to_pandas()
+    from jaxcrit.run.stages.ranking import importance
+    return importance(_run(model, text, "stage1", stage1_fields)).to_pandas()
 
 
 def grow(model: Model, ranking, text: str, **stage2_fields):
     """Stage 2 along a ranking (a DataFrame from importance, a NeuronSet or (site, layer, channel)
     tuples): delta for each prefix n; attrs['critical_n'] is the first n with delta >= epsilon."""
-    from jaxcrit import stages
-    g = stages.growth_of(_run(model, text, "stage2", stage2_fields), NeuronSet.of(ranking))
+    from jaxcrit.run.stages.ranking import growth_of
+    g = growth_of(_run(model, text, "stage2", stage2_fields), NeuronSet.of(ranking))
     df = g.to_pandas()
     df.attrs["critical_n"] = g.critical_n
     return df
@@ -69,13 +75,14 @@ def grow(model: Model, ranking, text: str, **stage2_fields):
 def scan(model: Model, text: str, sites: Sequence[str] = ("down_proj",), layers: Sequence[int] | None = None,
          channels: Sequence[int] | None = None, **fields):
     """Single-neuron deltas of the given sites, layers (default all) and channels (default all)."""
-    from jaxcrit import stages, validate
     from jaxcrit.critical import scan as S
+    from jaxcrit.run import validate
+    from jaxcrit.run.stages.scan import scan_of
     layers = range(model.cfg.n_layers) if layers is None else layers
     r = _run(model, text, "scan", {"sites": sites, "layers": layers, "channels": channels or (), **fields})
     validate.ranges(r.c, model.cfg)
     todo = S.neurons(model.cfg, r.c.scan.sites, r.c.scan.layers, list(r.c.scan.channels) or None)
-    return stages.scan_of(r, todo).to_pandas().rename(columns={"score": "delta"})
+    return scan_of(r, todo).to_pandas().rename(columns={"score": "delta"})
 
 
 def map(model: Model, text: str, **map_fields):
@@ -84,8 +91,8 @@ def map(model: Model, text: str, **map_fields):
     and screen values are estimates. attrs['summary'] holds the exact top-k, the stopping rule
     and the audit. The importance screen runs Stage 1 with its defaults; leave it out of
     `screens` to skip that."""
-    from jaxcrit import stages
-    mp = stages.map_of(_run(model, text, "map", map_fields))
+    from jaxcrit.run.stages.whole_map import map_of
+    mp = map_of(_run(model, text, "map", map_fields))
     df = mp.table()
     df.attrs["summary"] = mp.summary()
     return df
@@ -96,12 +103,12 @@ def evaluate(model: Model, neurons, texts: Sequence[str], **fields):
     (site, layer, channel) tuples): one row per text; attrs['overall'] is the token-weighted total."""
     import pandas as pd
 
-    from jaxcrit import stages
+    from jaxcrit.run.stages.evaluation import evaluate_texts
     texts = list(texts)
     if not texts:
         raise JaxcritError("give at least one text to evaluate")
     r = _run(model, texts[0], "evaluate", fields)
-    ev = stages.evaluate_texts(r, NeuronSet.of(neurons), texts)
+    ev = evaluate_texts(r, NeuronSet.of(neurons), texts)
     df = pd.DataFrame(ev["texts"])
     df["delta"] = df["masked_ppl_log10"] - df["base_ppl_log10"]
     df.attrs["overall"] = ev["overall"]
@@ -116,7 +123,7 @@ def generate(model: Model, prompts: str | Sequence[str], neurons=None, **fields)
     tokens, logprobs (of each new token under the model that wrote it)."""
     import pandas as pd
 
-    from jaxcrit import generation as G
+    from jaxcrit.evaluate import generation as G
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
         raise JaxcritError("give at least one prompt")
@@ -129,10 +136,11 @@ def generate(model: Model, prompts: str | Sequence[str], neurons=None, **fields)
 
 
 def engine_for(model: Model, texts: Sequence[str] | str, max_tokens: int = 512, **kw) -> E.Engine:
-    """An Engine scoring ablations on these texts (the low-level interface)."""
+    """An Engine scoring ablations on these texts (the low-level interface); kw: Engine's
+    keyword arguments (chunk, progress, ...)."""
+    from jaxcrit.run.engines import build_engine
     texts = [texts] if isinstance(texts, str) else list(texts)
-    return E.Engine(model.cfg, model.params, E.Texts.from_ids([model.tokens(t, max_tokens) for t in texts]),
-                    mesh=model.mesh, **kw)
+    return build_engine(model, [model.tokens(t, max_tokens) for t in texts], **kw)
 
 
 def run(c: ConfigDict, workdir: str | Path) -> dict:

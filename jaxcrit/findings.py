@@ -2,7 +2,7 @@
 
     python -m jaxcrit.findings --workdir=runs/study --out=docs/findings.md
 
-Reads only the result files the study wrote (jaxcrit/study.py, jaxcrit/stages.py) and copies its
+Reads only the result files the study wrote (jaxcrit/run/stages/) and copies its
 plots next to the page (docs/findings/), so every number on the page comes from the command the
 page names. A question whose stage did not run says so.
 """
@@ -20,13 +20,12 @@ import numpy as np
 from jaxcrit.critical.stage2 import Growth
 from jaxcrit.errors import JaxcritError
 from jaxcrit.report import io
-from jaxcrit.report.summary import _fmt_seconds, _md_table, fmt_ppl_log10, neuron_path
+from jaxcrit.report.summary import LN10, fmt_ppl_log10, fmt_seconds, md_table, neuron_path
 
 EPSILONS = (1.0, 3.0)   # the thresholds question (1) asks about
 PLOTS = ("curve.png", "heatmap.png", "map.png", "scan.png", "modes.png", "texts.png", "dtypes.png")
 OUTER = 3              # "outer layers": the first and the last OUTER layers
 CURVE_AT = (1, 2, 3, 5, 8, 10, 14, 20, 30, 50, 100, 200)
-LN10 = math.log(10.0)
 
 
 class Results:
@@ -60,31 +59,15 @@ class Results:
                                                  self.config["stage2"]["epsilon"])
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
 def command(r: Results) -> str:
     """The command that reproduces the workdir: configs/study.py with its corpus, plus every field
     that differs from that config."""
     from jaxcrit.configs.study import get_config
-    from jaxcrit.pipeline import identity
-    saved = r.config
-    corpus = saved["evaluate"]["file"]
-    ref = _flat(identity(get_config(corpus or None)))
-    over = [f"--config.{k}={_arg(v)}" for k, v in _flat(saved).items() if ref.get(k) != v]
+    from jaxcrit.main import field_flags
+    from jaxcrit.run.runner import identity
+    corpus = r.config["evaluate"]["file"]
     return " ".join(["python -m jaxcrit.main", f"--config=configs/study.py{':' + corpus if corpus else ''}",
-                     *over, f"--workdir={r.wd}"])
-
-
-def _arg(v) -> str:
-    """A config value as the shell argument --config.field= takes."""
-    if isinstance(v, list):
-        return '"(' + ",".join(repr(x) for x in v) + ("," if len(v) == 1 else "") + ')"'
-    return repr(v) if isinstance(v, str) and (" " in v or not v) else str(v)
+                     *field_flags(r.config, identity(get_config(corpus or None))), f"--workdir={r.wd}"])
 
 
 def _n(x) -> str:
@@ -126,7 +109,7 @@ def q1_size(r: Results) -> list[str]:
     out += [f"Stage 1 ranking: {imp['ranking']} mode, alpha {imp['alpha']:g}, K = {imp['samples']}, "
             f"{imp['tokens']} tokens of {_text(r)}. Stage 2 grows prefixes of that "
             "ranking; n is the first prefix whose delta = log10(PPL_masked / PPL_base) reaches epsilon.", ""]
-    out += _md_table(["epsilon", "n", "PPL before", "PPL after", "delta", "neurons"], rows, "rrllrl") + [""]
+    out += md_table(["epsilon", "n", "PPL before", "PPL after", "delta", "neurons"], rows, "rrllrl") + [""]
     ev = r["evaluation.json"]
     if ev and "sets" in ev:
         corpus = r.config["evaluate"]["file"]
@@ -137,7 +120,7 @@ def q1_size(r: Results) -> list[str]:
         rows = [[k, v["n"], _ppl(base_c), _ppl(v["overall_ppl_log10"]), _f(v["overall_ppl_log10"] - base_c)]
                 for k, v in ev["sets"].items()]
         out += [f"The same sets on {where}:", ""]
-        out += _md_table(["set", "neurons", "PPL before", "PPL after", "delta"], rows, "lrllr") + [""]
+        out += md_table(["set", "neurons", "PPL before", "PPL after", "delta"], rows, "lrllr") + [""]
         out += ["`critical` is the epsilon-1 set above, `prefix@3` the epsilon-3 prefix, `greedy` the greedy "
                 "search's set and `learned` the learned mask's (question 4).", ""]
     return out
@@ -179,7 +162,7 @@ def q2_where(r: Results) -> list[str]:
                 f"{', '.join(r.config['map']['screens'])}), verified {mp['verified']} exactly in {mp['rounds']} rounds and audited {mp['audited']} "
                 f"random others ({mp['audit'].get('missed', 'n/a')} of them beat the exact top-{mp['top_k']}). "
                 "The largest exact single-neuron deltas anywhere in the model (`map.png`):", ""]
-        out += _md_table(["#", "neuron", "delta"], rows, "rlr") + [""]
+        out += md_table(["#", "neuron", "delta"], rows, "rlr") + [""]
     else:
         out += ["The whole-model map did not run.", ""]
     if scan is not None:
@@ -197,8 +180,8 @@ def q3_transition(r: Results) -> list[str]:
     if g is None:
         return out + ["Stage 2 did not run.", ""]
     at = [n for n in CURVE_AT if n in set(g.ns.tolist())]
-    out += _md_table(["n"] + [str(n) for n in at], [["delta"] + [_f(g.delta(n), ".2f") for n in at]],
-                     "r" * (len(at) + 1)) + [""]
+    out += md_table(["n"] + [str(n) for n in at], [["delta"] + [_f(g.delta(n), ".2f") for n in at]],
+                    "r" * (len(at) + 1)) + [""]
     falls = int((np.diff(g.deltas) < 0).sum())
     out += [f"The ranked curve (`curve.png`, with the baselines) over n = 1..{int(g.ns[-1])}: delta falls at "
             f"{falls} of {len(g.ns) - 1} steps; its maximum is {g.deltas.max():.2f} at n = {int(g.ns[g.deltas.argmax()])}.", ""]
@@ -246,7 +229,7 @@ def q4_smallest(r: Results) -> list[str]:
             rows.append(["learned mask, pruned", last["n"], _f(last["delta"]),
                          ", ".join(f"`{s}` L{l}[{c}]" for s, l, c in last["neurons"][:8])])
     out += [f"At epsilon {eps:g}, each set verified through the engine (exact deltas):", ""]
-    out += _md_table(["search", "n", "delta", "set"], rows, "lrrl") + [""]
+    out += md_table(["search", "n", "delta", "set"], rows, "lrrl") + [""]
     if lm:
         h = lm["history"]
         out += [f"The learned mask gated Stage 1's first {len(lm['gates'])} distinct neurons for {len(h)} Adam steps "
@@ -264,8 +247,8 @@ def q5_dtypes(r: Results) -> list[str]:
         return out + ["The dtype sweep did not run.", ""]
     rows = [[dt, _ppl(v["base_ppl_log10"]), _n(v["critical_n"]), _f(v["critical_delta"]),
              _f(max(c["delta"] for c in v["curve"]), ".2f")] for dt, v in d.items()]
-    out += _md_table(["dtype", "base PPL", "critical n (main dtype)", "its delta", "max delta over the prefixes"],
-                     rows, "lrrrr") + [""]
+    out += md_table(["dtype", "base PPL", "critical n (main dtype)", "its delta", "max delta over the prefixes"],
+                    rows, "lrrrr") + [""]
     out += [f"Params and activations in each dtype (norms, softmax and loss in f32), the main ranking's first "
             f"{len(next(iter(d.values()))['curve'])} prefixes scored again (`dtypes.png`).", ""]
     return out
@@ -280,7 +263,7 @@ def q6_relations(r: Results) -> list[str]:
              _f(t["median_abs"], ".2f")] for i, t in enumerate(rel["top"][:10])]
     out += [f"The largest |down_proj output| channels of the default text (max over positions; "
             f"{rel['down_proj_channels']:,} channels):", ""]
-    out += _md_table(["#", "channel", "max abs", "position", "token", "median abs"], rows, "rlrrlr") + [""]
+    out += md_table(["#", "channel", "max abs", "position", "token", "median abs"], rows, "rlrrlr") + [""]
     for c in rel["critical"][:10]:
         if c.get("rank"):
             out.append(f"- critical `{neuron_path(c)}`: rank {c['rank']} of {rel['down_proj_channels']:,} by max "
@@ -318,8 +301,8 @@ def q7_stability(r: Results) -> list[str]:
              _f(v.get("main_set_delta"), ".2f") if v["kind"] == "text" else ""] for v in st["variants"]]
     out += [f"Each row runs Stage 1 and Stage 2 (to epsilon {st['epsilon']:g}) again with one setting changed; overlaps "
             "are with the main run (seed, alpha, K of the config, the default text).", ""]
-    out += _md_table(["varied", "value", "tokens", "critical n", "critical set", "top-10 shared", "top-100 Jaccard",
-                      "critical Jaccard", "main set's delta here"], rows, "llrrlrrrr") + [""]
+    out += md_table(["varied", "value", "tokens", "critical n", "critical set", "top-10 shared", "top-100 Jaccard",
+                     "critical Jaccard", "main set's delta here"], rows, "llrrlrrrr") + [""]
     out += ["Pairwise Jaccard index of the texts' critical sets: `texts.png`.", ""]
     return out
 
@@ -335,8 +318,8 @@ def q8_generations(r: Results) -> list[str]:
         rows = [[f"`{p['prompt']}`", p["base"].replace("\n", " ").replace("|", "/"),
                  p["masked"].replace("\n", " ").replace("|", "/"), _n(p["diverge_at"]),
                  _f(p["base_logprob"], ".1f"), _f(p["masked_logprob"], ".1f")] for p in g["prompts"]]
-        out += _md_table(["prompt", "clean", "masked", "first differing token", "clean log p", "masked log p"],
-                         rows, "lllrrr") + [""]
+        out += md_table(["prompt", "clean", "masked", "first differing token", "clean log p", "masked log p"],
+                        rows, "lllrrr") + [""]
     return out + task_scores(r)
 
 
@@ -352,11 +335,11 @@ def task_scores(r: Results) -> list[str]:
     rows = [[task, metric, _f(chance), *(cell(t["sets"][k]["scores"][task][metric]) for k in columns)]
             for task, meta in t["tasks"].items() for metric, chance in meta["chance"].items()]
     sizes = ", ".join(f"{k} {t['sets'][k]['n']} neuron(s)" for k in columns if k != "base")
-    out = [f"Task scores through lm-evaluation-harness (the `jaxcrit` model of `jaxcrit/lmeval.py`), clean (`base`) "
+    out = [f"Task scores through lm-evaluation-harness (the `jaxcrit` model of `jaxcrit/evaluate/lmeval.py`), clean (`base`) "
            f"and with each set zeroed ({sizes}); mean ± standard error over the items (`tasks.json`):", ""]
-    out += _md_table(["task", "metric", "chance", *(names[k] for k in columns)], rows, "llr" + "r" * len(columns))
+    out += md_table(["task", "metric", "chance", *(names[k] for k in columns)], rows, "llr" + "r" * len(columns))
     out += ["", f"The study built the tasks from the corpus (`{t['corpus']}`, seed {t['seed']}) and wrote their "
-            "items and lm-eval YAMLs to the workdir's `tasks/` (`jaxcrit/tasks.py`); nothing was downloaded:", ""]
+            "items and lm-eval YAMLs to the workdir's `tasks/` (`jaxcrit/evaluate/tasks.py`); nothing was downloaded:", ""]
     return out + [f"- `{k}` ({meta['items']} items), {meta['what']}." for k, meta in t["tasks"].items()] + [""]
 
 
@@ -370,8 +353,8 @@ def render(r: Results, plot_dir: str) -> str:
              f"# Findings on {r.config['model']}", "",
              "Produced by the study run and this page's generator; every number below comes from the files they write:",
              "", "```bash", command(r), f"python -m jaxcrit.findings --workdir={r.wd} --out=docs/findings.md", "```", "",
-             f"Run time: {_fmt_seconds(total)} summed over the stages (`state/timings.json`; "
-             + ", ".join(f"{k} {_fmt_seconds(v)}" for k, v in timings.items()) + "), on "
+             f"Run time: {fmt_seconds(total)} summed over the stages (`state/timings.json`; "
+             + ", ".join(f"{k} {fmt_seconds(v)}" for k, v in timings.items()) + "), on "
              f"{devices.get('count', '?')} {devices.get('platform', '?')} device(s), {r.config['dtype']}, jaxcrit commit "
              f"{(man.get('git_commit') or 'unknown')[:10]}.", ""]
     for q in (q1_size, q2_where, q3_transition, q4_smallest, q5_dtypes, q6_relations, q7_stability):

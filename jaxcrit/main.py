@@ -4,7 +4,7 @@
     python -m jaxcrit.main --config=smollm2 ...          # a packaged config, from any directory
     python -m jaxcrit.main --config=hf:/path/to/checkpoint ...
 
-The stages and their files are the table in jaxcrit/stages.py; jaxcrit/pipeline.py runs it.
+The stages and their files are the table in jaxcrit/run/stages/; jaxcrit/run/runner.py runs it.
 Bad input is one `jaxcrit: error:` line and exit code 2, before any weight is read.
 """
 from __future__ import annotations
@@ -17,7 +17,6 @@ from ml_collections import ConfigDict, config_flags
 
 from jaxcrit import configs
 from jaxcrit.errors import JaxcritError
-
 
 
 def parse(argv: list[str]) -> tuple[ConfigDict, Path]:
@@ -72,6 +71,27 @@ def _one_line(e: BaseException) -> str:
     return "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
 
 
+def field_flags(config: dict, reference: dict) -> list[str]:
+    """The --config.<field>=<value> arguments that turn the reference config into config (both as
+    JSON gives them back, runner.identity), in config's order."""
+    ref = _flat(reference)
+    return [f"--config.{k}={_arg(v)}" for k, v in _flat(config).items() if ref.get(k) != v]
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def _arg(v) -> str:
+    """A config value as the shell argument --config.<field>= takes."""
+    if isinstance(v, list):
+        return '"(' + ",".join(repr(x) for x in v) + ("," if len(v) == 1 else "") + ')"'
+    return repr(v) if isinstance(v, str) and (" " in v or not v) else str(v)
+
+
 def run(c: ConfigDict, workdir: Path, single_use: bool = False) -> dict:
     """The pipeline on a validated config: every stage, resumable in workdir; returns the summary.
 
@@ -81,16 +101,18 @@ def run(c: ConfigDict, workdir: Path, single_use: bool = False) -> dict:
     """
     import jax
 
-    from jaxcrit import processes, validate
-    from jaxcrit.pipeline import Run, prepare_workdir, run_all
+    from jaxcrit.dist import processes
     from jaxcrit.report import io, summary
+    from jaxcrit.run import validate
+    from jaxcrit.run.runner import Run, prepare_workdir, run_all
+    from jaxcrit.run.stages import STAGES
 
     # --- check the config, join the other processes, check against the model, plan the memory
     validate.fields(c)
     processes.start(c)
     validate.against_model(c)
     if c.dry_run or c.plan == "always" or (c.plan == "auto" and jax.default_backend() != "cpu"):
-        from jaxcrit.plan import plan
+        from jaxcrit.run.plan import plan
         p = plan(c)
         if processes.writer():
             print("\n".join(p.lines()), file=sys.stderr if not c.dry_run else sys.stdout, flush=True)
@@ -103,21 +125,21 @@ def run(c: ConfigDict, workdir: Path, single_use: bool = False) -> dict:
     refused = None
     if processes.writer():
         try:
-            prepare_workdir(workdir, c)
+            prepare_workdir(workdir, c, STAGES)
         except JaxcritError as e:
             refused = e
     if not processes.agree(refused is None):
         raise refused or JaxcritError("process 0 refused the workdir (its error line says why)")
 
     # --- mesh, model
-    r = Run(c, workdir, single_use=single_use)
+    r = Run(c, workdir, stages=STAGES, single_use=single_use)
     cfg = r.model.cfg
     r.say(f"{r.model.source}: {cfg.model_type}, {cfg.n_layers} layers, {len(r.tokens)} tokens, {c.dtype}, "
           f"mesh {dict(r.model.mesh.shape)}")
     if processes.writer():
         io.write_json(workdir / "manifest.json", io.manifest(c.to_dict()))
 
-    # --- the stages (jaxcrit/stages.py), then the summary
+    # --- the stages, then the summary
     result = run_all(r)
     if processes.writer():
         print(summary.terminal_table(result))
@@ -125,8 +147,8 @@ def run(c: ConfigDict, workdir: Path, single_use: bool = False) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from jaxcrit import processes
-    from jaxcrit.pipeline import few_heap_arenas
+    from jaxcrit.dist import processes
+    from jaxcrit.run.runner import few_heap_arenas
     few_heap_arenas()
     logging.set_verbosity(logging.WARNING)
     argv = list(sys.argv if argv is None else argv)

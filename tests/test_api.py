@@ -109,6 +109,16 @@ def test_generate_equals_the_cli_generations(model, cli):
     assert gen["neurons"] == len(crit) and all(len(t) == 6 for t in clean["tokens"])
 
 
+def test_the_api_keeps_its_names_over_the_subpackages():
+    """jaxcrit.evaluate and jaxcrit.run are the API's functions even after the subpackages of the same
+    names (jaxcrit/evaluate/, jaxcrit/run/) and their modules are imported."""
+    import importlib
+    for name in ("jaxcrit.evaluate.perplexity", "jaxcrit.run.runner", "jaxcrit.run.stages"):
+        importlib.import_module(name)
+    assert jaxcrit.evaluate is jaxcrit.api.evaluate and jaxcrit.run is jaxcrit.api.run
+    assert callable(jaxcrit.evaluate) and callable(jaxcrit.run)
+
+
 def test_bad_arguments(model):
     with pytest.raises(JaxcritError, match="unknown argument 'sampels'"):
         jaxcrit.importance(model, TEXT, sampels=4)

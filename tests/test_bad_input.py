@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from jaxcrit import main as M
-from jaxcrit import pipeline
+from jaxcrit.run.runner import result_files
+from jaxcrit.run.stages import STAGES
 from tiny_run import build_model, config_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,7 +64,7 @@ FIELD_CASES = [
     ("top_n_zero", ["--config.stage1.top_n=0"], "stage1.top_n must be an integer >= 1"),
     ("ranking_unknown", ["--config.stage1.ranking=bogus"], "stage1.ranking must be channel or position"),
     ("max_steps_zero", ["--config.stage2.max_steps=0"], "stage2.max_steps must be an integer >= 1"),
-    ("dtype_unknown", ["--config.dtype=float64"], "dtype must be one of float32, bfloat16, float16"),
+    ("dtype_unknown", ["--config.dtype=float64"], "dtype must be float32, bfloat16 or float16"),
     ("max_tokens_small", ["--config.max_tokens=5"], "max_tokens must be an integer >= 10"),
     ("seed_negative", ["--config.seed=-1"], "seed must be an integer >= 0"),
     ("chunk_negative", ["--config.engine.chunk=-1"], "engine.chunk must be an integer >= 0"),
@@ -100,7 +101,7 @@ FIELD_CASES = [
     ("mesh_too_many_devices", ["--config.mesh.shape=(3,1)"], "mesh 3x1 needs 3 devices, found 1"),
     ("mesh_zero", ["--config.mesh.shape=(0,1)"], "mesh.shape must be (data, model)"),
     ("coordinator_without_port", ["--config.mesh.coordinator=localhost"], "mesh.coordinator must be '' or HOST:PORT"),
-    ("params_layout_unknown", ["--config.mesh.params=zero3"], "mesh.params must be one of replicated, fsdp"),
+    ("params_layout_unknown", ["--config.mesh.params=zero3"], "mesh.params must be replicated or fsdp"),
     ("peer_timeout_zero", ["--config.mesh.peer_timeout=0"], "mesh.peer_timeout must be an integer >= 1"),
     ("plan_unknown", ["--config.plan=sometimes"], "plan must be auto, always or never"),
     ("process_id_too_large", ["--config.mesh.coordinator=localhost:1234", "--config.mesh.num_processes=2",
@@ -110,7 +111,7 @@ FIELD_CASES = [
     ("study_text_unknown", ["--config.study.texts=('klingon',)"], "study.texts must be distinct names among en_science"),
     ("evaluate_set_unknown", ["--config.evaluate.sets=('best',)"], "evaluate.sets must be distinct names among greedy"),
     ("evaluate_learned_off", ["--config.evaluate.sets=('learned',)"], "evaluate.sets names learned but the learned mask is off"),
-    ("learned_init_one", ["--config.learned.init=1.0"], "learned.init must be a number in (0, 1)"),
+    ("learned_init_one", ["--config.learned.init=1.0"], "learned.init must be in (0, 1)"),
     ("corpus_dir_without_file", ["--config.evaluate.file=/"], "a corpus directory must hold exactly one"),
     ("tasks_without_corpus", ["--config.tasks.enabled=True"], "tasks.enabled builds its tasks from a corpus: set evaluate.file"),
     ("tasks_limit_zero", ["--config.tasks.limit=0"], "tasks.limit must be an integer >= 1"),
@@ -128,7 +129,7 @@ def _assert_refused(code: int, lines: list[str], expected: str, workdir: Path) -
     assert code == 2, lines
     assert len(lines) == 1 and lines[0].startswith("jaxcrit: error: "), lines
     assert expected in lines[0], lines[0]
-    assert not any((workdir / f).exists() for f in pipeline.result_files()), sorted(os.listdir(workdir))
+    assert not any((workdir / f).exists() for f in result_files(STAGES)), sorted(os.listdir(workdir))
 
 
 @pytest.mark.parametrize("flags,expected", [c[1:] for c in FIELD_CASES], ids=[c[0] for c in FIELD_CASES])

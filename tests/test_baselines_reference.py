@@ -27,7 +27,7 @@ import hf_models
 from jaxcrit.convert.hf import load_hf
 from jaxcrit.critical import baselines
 from jaxcrit.models.sites import SITE_NAMES, module_path, width
-from jaxcrit.neurons import NeuronSet
+from jaxcrit.models.neurons import NeuronSet
 
 T = 37
 TOP_N = 120

@@ -20,7 +20,8 @@ import pytest
 
 from jaxcrit import engine as E
 from jaxcrit import main as M
-from jaxcrit import pipeline
+from jaxcrit.run.runner import result_files
+from jaxcrit.run.stages import STAGES
 from tiny_run import PROMPTS, TEXT, build_model, config_file, files, paragraphs, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,10 +60,10 @@ def reference(model_dir, texts_file, tmp_path_factory):
 
 def test_run_writes_every_result_file(model_dir, texts_file, reference):
     wd, c = reference, full_config(model_dir, texts_file)
-    for name in pipeline.result_files():   # the study's stages (test_study.py) are off by default
-        on = name in pipeline.result_files(c)
+    for name in result_files(STAGES):   # the study's stages (test_study.py) are off by default
+        on = name in result_files(STAGES, c)
         assert (wd / name).is_file() == on and (not on or (wd / name).stat().st_size > 0), name
-    assert "modes.json" not in pipeline.result_files(c)
+    assert "modes.json" not in result_files(STAGES, c)
 
     imp = json.loads((wd / "importance.json").read_text())
     assert imp["ranking"] == "channel" and imp["samples"] == 4 and imp["tokens"] == 40
@@ -162,7 +163,7 @@ def test_overwrite_replaces_every_stages_files(model_dir, texts_file, reference,
     M.run(other, fresh)
     other.overwrite = True
     M.run(other, wd)
-    stale = set(pipeline.result_files(full_config(model_dir, texts_file))) - set(pipeline.result_files(other))
+    stale = set(result_files(STAGES, full_config(model_dir, texts_file))) - set(result_files(STAGES, other))
     assert {"greedy.json", "scan.csv", "map.csv", "baselines.json", "generations.json"} <= stale
     assert not any((wd / name).exists() for name in stale)
     assert files(wd) == files(fresh) and files(wd)["importance.json"] != files(reference)["importance.json"]
@@ -182,6 +183,38 @@ def test_workdir_of_another_config_is_refused_unless_overwrite(model_dir, texts_
     assert abs(result["base_loss"] - json.loads((wd / "critical.json").read_text())["base_loss"]) < 1e-12
 
 
+# ----------------------------------------------------------------------------- the runner alone
+
+def test_the_runner_runs_the_table_it_is_given(tmp_path):
+    """A Run handed a table of its own (no model read: each stage's value is a string) computes
+    the enabled stages in table order, each once, saving their files; a second Run on the same
+    workdir loads them instead; result_files lists the table's files."""
+    from types import SimpleNamespace
+
+    from jaxcrit.configs.common import base
+    from jaxcrit.dist.sharding import make_mesh
+    from jaxcrit.run.runner import Run, Stage, run_all
+    computed = []
+
+    def stage(name: str, needs: tuple[str, ...] = (), enabled=lambda c: True) -> Stage:
+        def compute(run):
+            computed.append(name)
+            return "+".join([name, *(str(run[n]) for n in needs)])
+        return Stage(name, (f"{name}.txt",), compute, lambda run, v: (run.workdir / f"{name}.txt").write_text(v),
+                     lambda run: (run.workdir / f"{name}.txt").read_text(), enabled)
+
+    table = {st.name: st for st in (stage("first"), stage("off", enabled=lambda c: False),
+                                    stage("second", needs=("first",)), stage("report", needs=("second", "off")))}
+    model = SimpleNamespace(mesh=make_mesh(), params={})
+    c = base("unused")
+    got = run_all(Run(c, tmp_path, stages=table, model=model))
+    assert computed == ["first", "second", "report"]
+    assert got == "report+second+first+None" and (tmp_path / "second.txt").read_text() == "second+first"
+    again = Run(c, tmp_path, stages=table, model=model)
+    assert again["second"] == "second+first" and computed == ["first", "second", "report"]
+    assert result_files(table, c) == ("first.txt", "second.txt", "report.txt", "config.json", "manifest.json")
+
+
 # ----------------------------------------------------------------------------- as a user runs it
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -199,7 +232,7 @@ def test_cli_from_an_empty_directory_with_an_absolute_config(model_dir, tmp_path
     p = _cli(f"--config={cfg}", "--workdir=out", cwd=empty)
     assert p.returncode == 0, p.stderr
     assert "Traceback" not in p.stderr
-    assert all((empty / "out" / f).is_file() for f in pipeline.result_files(M.parse(["jaxcrit", f"--config={cfg}"])[0]))
+    assert all((empty / "out" / f).is_file() for f in result_files(STAGES, M.parse(["jaxcrit", f"--config={cfg}"])[0]))
     assert "critical n" in p.stdout
 
 

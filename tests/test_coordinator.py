@@ -1,4 +1,4 @@
-"""The coordination service's own process (jaxcrit/coordinator.py): it stops when process 0 says so,
+"""The coordination service's own process (jaxcrit/dist/coordinator.py): it stops when process 0 says so,
 outlives a process 0 that ends without a word for the heartbeat timeout, then exits by itself, and a
 port it cannot take is one error naming it."""
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from jaxcrit import coordinator
+from jaxcrit.dist import coordinator
 from jaxcrit.errors import JaxcritError
 from test_multiprocess import _port
 

@@ -31,7 +31,7 @@ from jaxcrit.convert.hf import load_hf
 from jaxcrit.engine import LN10, Ablations, Engine, Texts, make, prefixes, random_sets, single, start_points
 from jaxcrit.errors import JaxcritError
 from jaxcrit.models import decoder as dec
-from jaxcrit.models.decoder import LAYER, MLP, OUT
+from jaxcrit.engine.prefix import LAYER, MLP, OUT
 from jaxcrit.models.sites import SITE_INDEX, SITE_NAMES, site as site_info, width
 
 TOL = 1e-5
@@ -532,7 +532,7 @@ def test_rows_redone_exactly_when_shift_is_off(m):
     eng, abl, shift = m.engine, m.random, m.engine.shift   # the module's engine: its fast program is compiled
     eng.shift = shift.at[1, 5].add(200.0).at[0, 9].add(-200.0)
     try:
-        fast = eng._run(abl, eng._static(eng._held(abl.sites()), False, False), "fast")
+        fast = eng._run(abl, eng.program(abl.sites()), "fast")
         assert np.isnan(fast).all()   # every row predicts those positions
         assert_rows(eng.losses(abl), m.ref(abl), f"{m.arch} shift off")
     finally:
@@ -541,17 +541,19 @@ def test_rows_redone_exactly_when_shift_is_off(m):
 
 def test_one_pass_logsumexp_falls_back_when_shift_is_off():
     """The fast path's shift overflows or underflows: the exact two-pass form must take over."""
+    from jaxcrit.bench import random_params
+    from jaxcrit.engine.loss import logsumexp_vocab
     from jaxcrit.models import decoder
     from jaxcrit.models.config import ModelConfig
     c = ModelConfig(model_type="llama", vocab_size=97, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1,
                     head_dim=8, d_ff=24, norm_eps=1e-6, rope_theta=1e4, tie_embeddings=True)
-    p = decoder.random_params(c, jax.random.key(0), scale=3.0)
+    p = random_params(c, scale=3.0)
     h = jax.random.normal(jax.random.key(1), (2, 5, 16)) * 10
-    exact, _ = decoder.logsumexp_vocab(c, p, h, 32)
+    exact, _ = logsumexp_vocab(c, p, h, 32)
     full = jax.scipy.special.logsumexp(decoder.logits(c, p, h), axis=-1)
     np.testing.assert_allclose(exact, full, rtol=1e-6)
     for shift in (exact - 200.0, exact + 200.0):
-        fast, _ = decoder.logsumexp_vocab(c, p, h, 32, shift)
+        fast, _ = logsumexp_vocab(c, p, h, 32, shift)
         assert np.isnan(np.asarray(fast)).all()   # flagged, never a silently wrong value
-    fast, _ = decoder.logsumexp_vocab(c, p, h, 32, exact + 1.0)
+    fast, _ = logsumexp_vocab(c, p, h, 32, exact + 1.0)
     np.testing.assert_allclose(fast, full, rtol=1e-6)

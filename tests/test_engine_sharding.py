@@ -17,23 +17,21 @@ import numpy as np
 SCRIPT = textwrap.dedent("""
     import sys, numpy as np, jax
     from jaxcrit import engine as E
-    from jaxcrit.models import decoder
+    from jaxcrit.bench import random_params
     from jaxcrit.models.config import ModelConfig
-    from jaxcrit.sharding import make_mesh, rules
-    from jaxcrit.models.params import shard
+    from jaxcrit.dist.sharding import make_mesh
     cfg = ModelConfig(model_type="qwen2", vocab_size=256, d_model=64, n_layers=3, n_heads=4, n_kv_heads=2,
                       head_dim=16, d_ff=96, norm_eps=1e-6, rope_theta=1e4, tie_embeddings=True)
-    raw = decoder.random_params(cfg, jax.random.key(0))
     for run in sys.argv[2:]:
         shape, layout = run.split(":")
         mesh = make_mesh(tuple(int(x) for x in shape.split("x")))
-        params = shard(cfg, raw, mesh, rules(layout))
+        params = random_params(cfg, mesh=mesh, layout=layout)
         rng = np.random.default_rng(0)
         texts = E.Texts.from_ids([rng.integers(0, 256, 33).tolist(), rng.integers(0, 256, 29).tolist()])
         eng = E.Engine(cfg, params, texts, mesh=mesh, chunk=8, progress=False)
         single = E.single(cfg, "down_proj", channels=range(0, 64, 5))
         rand = E.random_sets(cfg, ("q_proj", "act_fn", "post_attention_layernorm"), 13, 6, seed=1)
-        exact = eng._run(single, eng._static(eng._held(("down_proj",)), False, False, exact=True), "exact")
+        exact = eng._run(single, eng.program(("down_proj",), exact=True), "exact")
         out = np.concatenate([eng.losses(single), eng.losses(rand), exact])   # exact: the redo's program
         np.save(f"{sys.argv[1]}/{run}.npy", out)
         held = {d: 0 for d in mesh.devices.flat}

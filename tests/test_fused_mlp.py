@@ -1,4 +1,4 @@
-"""The fused gate|up kernel (models/fused_mlp.py): its vmap rule here (the kernel replaced by a
+"""The fused gate|up kernel (kernels/fused_mlp.py): its vmap rule here (the kernel replaced by a
 plain product), its program in Pallas's Mosaic GPU interpreter on CPU, the compiled kernel and
 the engine with it on a Hopper GPU (the benchmark call)."""
 from __future__ import annotations
@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxcrit.models import fused_mlp, hopper
+from jaxcrit.kernels import fused_mlp, hopper
 
 
 def plain(x, g, u, scale=None) -> np.ndarray:
@@ -130,10 +130,9 @@ def test_engine_losses_with_and_without_the_kernel():
     import dataclasses
 
     from jaxcrit import engine as E
-    from jaxcrit.bench import QWEN_05B
-    from jaxcrit.models import decoder
+    from jaxcrit.bench import QWEN_05B, random_params
     cfg = dataclasses.replace(QWEN_05B, n_layers=4, vocab_size=4096)
-    params = decoder.random_params(cfg, jax.random.key(2), jnp.bfloat16)
+    params = random_params(cfg, jnp.bfloat16, seed=2)
     texts = E.Texts.from_ids([np.random.default_rng(0).integers(0, cfg.vocab_size, 256).tolist()])
     abl = E.single(cfg, "down_proj", layers=[0, 2], channels=range(0, 896, 7))
     out = {m: E.Engine(cfg, params, texts, chunk=64, mlp=m, progress=False).losses(abl) for m in ("xla", "pallas")}
@@ -141,12 +140,16 @@ def test_engine_losses_with_and_without_the_kernel():
     np.testing.assert_allclose(out["pallas"], out["xla"], atol=2e-3)
 
 
+@pytest.mark.parametrize("mlp, norms", [("pallas", "folded"), ("xla", "folded"), ("pallas", "plain")])
 @pytest.mark.parametrize("model_type", ["qwen2", "qwen3", "gemma"])
-def test_fused_layer_folds_its_norms(model_type, monkeypatch):
-    """An unedited layer on the fused path (mlp_impl "pallas") runs both RMSNorms folded into the
-    GEMMs after them: each row's 1/rms applied to q/k/v's and gate/up's outputs, the norms' gains
-    in the weights. In f32 it gives the plain layer's output (norm, then GEMMs) within 1e-5;
-    the kernel stands in as XLA code of its contract (q/k biases, Qwen3's q/k norms, Gemma's 1 + w)."""
+def test_unedited_layer_kernels(model_type, mlp, norms, monkeypatch):
+    """An unedited layer run by the kernels the selection names: the fused MLP (the kernel stands
+    in as XLA code of its contract) and the folded norms (each row's 1/rms applied to q/k/v's and
+    gate/up's outputs, the norms' gains in the weights), each on or off. In f32 every combination
+    gives the plain layer's output (norm, then GEMMs) within 1e-5; folded norms round otherwise
+    (q/k biases, Qwen3's q/k norms, Gemma's 1 + w)."""
+    from jaxcrit.bench import random_params
+    from jaxcrit.kernels.selection import Kernels
     from jaxcrit.models import decoder
     from jaxcrit.models.config import ModelConfig
 
@@ -154,11 +157,12 @@ def test_fused_layer_folds_its_norms(model_type, monkeypatch):
     cfg = ModelConfig(model_type=model_type, vocab_size=64, d_model=64, n_layers=1, n_heads=4, n_kv_heads=2,
                       head_dim=16, d_ff=128, norm_eps=1e-6, rope_theta=1e4, tie_embeddings=True)
     if model_type == "gemma":   # the fold's 1 + w; the kernel's SiLU stands for Gemma's GELU on both sides
-        monkeypatch.setattr(decoder, "_act", lambda name, x: jax.nn.silu(x))
-    p = {k: v[0] for k, v in decoder.stacked_params(decoder.random_params(cfg, jax.random.key(0), jnp.float32)).items()}
+        monkeypatch.setattr(decoder, "act", lambda name, x: jax.nn.silu(x))
+    p = {k: v[0] for k, v in decoder.stacked_params(random_params(cfg)).items()}
     h = 3.0 * jax.random.normal(jax.random.key(1), (2, 12, 64))
     cos, sin = decoder.rope_tables(cfg, 12)
-    run = lambda impl: np.asarray(decoder.block(cfg, p, h, None, cos, sin, None, None, mlp_impl=impl)[0])
-    fused, plain_layer = run("pallas"), run("xla")
-    assert np.abs(fused - plain_layer).max() > 0   # the fold runs (other roundings), and agrees:
-    np.testing.assert_allclose(fused, plain_layer, rtol=1e-5, atol=1e-5)
+    run = lambda k: np.asarray(decoder.block(cfg, p, h, None, cos, sin, None, None, k.layer)[0])
+    fast, plain_layer = run(Kernels(mlp=mlp, norms=norms)), run(Kernels())
+    if norms == "folded":
+        assert np.abs(fast - plain_layer).max() > 0   # the fold runs (other roundings), and agrees:
+    np.testing.assert_allclose(fast, plain_layer, rtol=1e-5, atol=1e-5)

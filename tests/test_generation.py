@@ -1,4 +1,4 @@
-"""Generation with a perturbation applied (jaxcrit/generation.py) against independent references.
+"""Generation with a perturbation applied (jaxcrit/evaluate/generation.py) against independent references.
 
 References: transformers' `generate(do_sample=False)` with its own KV cache, one prompt at a
 time (jaxcrit batches prompts of different lengths); the same with PyTorch forward hooks zeroing
@@ -19,11 +19,11 @@ import transformers as tf
 
 import hf_models
 from jaxcrit import engine as E
-from jaxcrit import generation as G
+from jaxcrit.evaluate import generation as G
 from jaxcrit.convert.hf import load_hf
-from jaxcrit.data.tokenize import special_ids
+from jaxcrit.convert.tokenizer import special_ids
 from jaxcrit.models import decoder as dec
-from jaxcrit.neurons import NeuronSet
+from jaxcrit.models.neurons import NeuronSet
 
 NEW = 20
 

@@ -12,7 +12,7 @@ import pytest
 from gguf_files import write_llama
 from jaxcrit.convert.embedded import embedded_path
 from jaxcrit.convert.gguf_io import load_gguf
-from jaxcrit.data.tokenize import encode, load_tokenizer, special_ids
+from jaxcrit.convert.tokenizer import encode, load_tokenizer, special_ids
 from jaxcrit.errors import JaxcritError
 from jaxcrit.models import decoder
 

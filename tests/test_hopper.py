@@ -1,4 +1,4 @@
-"""The Hopper GEMM on CPU: its division of work between persistent blocks (models/hopper.py
+"""The Hopper GEMM on CPU: its division of work between persistent blocks (kernels/hopper.py
 `_Work`), plain integer arithmetic evaluated here for every block and tile at once and checked
 against a direct enumeration of the output's (row block, b tile) pairs; and both kernels traced
 to jaxprs (no compile), so an error in their Python is caught here. Compiling and running them
@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxcrit.models import fused_loss, fused_mlp, hopper
+from jaxcrit.kernels import fused_loss, fused_mlp, hopper
 
 HEAD, MLP = fused_loss.HOPPER, fused_mlp.TILES   # the kernels' own tiles
 

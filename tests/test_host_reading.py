@@ -32,7 +32,7 @@ CHILD = textwrap.dedent("""
     from safetensors.numpy import load_file
     from jaxcrit.convert import safetensors_io as st
     from jaxcrit.convert.hf import load_hf
-    from jaxcrit.sharding import make_mesh, rules
+    from jaxcrit.dist.sharding import make_mesh, rules
     reads = []
     plain = st.SafetensorsFile.read
     def counted(self, name, index=()):

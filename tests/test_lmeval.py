@@ -1,4 +1,4 @@
-"""jaxcrit as an lm-evaluation-harness model (jaxcrit/lmeval.py), offline, on a tiny random llama.
+"""jaxcrit as an lm-evaluation-harness model (jaxcrit/evaluate/lmeval.py), offline, on a tiny random llama.
 
 The test writes two local JSONL tasks (multiple choice: loglikelihood requests; generation:
 generate_until) and their YAMLs, runs lm_eval.simple_evaluate with model "jaxcrit" clean and with
@@ -21,7 +21,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 import hf_models
 from jaxcrit import engine as E
 from jaxcrit.convert.load import load
-from jaxcrit.lmeval import JaxcritLM
+from jaxcrit.evaluate.lmeval import JaxcritLM
 
 WORDS = 210            # w0..w209 are ids 1..210; [UNK] is 0: every id of the model decodes to a word
 EOS = 201              # w200; BOS stays 1 (w0)

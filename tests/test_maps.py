@@ -14,7 +14,7 @@ from jaxcrit.critical import maps
 from jaxcrit.critical import scan as S
 from jaxcrit.critical import screens as SC
 from jaxcrit.models.sites import SITE_NAMES, site, width
-from jaxcrit.neurons import NeuronSet
+from jaxcrit.models.neurons import NeuronSet
 from tiny_run import TEXT, build_model
 
 

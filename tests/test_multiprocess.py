@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from jaxcrit import pipeline
+from jaxcrit.run import runner as pipeline
 from tiny_run import COMPARED, build_model, config_file, files
 
 REPO = Path(__file__).resolve().parents[1]

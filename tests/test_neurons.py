@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from jaxcrit.errors import JaxcritError
-from jaxcrit.neurons import NeuronSet
+from jaxcrit.models.neurons import NeuronSet
 
 
 def test_records_round_trip_and_reference_fields():

@@ -6,12 +6,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxcrit.bench import random_params
 from jaxcrit.convert import orbax_io
 from jaxcrit.errors import JaxcritError
 from jaxcrit.models import decoder
 from jaxcrit.models.config import ModelConfig
-from jaxcrit.models.params import param_table, shard
-from jaxcrit.sharding import make_mesh, named
+from jaxcrit.models.params import param_table
+from jaxcrit.dist.sharding import make_mesh, named
 
 
 def logits(cfg, params, ids):
@@ -52,13 +53,13 @@ def test_round_trip_bf16_and_tuple_fields(tmp_path):
                       rope_factor=2.0, rope_original_max=64, rope_short_factor=(1.0,) * 8,
                       rope_long_factor=(2.0,) * 8)
     mesh = tp_mesh()
-    params = shard(cfg, decoder.random_params(cfg, jax.random.key(0), jnp.bfloat16), mesh)
+    params = random_params(cfg, jnp.bfloat16, mesh=mesh)
     check_round_trip(tmp_path / "ckpt", cfg, params, mesh)
 
 
 def test_refusals(tmp_path):
     cfg = ModelConfig("llama", 32, 16, 1, 2, 2, 8, 32, 1e-5, 1e4, True)
-    params = decoder.random_params(cfg, jax.random.key(0))
+    params = random_params(cfg)
     orbax_io.save(tmp_path / "ckpt", cfg, params)
     with pytest.raises(JaxcritError, match="already exists"):
         orbax_io.save(tmp_path / "ckpt", cfg, params)

@@ -4,7 +4,7 @@ Both processes run the CLI on the tiny model (2 CPU devices each, a 2x2 mesh, gl
 that dies runs the CLI with Stage 2 replaced by its death, after Stage 1's collectives:
 - worker: process 1 SIGKILLs itself, as a process killed by the system;
 - coordinator: process 0 SIGKILLs itself; the coordination service it started
-  (jaxcrit/coordinator.py) must outlive it, so that the survivor speaks before jax's client aborts;
+  (jaxcrit/dist/coordinator.py) must outlive it, so that the survivor speaks before jax's client aborts;
 - coordinator_host: process 0 SIGSTOPs itself and the test its service, as a host that went down
   without closing its connections: nothing answers, nothing fails.
 The survivor must exit with code 4 within mesh.peer_timeout (5 s) plus a margin, print exactly

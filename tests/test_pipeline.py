@@ -37,7 +37,7 @@ from jaxcrit.critical import stage1, stage2
 from jaxcrit.engine import Engine, Texts
 from jaxcrit.models import decoder as dec
 from jaxcrit.models.sites import SITE_NAMES, module_path, width
-from jaxcrit.neurons import NeuronSet
+from jaxcrit.models.neurons import NeuronSet
 
 ALPHA = 5.0
 K = 4          # noise samples

@@ -3,7 +3,7 @@
 Each plot is built from known input and its artists are read: the heatmaps' AxesImage arrays and
 cell labels, the curves' Line2D data, the scan's scatter offsets, tick labels and legend entries.
 References are hand counts and plain numpy reductions of the same input. The pipeline's wiring
-(stages.save_importance cuts the ranking at 100 before counting; stages.save_map reduces the map
+(the importance stage's save cuts the ranking at 100 before counting; the map stage's save reduces the map
 to the largest verified delta per (layer, site)) is read from the figure it hands to write_png.
 """
 from __future__ import annotations
@@ -17,10 +17,11 @@ import numpy as np
 import pytest
 from matplotlib.text import Annotation
 
-from jaxcrit import stages
+from jaxcrit.report import io
+from jaxcrit.run.stages import ranking as ranking_stages, whole_map as map_stages
 from jaxcrit.critical import maps
 from jaxcrit.models.sites import SITE_NAMES
-from jaxcrit.neurons import NeuronSet
+from jaxcrit.models.neurons import NeuronSet
 from jaxcrit.report import plots
 
 L = 5   # layers: not the 9 sites, so a transposed grid has the wrong shape
@@ -47,18 +48,19 @@ def notes(ax) -> str:
 
 
 def stage_figures(monkeypatch) -> dict:
-    """The figures stages.py hands to write_png, by file name; its other writers do nothing."""
+    """The figures the stages hand to write_png, by file name; its other writers do nothing."""
     figs: dict = {}
     for writer in ("write_json", "write_csv"):
-        monkeypatch.setattr(stages.io, writer, lambda *a, **k: None)
-    monkeypatch.setattr(stages.io, "write_png", lambda path, fig, **k: figs.__setitem__(Path(path).name, fig))
+        monkeypatch.setattr(io, writer, lambda *a, **k: None)
+    monkeypatch.setattr(io, "write_png", lambda path, fig, **k: figs.__setitem__(Path(path).name, fig))
     return figs
 
 
 def fake_run(**config) -> SimpleNamespace:
-    """What a stage's save function reads of a Run: config, workdir, the model's layer count."""
+    """What a stage's save function reads of a Run: config, workdir, the model's layer count, titles."""
     return SimpleNamespace(c=SimpleNamespace(model="org/tiny", **config), workdir=Path("unused"),
-                           tokens=np.arange(40), model=SimpleNamespace(cfg=SimpleNamespace(n_layers=L)))
+                           tokens=np.arange(40), model=SimpleNamespace(cfg=SimpleNamespace(n_layers=L)),
+                           title=lambda what: f"tiny: {what}")
 
 
 def line(ax, label: str):
@@ -114,7 +116,7 @@ def test_importance_stage_maps_its_top_100(monkeypatch):
     keys = some_neurons(1, 100) + [("q_proj", 0)] * 30
     ranking = NeuronSet.make([s for s, _ in keys], [l for _, l in keys], np.arange(130), score=-np.arange(130.0))
     figs = stage_figures(monkeypatch)
-    stages.save_importance(fake_run(stage1=SimpleNamespace(ranking="channel", alpha=1.0, samples=2)), ranking)
+    ranking_stages.save_importance(fake_run(stage1=SimpleNamespace(ranking="channel", alpha=1.0, samples=2)), ranking)
     assert_grid(main_axes(figs["heatmap.png"]), hand_counts(keys[:100]), lambda v: str(int(v)))
 
 
@@ -145,7 +147,7 @@ def test_map_stage_draws_the_largest_verified_delta(monkeypatch):
             old = expected[layer[i], site[i]]
             expected[layer[i], site[i]] = delta[i] if np.isnan(old) else max(old, delta[i])
     figs = stage_figures(monkeypatch)
-    stages.save_map(fake_run(), mp)
+    map_stages.save_map(fake_run(), mp)
     assert np.isfinite(expected).sum() >= 10
     assert_grid(main_axes(figs["map.png"]), expected, lambda v: f"{v:.2g}")
 

@@ -30,7 +30,7 @@ import numpy as np
 import pytest
 
 from jaxcrit.models.sites import SITE_NAMES
-from jaxcrit.stages import STAGES
+from jaxcrit.run.stages import STAGES
 from tiny_run import COMPARED, build_model, config_file, files, paragraphs
 
 # the resumable stages' state prefixes (state/<prefix>.npz or state/<prefix>/*.npz), in table order,
@@ -58,9 +58,10 @@ FIELDS = dict(stage1__batch=2, stage1__top_n=50, stage2__full_curve=True, stage2
 DRIVER = r"""
 import io, json, os, signal, sys, traceback
 import flax, numpy as np
-from jaxcrit import main, pipeline, stages, validate   # with flax, hf, tokenize: what every run imports
+from jaxcrit import main
+from jaxcrit.run import runner as pipeline, stages, validate   # with flax, hf, tokenize: what every run imports
 from jaxcrit.convert import hf
-from jaxcrit.data import tokenize
+from jaxcrit.convert import tokenizer as tokenize
 
 put, savez = pipeline.Store.put, np.savez
 

@@ -20,7 +20,7 @@ import transformers as tf
 
 from jaxcrit.convert.hf import load_hf
 from jaxcrit.models import decoder as dec
-from jaxcrit.sharding import make_mesh
+from jaxcrit.dist.sharding import make_mesh
 
 # Dims that 4 divides (vocab, heads, kv heads, d_ff), so 'model' really splits them.
 DIMS = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -37,7 +37,7 @@ CHILD = textwrap.dedent("""
     from jax.sharding import NamedSharding, PartitionSpec as P
     from jaxcrit.convert.hf import load_hf
     from jaxcrit.models import decoder as dec
-    from jaxcrit.sharding import make_mesh
+    from jaxcrit.dist.sharding import make_mesh
     assert len(jax.devices()) == 8, jax.devices()
     mesh = make_mesh((2, 4))
     out = {}

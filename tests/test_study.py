@@ -1,4 +1,4 @@
-"""The study (issue 15): corpus evaluation, the learned mask, the study's stages and findings.md.
+"""The study: corpus evaluation, the learned mask, the study's stages and findings.md.
 
 Corpus evaluation against one unbatched engine per text and the reference's weighting by hand;
 the learned mask's gates against the engine (gates at 0/1 give the engine's loss for that set,
@@ -23,12 +23,12 @@ from jaxcrit import engine as E
 from jaxcrit import findings
 from jaxcrit import main as M
 from jaxcrit.critical import learned as LM
-from jaxcrit.critical.evaluate import evaluate_sets
+from jaxcrit.evaluate.perplexity import evaluate_sets
 from jaxcrit.data.texts import read_paragraphs
 from jaxcrit.errors import JaxcritError
 from jaxcrit.models import decoder
 from jaxcrit.models.sites import width
-from jaxcrit.neurons import NeuronSet
+from jaxcrit.models.neurons import NeuronSet
 from tiny_run import TEXT, WORDS, build_model, tiny_config
 
 WIKITEXT = Path(__file__).resolve().parent / "data" / "wikitext"   # the test split's first three articles
@@ -186,7 +186,8 @@ def test_study_stages_and_findings(model_dir, tmp_path):
     equal to the main run is the main run, float32's dtype curve is curve.csv, the main mode's
     curve in modes.json is curve.csv; the evaluation's prefix@E is the curve's first prefix
     reaching E; findings.md answers every question from these files."""
-    from jaxcrit.pipeline import result_files
+    from jaxcrit.run.runner import result_files
+    from jaxcrit.run.stages import STAGES
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     rng = np.random.default_rng(1)
@@ -201,7 +202,7 @@ def test_study_stages_and_findings(model_dir, tmp_path):
     M.run(c, wd)
     for name in ("modes.json", "modes.png", "stability.json", "texts.png", "dtypes.json", "dtypes.png", "learned.json",
                  "relations.json"):
-        assert (wd / name).is_file() and name in result_files(), name
+        assert (wd / name).is_file() and name in result_files(STAGES), name
     curve = pd.read_csv(wd / "curve.csv")
     modes = json.loads((wd / "modes.json").read_text())
     assert [r["delta"] for r in modes["curves"]["channel"]] == pytest.approx(curve["delta"].tolist(), abs=1e-7)

@@ -1,4 +1,4 @@
-"""The tasks built from a corpus (jaxcrit/tasks.py) and the tasks stage that scores them through lm-eval.
+"""The tasks built from a corpus (jaxcrit/evaluate/tasks.py) and the tasks stage that scores them through lm-eval.
 
 The builder on a WikiText-style corpus written here, whose articles, paragraphs and sentences the
 test knows: each item against the paragraph it came from, distractors from other articles, the
@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 import hf_models
-from jaxcrit import tasks as T
+from jaxcrit.evaluate import tasks as T
 
 VOCAB = [a + b for a in "bcdfghklmnprstvz" for b in "aeiou"]   # 80 alphabetic words
 SPECIAL = ["[UNK]", ".", ","]                                   # ids 0, 1, 2; the words follow
@@ -175,9 +175,10 @@ def test_tasks_stage_against_transformers(tiny, tmp_path):
     greedy set holds the critical set's neurons in another order, so it is scored once."""
     import torch  # noqa: F401
     from jaxcrit import findings
-    from jaxcrit.neurons import NeuronSet
-    from jaxcrit.pipeline import Run, prepare_workdir
-    from jaxcrit.stages import Critical
+    from jaxcrit.models.neurons import NeuronSet
+    from jaxcrit.critical.stage2 import Critical
+    from jaxcrit.run.runner import Run, prepare_workdir
+    from jaxcrit.run.stages import STAGES
     from tiny_run import tiny_config
     model_dir, model, tok = tiny
     rng = np.random.default_rng(2)
@@ -185,10 +186,10 @@ def test_tasks_stage_against_transformers(tiny, tmp_path):
     c = tiny_config(model_dir, evaluate__file=str(tmp_path / "corpus.raw"), evaluate__sets=("greedy",),
                     tasks__enabled=True, tasks__limit=100, tasks__batch=5)
     wd = tmp_path / "run"
-    prepare_workdir(wd, c)
+    prepare_workdir(wd, c, STAGES)
     crit = NeuronSet.of(MASKED)
     greedy = [{"site": s, "layer": l, "channel": ch} for s, l, ch in MASKED[::-1]]
-    run = Run(c, wd, values={"critical": Critical(crit, len(crit), 1.0, 1.0, 1.0), "greedy": greedy})
+    run = Run(c, wd, stages=STAGES, values={"critical": Critical(crit, len(crit), 1.0, 1.0, 1.0), "greedy": greedy})
     got = run["tasks"]
     assert json.loads((wd / "tasks.json").read_text()) == got
     assert list(got["sets"]) == ["base", "critical", "greedy"]

@@ -1,13 +1,16 @@
-"""Exhaustive single-neuron ground truth on the embedded SmolLM2 (issue 12's recall check).
+"""Exhaustive single-neuron ground truth on the embedded SmolLM2: the exact delta of every neuron
+of the required groups, what tools/map_recall.py measures a whole-model map against.
 
     python tools/ground_truth.py                      # fills docs/data/smollm2_ground_truth.csv.gz
     python tools/ground_truth.py --groups down_proj:29 q_proj:0   # only these (site:layer) groups
 
-Scans every channel of the required groups (all nine sites of layers 0, 11 and 29, and
-down_proj of every layer) on the default text, through the engine exactly as the scan stage
-does (f32, prefix sharing), cheapest groups first. The csv (site, layer, channel, delta) is
-rewritten atomically after every block of `--block` neurons, so a killed run (or a session that
-ends) resumes with the neurons the file lacks; seconds per block go to the .json beside it.
+Use it to rebuild docs/data/smollm2_ground_truth.csv.gz when a change moves deltas (the engine's
+numerics, the default text, the embedded model): about two hours on 2 CPU cores. Scans every
+channel of the required groups (all nine sites of layers 0, 11 and 29, and down_proj of every
+layer) on the default text, through the engine exactly as the scan stage does (f32, prefix
+sharing), cheapest groups first. The csv (site, layer, channel, delta) is rewritten atomically
+after every block of `--block` neurons, so a stopped run resumes with the neurons the file lacks;
+seconds per block go to the .json beside it.
 """
 from __future__ import annotations
 

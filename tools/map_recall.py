@@ -1,7 +1,11 @@
-"""The whole-model map against exhaustive single-neuron ground truth (issue 12).
+"""The whole-model map against exhaustive single-neuron ground truth: whether its exact top-k is the truth's.
 
     python tools/map_recall.py --truth docs/data/smollm2_ground_truth.csv.gz --map runs/map/map.csv --k 20
     python tools/map_recall.py --scans a/scan.csv b/scan.csv --save truth.csv.gz   # build the truth file
+
+Use it after a change to the map's screens or stopping rule (critical/maps.py): run the map on
+SmolLM2 (`python -m jaxcrit.main --config=smollm2 --config.map.enabled=True --config.map.top_k=20`)
+and compare it with the ground truth tools/ground_truth.py wrote.
 
 truth: (site, layer, channel, delta) rows of exhaustive scans (scan.csv files; a neuron scanned
 twice keeps its first row). The map covers every neuron but verifies few; the comparison is made

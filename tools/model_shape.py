@@ -4,8 +4,10 @@
     python -m jaxcrit.main --config=hf:/tmp/qwen2.5-72b-shape --config.dry_run=True --config.max_tokens=115 \\
         --config.mesh.shape='(2,4)' --config.mesh.params=fsdp --config.mesh.device_memory_gib=80
 
-The shapes are jaxcrit.bench.SHAPES (Qwen2.5 0.5B, 7B, 32B, 72B). Without a tokenizer.json the
-dry run plans for max_tokens tokens; copy the real model's tokenizer.json in to plan for a text.
+Use it to see whether a model fits a mesh, and with which chunk and batch, before downloading
+its weights or renting the devices. The shapes are jaxcrit.bench.SHAPES (Qwen2.5 0.5B, 7B, 32B,
+72B, and the tests' tiny one). Without a tokenizer.json the dry run plans for max_tokens tokens;
+copy the real model's tokenizer.json in to plan for a text.
 """
 from __future__ import annotations
 

@@ -8,8 +8,8 @@ against the GPU configs: the random baseline has 3 repeats (not 10) and the base
 the 32 channels Stage 1 ranks highest (not all 576); the greedy search takes 4 steps over 8; the
 whole-model map is off (`--config.map.enabled=True`): with its three screens and top_k 20 it took
 76 s on 2 CPU cores (1,236 neurons verified in 5 rounds, 128 audited), more than the rest of the
-run; the generations stage is off
-(`--config.generate.enabled=True`): 3 prompts x 24 tokens greedy, clean and masked, took 5-6 s.
+run; the generations stage is off (`--config.generate.enabled=True`): 3 prompts x 24 tokens
+greedy, clean and masked, took 5-6 s.
 """
 from jaxcrit.configs.common import base
 from jaxcrit.models.sites import SITE_NAMES

@@ -1,4 +1,4 @@
-"""The study (issue 15) on the embedded SmolLM2-135M-Instruct, sized for a 2-core CPU; docs/findings.md is its report.
+"""The study on the embedded SmolLM2-135M-Instruct, sized for a 2-core CPU; docs/findings.md is its report.
 
     python -m jaxcrit.main --config=configs/study.py:../shared/data/wikitext --workdir=runs/study
     python -m jaxcrit.findings --workdir=runs/study --out=docs/findings.md
@@ -11,7 +11,7 @@ search over the scan's best 32, the whole-model map, the evaluation of the criti
 1 and 3, the greedy and the learned set on the first 100 WikiText paragraphs, Stage 1 + Stage 2
 again for seeds 0-2, alpha 1/3/10, K 10/50 and ten texts, the dtype sweep, the learned mask over
 Stage 1's 128 best neurons, the largest activations, base vs masked generations, and lm-eval scores
-of the clean model and those sets on two tasks built from the corpus (jaxcrit/tasks.py; they need
+of the clean model and those sets on two tasks built from the corpus (jaxcrit/evaluate/tasks.py; they need
 `pip install 'jaxcrit[eval]'`).
 """
 from jaxcrit.configs.smollm2 import get_config as smollm2

@@ -14,6 +14,8 @@ from typing import Callable
 from jaxcrit.errors import JaxcritError
 from jaxcrit.models.config import ModelConfig
 
+ORBAX_META = "jaxcrit.json"   # the metadata file orbax_io.save writes beside the params: it marks that layout
+
 
 def _gguf_config(path: Path) -> ModelConfig:
     from jaxcrit.convert.gguf_io import hf_config, open_gguf
@@ -22,8 +24,8 @@ def _gguf_config(path: Path) -> ModelConfig:
 
 
 def _orbax_config(path: Path) -> ModelConfig:
-    from jaxcrit.convert.orbax_io import META, config_from_json
-    return config_from_json(json.loads((path / META).read_text())["config"])
+    from jaxcrit.convert.orbax_io import config_from_json
+    return config_from_json(json.loads((path / ORBAX_META).read_text())["config"])
 
 
 def _hf_config(path: Path) -> ModelConfig:
@@ -56,7 +58,7 @@ class Kind:
 
 KINDS: tuple[Kind, ...] = (
     Kind("gguf", lambda p: p.is_file(), _gguf_config, _gguf_load),
-    Kind("orbax", lambda p: (p / "jaxcrit.json").is_file(), _orbax_config, _orbax_load),
+    Kind("orbax", lambda p: (p / ORBAX_META).is_file(), _orbax_config, _orbax_load),
     Kind("hf", lambda p: p.is_dir(), _hf_config, _hf_load),
 )
 

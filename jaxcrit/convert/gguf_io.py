@@ -20,7 +20,7 @@ from jaxcrit.convert.hf import place
 from jaxcrit.errors import JaxcritError
 from jaxcrit.models.config import ModelConfig, from_hf_config
 from jaxcrit.models.params import param_table
-from jaxcrit.sharding import DEFAULT_RULES, make_mesh
+from jaxcrit.dist.sharding import DEFAULT_RULES, make_mesh
 
 SUPPORTED_ARCHS = ("llama",)
 

@@ -14,7 +14,7 @@ from jaxcrit.convert.safetensors_io import Checkpoint
 from jaxcrit.errors import JaxcritError
 from jaxcrit.models.config import ModelConfig, from_hf_config
 from jaxcrit.models.params import param_table
-from jaxcrit.sharding import DEFAULT_RULES, make_mesh, named
+from jaxcrit.dist.sharding import DEFAULT_RULES, make_mesh, named
 
 LAYER = "model.layers.{i}."
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)

@@ -11,7 +11,7 @@ from tokenizers import Tokenizer
 from jaxcrit.convert.checkpoints import resolve
 from jaxcrit.errors import JaxcritError
 from jaxcrit.models.config import ModelConfig
-from jaxcrit.sharding import DEFAULT_RULES, make_mesh
+from jaxcrit.dist.sharding import DEFAULT_RULES, make_mesh
 
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 
@@ -39,7 +39,7 @@ class Model:
 
 def tokens(tokenizer: Tokenizer, text: str, max_tokens: int = 512, min_tokens: int = 2) -> np.ndarray:
     """[T] int32 token ids of text (special tokens as transformers adds them), cut to max_tokens."""
-    from jaxcrit.data.tokenize import encode
+    from jaxcrit.convert.tokenizer import encode
     ids = encode(tokenizer, text)[:max_tokens]
     if len(ids) < min_tokens:
         raise JaxcritError(f"the text has {len(ids)} tokens; at least {min_tokens} are needed (give a longer text)")
@@ -50,7 +50,7 @@ def load(name_or_path: str = "smollm2", dtype: str = "float32", mesh: Mesh | Non
          rules=DEFAULT_RULES) -> Model:
     """An embedded model name ('smollm2'), a HF checkpoint dir, a .gguf file, or a dir saved by
     jaxcrit.convert.orbax_io.save (holding jaxcrit.json)."""
-    from jaxcrit.data.tokenize import load_tokenizer, special_ids
+    from jaxcrit.convert.tokenizer import load_tokenizer, special_ids
     if dtype not in DTYPES:
         raise JaxcritError(f"dtype '{dtype}' unknown: use one of {', '.join(DTYPES)}")
     mesh = mesh or make_mesh()

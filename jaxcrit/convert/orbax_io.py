@@ -15,12 +15,12 @@ import jax
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
+from jaxcrit.convert.checkpoints import ORBAX_META as META
 from jaxcrit.errors import JaxcritError
 from jaxcrit.models.config import ModelConfig
 from jaxcrit.models.params import param_table
-from jaxcrit.sharding import DEFAULT_RULES, make_mesh, named
+from jaxcrit.dist.sharding import DEFAULT_RULES, make_mesh, named
 
-META = "jaxcrit.json"
 PARAMS = "params"
 
 

@@ -18,7 +18,8 @@ from jaxcrit.critical.stage1 import rank
 from jaxcrit.models import decoder
 from jaxcrit.models.config import ModelConfig
 from jaxcrit.models.sites import SITE_NAMES, width
-from jaxcrit.neurons import NeuronSet
+from jaxcrit.models.neurons import NeuronSet
+from jaxcrit.progress import Memo, no_memo
 
 @partial(jax.jit, static_argnames=("cfg",))
 def _activations(cfg: ModelConfig, params, tokens):
@@ -30,7 +31,7 @@ def _activations(cfg: ModelConfig, params, tokens):
 def _gradients(cfg: ModelConfig, params, tokens):
     def loss(values):
         h, _ = decoder.forward(cfg, params, decoder.embed(cfg, params, tokens), values=values, remat=True)
-        return decoder.token_nll(cfg, params, h[:, :-1], tokens[:, 1:]).mean()
+        return E.token_nll(cfg, params, h[:, :-1], tokens[:, 1:]).mean()
     zeros = {s: jnp.zeros((cfg.n_layers, width(cfg, s)), jnp.float32) for s in SITE_NAMES}
     return jax.grad(loss)(zeros)
 
@@ -65,3 +66,30 @@ def ranking(name: str, cfg: ModelConfig, params: dict, tokens: np.ndarray, top_n
     """The baseline's ranked channels (top_n of them); seed matters to random only."""
     tok = jnp.asarray(np.asarray(tokens)[None], jnp.int32)
     return BASELINES[name](cfg, params, tok, top_n, seed)
+
+
+def score_packed(engine: E.Engine, units: dict[str, E.Ablations], *, desc: str,
+                 memo: Memo = no_memo) -> dict[str, np.ndarray]:
+    """Deltas of each unit's rows. Units are packed in order into batches of about one engine
+    chunk (a unit is never split), so small units do not each pay for a padded chunk; memo keeps
+    each batch's deltas as one unit ("batch-i"). The plan depends on the units alone, so a resumed
+    run scores the missing batches with the same rows (and the same rounding)."""
+    batches: list[list[tuple[str, E.Ablations]]] = [[]]
+    for k, abl in units.items():   # fill each batch up to one chunk; a unit larger than that goes alone
+        if batches[-1] and sum(a.rows for _, a in batches[-1]) + abl.rows > engine.chunk:
+            batches.append([])
+        batches[-1].append((k, abl))
+    out = {}
+    for i, batch in enumerate(batches):
+        done = memo(f"batch-{i}", lambda: engine.deltas(_concat([a for _, a in batch]),
+                                                        desc=f"{desc} {', '.join(k for k, _ in batch)}"))
+        out.update(zip((k for k, _ in batch), np.split(done, np.cumsum([a.rows for _, a in batch])[:-1])))
+    return out
+
+
+def _concat(parts: list[E.Ablations]) -> E.Ablations:
+    """Rows of several batches in one; shorter rows padded with inactive entries (scale 1, value 0)."""
+    K = max(p.site.shape[1] for p in parts)
+    cols = {f: np.concatenate([np.pad(getattr(p, f), ((0, 0), (0, K - p.site.shape[1])), constant_values=v)
+                               for p in parts]) for f, v in E.INACTIVE.items()}
+    return E.Ablations(**cols)

@@ -30,7 +30,8 @@ from jaxcrit.errors import JaxcritError
 from jaxcrit.models import decoder
 from jaxcrit.models.config import ModelConfig
 from jaxcrit.models.sites import width
-from jaxcrit.neurons import NeuronSet
+from jaxcrit.models.neurons import NeuronSet
+from jaxcrit.progress import Memo, no_memo
 
 
 def candidates(ranking: NeuronSet, n: int) -> NeuronSet:
@@ -61,7 +62,7 @@ def gated_loss(cfg: ModelConfig, params: dict, tokens: jax.Array, cand: NeuronSe
     """Mean token NLL (nats) of tokens [1, T] with the candidates gated by z [N]."""
     h, _ = decoder.forward(cfg, params, decoder.embed(cfg, params, tokens), masks=gate_masks(cfg, cand, z),
                            remat=True)
-    return decoder.token_nll(cfg, params, h[:, :-1], tokens[:, 1:]).mean()
+    return E.token_nll(cfg, params, h[:, :-1], tokens[:, 1:]).mean()
 
 
 def sample(theta: jax.Array, key: jax.Array, temperature: float) -> jax.Array:
@@ -158,7 +159,7 @@ def optimise(cfg: ModelConfig, params: dict, tokens: np.ndarray, base_loss: floa
 
 
 def verify(engine: E.Engine, cand: NeuronSet, z: np.ndarray, *, epsilon: float,
-           memo: stage2.Memo = stage2.no_memo) -> tuple[NeuronSet, stage2.Growth, float]:
+           memo: Memo = no_memo) -> tuple[NeuronSet, stage2.Growth, float]:
     """The gates binarised and scored exactly: (candidates ranked by z, the ranking's prefixes'
     deltas up to the first reaching epsilon, the delta of the set z > 0.5 (nan if empty))."""
     order = np.argsort(-z, kind="stable")
@@ -173,7 +174,7 @@ def verify(engine: E.Engine, cand: NeuronSet, z: np.ndarray, *, epsilon: float,
 
 
 
-def prune(engine: E.Engine, neurons: NeuronSet, *, epsilon: float, memo: stage2.Memo = stage2.no_memo) -> list[dict]:
+def prune(engine: E.Engine, neurons: NeuronSet, *, epsilon: float, memo: Memo = no_memo) -> list[dict]:
     """Backward elimination on measured deltas: while some neuron can go with the rest still at
     delta >= epsilon, drop the one whose removal leaves the largest delta. One record per set
     visited, the given set first: {"n", "delta", "neurons" (keys)}; the last is a set from which

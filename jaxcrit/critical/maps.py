@@ -23,7 +23,7 @@ from typing import Callable
 import numpy as np
 
 from jaxcrit.critical.screens import SCREENS
-from jaxcrit.neurons import NeuronSet
+from jaxcrit.models.neurons import NeuronSet
 
 Measure = Callable[[str, np.ndarray], np.ndarray]   # (unit key, flat neuron indices [n]) -> exact deltas [n]
 

@@ -6,10 +6,10 @@ from typing import Sequence
 import numpy as np
 
 from jaxcrit import engine as E
-from jaxcrit.critical.stage2 import Memo, no_memo
 from jaxcrit.models.config import ModelConfig
 from jaxcrit.models.sites import width
-from jaxcrit.neurons import NeuronSet
+from jaxcrit.models.neurons import NeuronSet
+from jaxcrit.progress import Memo, no_memo
 
 
 def neurons(cfg: ModelConfig, sites: Sequence[str], layers: Sequence[int],
@@ -22,6 +22,20 @@ def neurons(cfg: ModelConfig, sites: Sequence[str], layers: Sequence[int],
                            np.arange(width(cfg, s)) if channels is None else np.asarray(channels), indexing="ij")
         parts.append((np.full(l.size, s), l.ravel(), c.ravel()))
     return NeuronSet.make(*(np.concatenate([p[i] for p in parts]) if parts else [] for i in range(3)))
+
+
+def targets(cfg: ModelConfig, sites: Sequence[str], layers: Sequence[int], channels: Sequence[int] | None = None, *,
+            top: int = 0, ranking: NeuronSet | None = None) -> NeuronSet:
+    """The neurons a scan covers: sites x layers x channels (None: all), or with `top` the first
+    `top` distinct channels of each site and layer in the ranking (deepest layers first)."""
+    if not top:
+        return neurons(cfg, sites, layers, channels)
+    parts = []
+    for site in sites:
+        for layer in sorted(layers, reverse=True):
+            mine = ranking[(ranking.site == site) & (ranking.layer == layer)]
+            parts.append(neurons(cfg, [site], [layer], list(dict.fromkeys(int(x) for x in mine.channel))[:top]))
+    return NeuronSet.make(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("site", "layer", "channel")))
 
 
 def scan(engine: E.Engine, todo: NeuronSet, *, block: int, memo: Memo = no_memo) -> NeuronSet:

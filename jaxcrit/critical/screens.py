@@ -23,11 +23,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcrit import engine as E
-from jaxcrit import processes
+from jaxcrit.dist import processes
 from jaxcrit.models import decoder
 from jaxcrit.models.config import ModelConfig
 from jaxcrit.models.sites import SITE_NAMES, width
-from jaxcrit.neurons import NeuronSet
+from jaxcrit.models.neurons import NeuronSet
 
 SiteArrays = dict[str, np.ndarray]
 
@@ -42,7 +42,7 @@ def _gradient_pass(cfg: ModelConfig, params, tokens) -> tuple[dict, dict]:
         h, ys = decoder.forward(cfg, params, decoder.embed(cfg, params, tokens), masks=masks, remat=True,
                                 observe=lambda sites: {s: jnp.abs(a.astype(jnp.float32)).max((0, 1))
                                                        for s, a in sites.items()})
-        return decoder.token_nll(cfg, params, h[:, :-1], tokens[:, 1:]).mean(), ys["observed"]
+        return E.token_nll(cfg, params, h[:, :-1], tokens[:, 1:]).mean(), ys["observed"]
 
     ones = {s: jnp.ones((cfg.n_layers, width(cfg, s)), jnp.float32) for s in SITE_NAMES}
     grads, magnitude = jax.grad(loss, has_aux=True)(ones)

@@ -14,11 +14,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcrit import processes
+from jaxcrit.dist import processes
 from jaxcrit.models import decoder
 from jaxcrit.models.config import ModelConfig
 from jaxcrit.models.sites import SITE_NAMES, width
-from jaxcrit.neurons import NeuronSet
+from jaxcrit.models.neurons import NeuronSet
 from jaxcrit.progress import Progress
 
 
@@ -40,10 +40,17 @@ def noise(key: jax.Array, ks: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(key, k), shape, jnp.float32))(ks)
 
 
+def batch_shapes(cfg: ModelConfig, T: int, n: int, sharding) -> tuple[jax.ShapeDtypeStruct, ...]:
+    """`differences`' noise batch as shapes under this sharding: eps [n, T, D], alpha [] and
+    weight [n], all f32 (what the memory plan compiles it with, beside params and tokens [1, T])."""
+    f32 = lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sharding)
+    return f32((n, T, cfg.d_model)), f32(()), f32((n,))
+
+
 @partial(jax.jit, static_argnames=("cfg",), compiler_options=decoder.COMPILER_OPTIONS)
-def _differences(cfg: ModelConfig, params, tokens, eps, alpha, weight):
+def differences(cfg: ModelConfig, params, tokens, eps, alpha, weight):
     """Sum over the rows of eps [n, T, D] f32 (weight 1; padding rows 0) of |A_clean - A_noisy|,
-    site -> [L, T, C] f32.
+    site -> [L, T, C] f32, for tokens [1, T] and the noise scale alpha.
 
     One forward over n + 1 sequences: row 0 is the clean pass (zero noise), rows 1.. the noisy
     ones. The differences are reduced over the rows inside the layer scan (decoder's `observe`),
@@ -69,13 +76,13 @@ def _add(sums, diffs):
     return {s: sums[s] + diffs[s] for s in sums}
 
 
-PROGRAMS = (_differences, _add)   # compiled for this stage alone (pipeline.release_memory drops them after it)
+PROGRAMS = (differences, _add)   # compiled for this stage alone (pipeline.release_memory drops them after it)
 
 
 def _accumulate(cfg: ModelConfig, params, tokens, sums, eps, alpha, weight):
     """sums + one batch's differences (a separate program, so the big one never sees the sums'
     changing placement and compiles once)."""
-    return _add(sums, _differences(cfg, params, tokens, eps, alpha, weight))
+    return _add(sums, differences(cfg, params, tokens, eps, alpha, weight))
 
 
 def importance(cfg: ModelConfig, params: dict, tokens: np.ndarray, *, alpha: float, samples: int,

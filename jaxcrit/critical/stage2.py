@@ -2,20 +2,13 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
 
 import numpy as np
 
 from jaxcrit import engine as E
 from jaxcrit.models.sites import SITE_NAMES
-from jaxcrit.neurons import NeuronSet
-
-Memo = Callable[[str, Callable[[], np.ndarray]], np.ndarray]
-
-
-def no_memo(key: str, compute: Callable[[], np.ndarray]) -> np.ndarray:
-    """The in-memory memo: always computes. A pipeline run passes one that keeps each block."""
-    return compute()
+from jaxcrit.models.neurons import NeuronSet
+from jaxcrit.progress import Memo, no_memo
 
 
 @dataclasses.dataclass
@@ -69,3 +62,21 @@ def grow(engine: E.Engine, ranking: NeuronSet, *, epsilon: float, max_steps: int
     ns_done = np.concatenate(got_n) if got_n else np.zeros(0, int)
     deltas = np.concatenate(got_d) if got_d else np.zeros(0, np.float32)
     return Growth.of(ns_done, deltas, epsilon)
+
+
+@dataclasses.dataclass
+class Critical:
+    """The critical set: the first n neurons of the ranking reaching epsilon (or all scored)."""
+    neurons: NeuronSet
+    n: int | None          # None: no prefix reached epsilon; neurons is then the largest prefix scored
+    epsilon: float
+    delta: float
+    base_loss: float       # mean NLL of the text, nats/token
+
+    @property
+    def loss(self) -> float:
+        return self.base_loss + self.delta * E.LN10
+
+    def to_json(self) -> dict:
+        return {"n": self.n, "epsilon": self.epsilon, "delta": self.delta, "base_loss": self.base_loss,
+                "loss": self.loss, "neurons": self.neurons.records()}

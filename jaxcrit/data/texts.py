@@ -45,8 +45,8 @@ def read_paragraphs(path: str | Path, min_chars: int = PARAGRAPH_CHARS, limit: i
     return rows[:limit] if limit else rows
 
 
-# ----------------------------------------------------------------------------- issue 15: study texts
-# Ten short paragraphs for the stability study (jaxcrit/study.py): five English registers and five
+# ----------------------------------------------------------------------------- study texts
+# Ten short paragraphs for the stability study (jaxcrit/run/stages/study.py): five English registers and five
 # other languages, written for jaxcrit (no outside source), each about 80-130 tokens for SmolLM2.
 STUDY_TEXTS = {
     "en_science": (

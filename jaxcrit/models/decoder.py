@@ -1,23 +1,26 @@
-"""The decoder: one pure forward for every family, plus the Flax NNX module that holds params.
+"""The decoder: one pure forward for every family (models/module.py holds params in a Flax NNX module).
 
 Perturbations are data: `masks[site]` is a [layers, channels] array multiplied into that site's
 output at every position (0 ablates), `values[site]` is added after it (mean-ablation style).
 Absent sites cost nothing. The forward is a function of arrays only, so `jax.vmap` over a batch
 of masks runs thousands of ablations in one XLA program.
+
+A layer is assembled once (`layer`: the attention branch, then the MLP branch, each added to the
+residual); the full forward (`block`, `forward`), the engine's prefix sharing and generation's
+cached step all run it or its branches. The hot spots' implementations are handed in
+(`LayerKernels`, chosen by jaxcrit.kernels.selection); the default is XLA's, exact.
 """
 from __future__ import annotations
 
-import functools
 import math
-from typing import Mapping, NamedTuple
+from typing import Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from jaxcrit.models import fused_mlp
 from jaxcrit.models.config import ModelConfig, rope_inv_freq
 from jaxcrit.models.params import param_table
-from jaxcrit.sharding import gathered
+from jaxcrit.dist.sharding import gathered
 
 # For jax.jit(compiler_options=...) of the programs that run the decoder on GPUs: GEMMs go to
 # cuBLAS. XLA's own Triton GEMMs made a decoder layer ~4 % slower on the H200, and autotuning
@@ -56,16 +59,22 @@ def rms_norm(x: Array, w: Array, eps: float, plus_one: bool) -> Array:
     return w * xf.astype(x.dtype)
 
 
+def norm(cfg: ModelConfig, x: Array, w: Array) -> Array:
+    """The model's RMSNorm of x [..., D] with gain w [D]."""
+    return rms_norm(x, w, cfg.norm_eps, cfg.family.norm_plus_one)
+
+
 def folded(norm_w: Array, w: Array, plus_one: bool) -> Array:
     """A GEMM's weight [D, C] with the RMSNorm before it folded in: rms_norm(x) @ w equals
-    rms_scale(x) * (x @ folded(...)) up to the dtype's rounding. The layers no row edits run
-    their norms so on the fused path (`mlp_impl` "pallas"): no normed copy of the residual is
-    written, the GEMMs read the residual itself and the scale goes to their outputs."""
+    rms_scale(x) * (x @ folded(...)) up to the dtype's rounding. Layers run with folded norms
+    (`LayerKernels.fold_norms`) write no normed copy of the residual: the GEMMs read the residual
+    itself and the scale goes to their outputs."""
     gain = norm_w.astype(jnp.float32) + (1.0 if plus_one else 0.0)
     return (gain[:, None] * w.astype(jnp.float32)).astype(w.dtype)
 
 
-def _act(name: str, x: Array) -> Array:
+def act(name: str, x: Array) -> Array:
+    """The MLP's gate activation (Family.act)."""
     if name == "gelu_tanh":
         return jax.nn.gelu(x, approximate=True)
     return jax.nn.silu(x)
@@ -121,25 +130,15 @@ def attention_bias(cfg: ModelConfig, T: int, valid: Array | None, positions: Arr
     return jnp.where(ok, 0.0, -jnp.inf)[:, None, None].astype(jnp.float32)
 
 
-def attend(cfg: ModelConfig, q: Array, k: Array, v: Array, valid: Array | None, impl: str,
+def attend(cfg: ModelConfig, q: Array, k: Array, v: Array, valid: Array | None,
            positions: Array | None = None) -> Array:
-    """Causal GQA attention. q [B, Tq, H, hd], k/v [B, T, KV, hd] -> [B, Tq, H, hd]; valid [B, T]
-    marks the keys (None: no padding).
-
-    impl "xla": einsum with an f32 softmax (exact reference path); "cudnn": the fused
-    flash-attention kernel (GPU, bf16/fp16), which never materialises the [T, T] scores (given
-    no sequence lengths when there is no padding: its faster kernel on the H200).
-    positions [Tq] (xla only): the queries' positions among the keys, for queries that are not
-    the keys' own sequence (generation's KV cache); default: Tq = T, the same positions.
+    """Causal GQA attention, einsum with an f32 softmax (the exact reference form). q [B, Tq, H, hd],
+    k/v [B, T, KV, hd] -> [B, Tq, H, hd]; valid [B, T] marks the keys (None: no padding).
+    positions [Tq]: the queries' positions among the keys, for queries that are not the keys' own
+    sequence (generation's KV cache); default: Tq = T, the same positions.
     """
     B, T, H, hd = q.shape
     KV = k.shape[2]
-    if impl == "cudnn":
-        lengths = None if valid is None else valid.sum(-1).astype(jnp.int32)
-        window = (cfg.sliding_window - 1, 0) if cfg.sliding_window else None
-        return jax.nn.dot_product_attention(q, k, v, is_causal=True, query_seq_lengths=lengths,
-                                            key_value_seq_lengths=lengths, local_window_size=window,
-                                            implementation="cudnn")
     # batch axes first, as batched GEMMs want them: XLA:CPU ran the [b, t, k, g, d] form 3.5x slower
     q = q.reshape(B, T, KV, H // KV, hd).transpose(0, 2, 3, 1, 4)                    # [B, KV, G, T, hd]
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)                         # [B, KV, T, hd]
@@ -159,11 +158,18 @@ def editor(masks: SiteArrays | None, values: SiteArrays | None, record: dict[str
     return site
 
 
-def _attention_out(cfg: ModelConfig, p: Params, h: Array, valid: Array | None, cos: Array, sin: Array, site,
-                   attn_impl: str, fold: bool = False) -> Array:
-    """The attention branch's output o_proj(attn(norm(h))) [B, T, D], site-edited; h [B, T, D]."""
-    q, k, v = qkv(cfg, p, h, cos, sin, site, fold)
-    return attention_output(cfg, p, attend(cfg, q, k, v, valid, attn_impl), site)
+class LayerKernels(NamedTuple):
+    """The implementations a layer runs at its hot spots (jaxcrit.kernels.selection picks them).
+    attend(cfg, q, k, v, valid) -> [B, T, H, hd]: the attention, as `attend` computes it.
+    swiglu(x, s, gate_w, up_w) -> act(s * (x @ gate_w)) * (s * (x @ up_w)) [..., F], s each
+    row's scale [...] f32: a fused MLP for the layers without edits; None: XLA's GEMMs.
+    fold_norms: the layers without edits run both RMSNorms folded into the GEMMs after them."""
+    attend: Callable[..., Array] = attend
+    swiglu: Callable[[Array, Array, Array, Array], Array] | None = None
+    fold_norms: bool = False
+
+
+XLA = LayerKernels()   # XLA's ops everywhere, exact
 
 
 def qkv(cfg: ModelConfig, p: Params, h: Array, cos: Array, sin: Array, site, fold: bool = False
@@ -176,7 +182,7 @@ def qkv(cfg: ModelConfig, p: Params, h: Array, cos: Array, sin: Array, site, fol
         scale, gain = rms_scale(h, cfg.norm_eps), p["input_norm"]
         proj = lambda n: scale * mm(h, folded(gain, p[n + "_w"], cfg.family.norm_plus_one)).astype(scale.dtype)
     else:
-        x = rms_norm(h, p["input_norm"], cfg.norm_eps, cfg.family.norm_plus_one)
+        x = norm(cfg, h, p["input_norm"])
         proj = lambda n: mm(x, p[n + "_w"])
     q, k, v = (proj(n) for n in "qkv")
     if "q_b" in p:
@@ -201,20 +207,51 @@ def attention_output(cfg: ModelConfig, p: Params, o: Array, site) -> Array:
     return site("o_proj", o)
 
 
-def mlp_out(cfg: ModelConfig, p: Params, mid: Array, site, impl: str = "xla") -> Array:
-    """The MLP's output down_proj(act(gate(x)) * up(x)) [B, T, D], site-edited, of the
-    post-attention residual `mid` [B, T, D] (x is its post_attention_layernorm). impl "pallas":
-    act(gate(x)) * up(x) by the fused kernel (models/fused_mlp.py) with the norm folded in
-    (`folded`), for layers without edits."""
-    if impl == "pallas":
-        fold = lambda w: folded(p["post_norm"], w, cfg.family.norm_plus_one)
-        scale = rms_scale(mid, cfg.norm_eps)[..., 0]
-        return mm(fused_mlp.swiglu(mid, scale, fold(p["gate_w"]), fold(p["up_w"])), p["down_w"])
-    x = site("post_attention_layernorm", rms_norm(mid, p["post_norm"], cfg.norm_eps, cfg.family.norm_plus_one))
-    g = site("gate_proj", mm(x, p["gate_w"]))
-    u = site("up_proj", mm(x, p["up_w"]))
-    a = site("act_fn", _act(cfg.family.act, g))
-    return site("down_proj", mm(a * u, p["down_w"]))
+def attention(cfg: ModelConfig, p: Params, h: Array, cos: Array, sin: Array, site,
+              attend_qkv: Callable[[Array, Array, Array], Array], fold: bool = False) -> Array:
+    """The attention branch's output o_proj(attention(norm(h))) [B, T, D], site-edited, of the
+    residual h [B, T, D]; attend_qkv(q, k, v) -> [B, T, H, hd] runs the attention (`attend` or a
+    kernel; generation's puts the keys and values into its cache first). fold as in `qkv`."""
+    return attention_output(cfg, p, attend_qkv(*qkv(cfg, p, h, cos, sin, site, fold)), site)
+
+
+def hidden(cfg: ModelConfig, g: Array, u: Array, site) -> Array:
+    """The MLP's hidden activations act(g) * u [..., F] of the (edited) gate and up outputs, the
+    act_fn site edited."""
+    return site("act_fn", act(cfg.family.act, g)) * u
+
+
+def mlp_out(cfg: ModelConfig, p: Params, mid: Array, site, swiglu: Callable | None = None, fold: bool = False
+            ) -> Array:
+    """The MLP branch's output down_proj(act(gate(x)) * up(x)) [B, T, D], site-edited, of the
+    post-attention residual mid [B, T, D] (x: its post_attention_layernorm). For a layer without
+    edits: swiglu (`LayerKernels`) computes act(gate(x)) * up(x) in one kernel; fold: the norm
+    folded into gate and up (`folded`), which then read mid itself, each row's scale on their outputs."""
+    gate, up = p["gate_w"], p["up_w"]
+    if fold:
+        scale = rms_scale(mid, cfg.norm_eps)                                       # [B, T, 1] f32
+        gate, up = (folded(p["post_norm"], w, cfg.family.norm_plus_one) for w in (gate, up))
+        x = mid
+        gemm = lambda w: (scale * mm(x, w).astype(scale.dtype)).astype(x.dtype)
+    else:
+        scale = None
+        x = site("post_attention_layernorm", norm(cfg, mid, p["post_norm"]))
+        gemm = lambda w: mm(x, w)
+    if swiglu is not None:
+        m = swiglu(x, jnp.ones(x.shape[:-1], jnp.float32) if scale is None else scale[..., 0], gate, up)
+    else:
+        m = hidden(cfg, site("gate_proj", gemm(gate)), site("up_proj", gemm(up)), site)
+    return site("down_proj", mm(m, p["down_w"]))
+
+
+def layer(cfg: ModelConfig, p: Params, h: Array, cos: Array, sin: Array, site,
+          attend_qkv: Callable[[Array, Array, Array], Array], swiglu: Callable | None = None,
+          fold: bool = False) -> Array:
+    """One decoder layer's output [B, T, D] of the residual h entering it: the attention branch,
+    then the MLP branch, each added to the residual. p: this layer's params (one layer's slice);
+    attend_qkv as in `attention`; swiglu and fold as in `mlp_out` (a layer without edits only)."""
+    mid = h + attention(cfg, p, h, cos, sin, site, attend_qkv, fold)
+    return mid + mlp_out(cfg, p, mid, site, swiglu, fold)
 
 
 def layer_params(cfg: ModelConfig, p: Params) -> Params:
@@ -224,106 +261,18 @@ def layer_params(cfg: ModelConfig, p: Params) -> Params:
 
 
 def block(cfg: ModelConfig, p: Params, h: Array, valid: Array | None, cos: Array, sin: Array,
-          masks: SiteArrays | None, values: SiteArrays | None, attn_impl: str = "xla", mlp_impl: str = "xla"
+          masks: SiteArrays | None, values: SiteArrays | None, kernels: LayerKernels = XLA
           ) -> tuple[Array, dict[str, Array]]:
-    """One decoder layer. p holds this layer's slice of the stacked params; h [B, T, D].
-    mlp_impl "pallas" applies to a layer without masks or values (an edited MLP needs its pieces);
-    such a layer runs both its norms folded into the GEMMs after them (`folded`)."""
+    """One decoder layer of the stacked params' slice p and its edits: (its output [B, T, D], its
+    sites' outputs {site: [B, T, C]}). A layer without masks or values runs the kernels' fused MLP
+    and folded norms (an edited layer needs its pieces)."""
     p = layer_params(cfg, p)
     sites: dict[str, Array] = {}
     site = editor(masks, values, sites)
-    fast = masks is None and values is None and mlp_impl == "pallas"   # an unedited layer on the fused path
-    mid = h + _attention_out(cfg, p, h, valid, cos, sin, site, attn_impl, fold=fast)
-    return mid + mlp_out(cfg, p, mid, site, "pallas" if fast else "xla"), sites
-
-
-# Where a perturbed row can start inside its first perturbed layer S (site-level prefix sharing).
-# The clean pass caches, per layer, the residual entering it and its o_proj and down_proj outputs
-# (`Cache`); the post-attention residual, the MLP's input and the layer's output follow from these
-# by the layer's own ops, so every entry gives the numbers the full layer gives.
-#   layer: the residual entering S; all of layer S runs (q/k/v edits change the attention).
-#   mlp:   the post-attention residual, o_proj's edit applied; layer S's MLP runs.
-#   out:   layer S's output from the clean MLP: down_proj's output edited in place, plus the
-#          exact rank-1 change of one MLP hidden channel j (gate/up/act edits of that channel:
-#          (m'_j - m_j) * down_w[j], where m_j = act(gate_j) * up_j); nothing of layer S runs.
-ENTRIES = ("layer", "mlp", "out")
-LAYER, MLP, OUT = range(len(ENTRIES))
-HIDDEN = ("gate_proj", "up_proj", "act_fn")  # MLP hidden-axis sites: "out" holds one channel of them
-SITE_ENTRY: dict[str, int] = {"q_proj": LAYER, "k_proj": LAYER, "v_proj": LAYER, "o_proj": MLP,
-                              "post_attention_layernorm": MLP, "gate_proj": OUT, "up_proj": OUT,
-                              "act_fn": OUT, "down_proj": OUT}
-
-
-def _hidden_change(cfg: ModelConfig, p: Params, mid: Array, masks: SiteArrays, values: SiteArrays | None
-                   ) -> Array:
-    """The change of down_proj's output [B, T, D] (f32) when the layer's edits of the MLP hidden
-    sites touch one channel j alone (j found from the [F] masks/values; any j when none)."""
-    edited = [masks[n] != 1 for n in HIDDEN if n in masks]
-    edited += [values[n] != 0 for n in HIDDEN if values is not None and n in values]
-    j = jnp.argmax(functools.reduce(jnp.logical_or, edited))
-    x = rms_norm(mid, p["post_norm"], cfg.norm_eps, cfg.family.norm_plus_one)
-    column = lambda w: jnp.einsum("btd,d->bt", x, w[:, j], precision=precision(x.dtype))
-    g, u = column(p["gate_w"]), column(p["up_w"])
-    at_j = lambda arrs: None if arrs is None else {n: arrs[n][j] for n in HIDDEN if n in arrs}
-
-    def m(site) -> Array:
-        return site("act_fn", _act(cfg.family.act, site("gate_proj", g))) * site("up_proj", u)
-
-    change = m(editor(at_j(masks), at_j(values))).astype(jnp.float32) - m(editor(None, None)).astype(jnp.float32)
-    return change[..., None] * p["down_w"][j].astype(jnp.float32)
-
-
-class Cache(NamedTuple):
-    """What the clean pass keeps for rows to start at any entry of any layer."""
-    resid: Array   # [L + 1, B, T, D] the residual entering each layer, and the last layer's output
-    attn: Array    # [L, B, T, D] each layer's o_proj output (the attention branch, bias included)
-    mlp: Array     # [L, B, T, D] each layer's down_proj output
-
-
-def clean_cache(cfg: ModelConfig, params: Params, tokens: Array, valid: Array | None) -> tuple[Array, Cache]:
-    """The clean forward: (final-normed hidden state [B, T, D], the Cache)."""
-    h, ys = forward(cfg, params, embed(cfg, params, tokens), valid, capture=("o_proj", "down_proj", RESID))
-    return h, Cache(ys[RESID], ys["o_proj"], ys["down_proj"])
-
-
-def resume(cfg: ModelConfig, params: Params, cache: Cache, valid: Array | None, start: Array, *,
-           masks: SiteArrays, values: SiteArrays | None = None, edited: Array | None = None,
-           attn_impl: str = "xla", mlp_impl: str = "xla") -> Array:
-    """The perturbed forward of one row from a start point: the final-normed hidden state [B, T, D].
-
-    start: int32 [2], (layer S, entry index into ENTRIES), traced: one compiled program serves
-    every start point (the entry is a `lax.switch` on it, which stays a real branch under vmap as
-    long as start is not batched). masks/values: site -> [L, C]; the row's edits at layers below
-    S must be none, and at S only of sites its entry allows (SITE_ENTRY; "out": one hidden channel).
-    edited: [L] bool, unbatched, as in `forward` (the layers above S that any row edits).
-    """
-    S, entry = start[0], start[1]
-    at = lambda arrs: None if arrs is None else {k: v[S] for k, v in arrs.items()}
-    take = lambda a: jax.lax.dynamic_index_in_dim(a, S, keepdims=False)
-    p = layer_params(cfg, {k: take(v) for k, v in stacked_params(params).items()})
-    h, o, d = take(cache.resid), take(cache.attn), take(cache.mlp)
-    m, vals = at(masks), at(values)
-    site = editor(m, vals)
-
-    def whole() -> Array:
-        cos, sin = rope_tables(cfg, h.shape[1])
-        return block(cfg, p, h, valid, cos, sin, m, vals, attn_impl)[0]
-
-    def mlp() -> Array:
-        mid = h + site("o_proj", o)
-        return mid + mlp_out(cfg, p, mid, site)
-
-    def out() -> Array:
-        mid = h + o
-        if any(n in m for n in HIDDEN):
-            change = _hidden_change(cfg, p, mid, m, vals)
-            return mid + site("down_proj", (d.astype(jnp.float32) + change).astype(d.dtype))
-        return mid + site("down_proj", d)
-
-    h = jax.lax.switch(entry, (whole, mlp, out))
-    h, _ = forward(cfg, params, h, valid, masks=masks, values=values, start=S + 1, edited=edited,
-                   attn_impl=attn_impl, mlp_impl=mlp_impl)
-    return h
+    unedited = masks is None and values is None
+    out = layer(cfg, p, h, cos, sin, site, lambda q, k, v: kernels.attend(cfg, q, k, v, valid),
+                kernels.swiglu if unedited else None, unedited and kernels.fold_norms)
+    return out, sites
 
 
 def stacked_params(params: Params) -> dict[str, Array]:
@@ -346,8 +295,7 @@ def scale_embeds(cfg: ModelConfig, embeds: Array) -> Array:
 
 def forward(cfg: ModelConfig, params: Params, embeds: Array, valid: Array | None = None, *,
             masks: SiteArrays | None = None, values: SiteArrays | None = None,
-            capture: tuple[str, ...] = (), observe=None, start: Array | None = None,
-            edited: Array | None = None, attn_impl: str = "xla", mlp_impl: str = "xla", remat: bool = False
+            capture: tuple[str, ...] = (), observe=None, kernels: LayerKernels = XLA, remat: bool = False
             ) -> tuple[Array, dict[str, Array]]:
     """Runs the layers.
 
@@ -357,41 +305,19 @@ def forward(cfg: ModelConfig, params: Params, embeds: Array, valid: Array | None
     observe: a function of one layer's site outputs {site: [B, T, C]} returning a pytree; its
     per-layer results come back stacked under "observed" ([L, ...]). It reduces inside the layer
     scan, so nothing of size [L, B, T, C] is kept (Stage 1's |clean - noisy| sums).
-    start (prefix sharing; may be traced): only layers start..L-1 run (a loop with a traced lower
-    bound, so one program serves every start) and `embeds` is taken as the residual stream
-    entering layer `start`, already scaled; capture and observe are then unavailable.
-    edited (with start): [L] bool, unbatched under vmap: the layers whose masks/values hold an
-    edit in any row. When none from `start` on does, the layers run without masks (a cond
-    outside the loop), as fast as the clean forward: a mask product after down_proj keeps
-    cuBLAS from adding the residual in its epilogue.
-    attn_impl, mlp_impl: the attention's and the unedited MLPs' kernels (engine.Kernels).
+    kernels: the layers' implementations (`LayerKernels`).
     remat: recompute each layer in the backward pass instead of keeping its activations (a
     gradient then holds one residual per layer, not every intermediate).
     Returns the final-normed hidden state [B, T, D] and the captures.
     """
     T = embeds.shape[1]
-    h = embeds if start is not None else scale_embeds(cfg, embeds)
-    if start is not None and (capture or observe is not None):
-        raise ValueError("capture and observe need start=None")
+    h = scale_embeds(cfg, embeds)
     cos, sin = rope_tables(cfg, T)
     layer_p = stacked_params(params)
-    if start is not None:  # layers start..L-1 only: a loop with a traced lower bound
-        def layers(m, vals):
-            def layer(i, h):
-                at = lambda tree: {k: jax.lax.dynamic_index_in_dim(v, i, keepdims=False) for k, v in tree.items()}
-                return block(cfg, at(layer_p), h, valid, cos, sin, at(m) or None, at(vals) or None, attn_impl,
-                             mlp_impl)[0]
-            return lambda h: jax.lax.fori_loop(start, cfg.n_layers, layer, h)
-        edit = layers(masks or {}, values or {})
-        if edited is None or not (masks or values):
-            h = edit(h)
-        else:
-            h = jax.lax.cond((edited & (jnp.arange(cfg.n_layers) >= start)).any(), edit, layers({}, {}), h)
-        return rms_norm(h, params["final_norm"], cfg.norm_eps, cfg.family.norm_plus_one), {}
 
     def step(h, x):
         p, m, vals = x
-        out, sites = block(cfg, p, h, valid, cos, sin, m or None, vals or None, attn_impl, mlp_impl)
+        out, sites = block(cfg, p, h, valid, cos, sin, m or None, vals or None, kernels)
         ys = {n: sites[n] for n in capture if n != RESID}
         if observe is not None:
             ys["observed"] = observe(sites)
@@ -402,8 +328,12 @@ def forward(cfg: ModelConfig, params: Params, embeds: Array, valid: Array | None
     h, ys = jax.lax.scan(jax.checkpoint(step) if remat else step, h, (layer_p, masks or {}, values or {}))
     if RESID in capture:
         ys[RESID] = jnp.concatenate([ys[RESID], h[None]])
-    h = rms_norm(h, params["final_norm"], cfg.norm_eps, cfg.family.norm_plus_one)
-    return h, ys
+    return final_norm(cfg, params, h), ys
+
+
+def final_norm(cfg: ModelConfig, params: Params, h: Array) -> Array:
+    """The last layer's output h [..., D] normed as the unembedding reads it."""
+    return norm(cfg, h, params["final_norm"])
 
 
 def unembed(cfg: ModelConfig, params: Params) -> Array:
@@ -415,77 +345,4 @@ def logits(cfg: ModelConfig, params: Params, h: Array) -> Array:
     """Full logits [B, T, V] in f32: for parity checks and small models, not the engine's path."""
     return jnp.einsum("btd,vd->btv", h, unembed(cfg, params), preferred_element_type=jnp.float32,
                       precision=precision(h.dtype))
-
-
-def vocab_split(V: int, chunk: int) -> tuple[int, int]:
-    """(chunk size, count) covering V; an exact divisor near `chunk` when there is one."""
-    n0 = -(-V // chunk)
-    for n in range(n0, 2 * n0 + 1):
-        if V % n == 0:
-            return V // n, n
-    return -(-V // n0), n0
-
-
-def logsumexp_vocab(cfg: ModelConfig, params: Params, h: Array, chunk: int = 16384,
-                    shift: Array | None = None) -> tuple[Array, Array]:
-    """(logsumexp, max) of the logits [B, T], f32, the vocabulary processed in chunks.
-
-    Never builds [B, T, V]; under FSDP each chunk's weights are gathered over 'data' as a
-    layer's are (sharding.gathered; else XLA gathers the rows and sums partial logits across
-    devices). Without `shift`: online logsumexp (two passes over each chunk).
-    With `shift` [B, T] (e.g. the clean run's max logit): one pass, exp(z - shift) summed;
-    positions where that over- or underflows come back NaN so the caller can redo them exactly.
-    The last chunk is shifted back to stay in range and its already-counted columns masked.
-    """
-    W = unembed(cfg, params)
-    V = W.shape[0]
-    c, n = vocab_split(V, chunk)
-    exact = c * n == V
-
-    def chunk_logits(i):
-        lo = jnp.minimum(i * c, V - c)
-        w = gathered({"w": jax.lax.dynamic_slice_in_dim(W, lo, c, axis=0)}, {"w": ("vocab", "embed")})["w"]
-        z = jnp.einsum("btd,vd->btv", h, w, preferred_element_type=jnp.float32, precision=precision(h.dtype))
-        return z if exact else jnp.where(lo + jnp.arange(c) >= i * c, z, -jnp.inf)
-
-    zeros = jnp.zeros(h.shape[:2], jnp.float32)
-    if shift is not None:
-        def one_pass(s, i):
-            return s + jnp.exp(chunk_logits(i) - shift[..., None]).sum(-1), None
-        s, _ = jax.lax.scan(one_pass, zeros, jnp.arange(n))
-        ok = jnp.isfinite(s) & (s > 1e-30)
-        return jnp.where(ok, shift + jnp.log(s), jnp.nan), shift
-
-    def online(carry, i):
-        m, s = carry
-        z = chunk_logits(i)
-        m2 = jnp.maximum(m, z.max(-1))
-        return (m2, s * jnp.exp(m - m2) + jnp.exp(z - m2[..., None]).sum(-1)), None
-
-    (m, s), _ = jax.lax.scan(online, (zeros - jnp.inf, zeros), jnp.arange(n))
-    return m + jnp.log(s), m
-
-
-def target_logit(cfg: ModelConfig, params: Params, h: Array, targets: Array) -> Array:
-    """logit of each target token [B, T], f32."""
-    w = gathered({"w": jnp.take(unembed(cfg, params), targets, axis=0)}, {"w": ("tokens", "tokens", "embed")})["w"]
-    return jnp.einsum("btd,btd->bt", h, w, preferred_element_type=jnp.float32, precision=precision(h.dtype))
-
-
-def token_nll(cfg: ModelConfig, params: Params, h: Array, targets: Array, chunk: int = 16384) -> Array:
-    """-log p(target) [B, T] in f32, without materialising the logits."""
-    return logsumexp_vocab(cfg, params, h, chunk)[0] - target_logit(cfg, params, h, targets)
-
-
-def random_params(cfg: ModelConfig, key: Array, dtype=jnp.float32, scale: float = 0.02) -> dict[str, Array]:
-    """Random params from the table (norm weights near their identity); for tests and benchmarks."""
-    out = {}
-    for i, (name, (shape, _)) in enumerate(sorted(param_table(cfg).items())):
-        k = jax.random.fold_in(key, i)
-        if "norm" in name:
-            base = 0.0 if cfg.family.norm_plus_one else 1.0
-            out[name] = (base + 0.1 * jax.random.normal(k, shape)).astype(dtype)
-        else:
-            out[name] = (scale * jax.random.normal(k, shape)).astype(dtype)
-    return out
 

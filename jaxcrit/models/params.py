@@ -11,7 +11,7 @@ import jax
 from jax.sharding import Mesh
 
 from jaxcrit.models.config import ModelConfig
-from jaxcrit.sharding import DEFAULT_RULES, named
+from jaxcrit.dist.sharding import DEFAULT_RULES, named
 
 Shape = tuple[int, ...]
 Axes = tuple[str, ...]

@@ -29,18 +29,22 @@ class Site:
     module: str     # HF module path below model.layers.{i}
     width: str      # ModelConfig attribute giving the channel count
     axis: str       # logical axis of its channels
+    entry: str      # the latest point of its layer a perturbed forward can start from and still
+                    # run its edit (the engine's prefix sharing): "layer" (the residual entering
+                    # the layer), "mlp" (the post-attention residual) or "out" (the MLP's output,
+                    # plus the exact change of one hidden channel)
 
 
 SITES: tuple[Site, ...] = (
-    Site("q_proj", "self_attn.q_proj", "q_dim", "heads"),
-    Site("k_proj", "self_attn.k_proj", "kv_dim", "kv"),
-    Site("v_proj", "self_attn.v_proj", "kv_dim", "kv"),
-    Site("o_proj", "self_attn.o_proj", "d_model", "embed"),
-    Site("gate_proj", "mlp.gate_proj", "d_ff", "mlp"),
-    Site("up_proj", "mlp.up_proj", "d_ff", "mlp"),
-    Site("act_fn", "mlp.act_fn", "d_ff", "mlp"),
-    Site("down_proj", "mlp.down_proj", "d_model", "embed"),
-    Site("post_attention_layernorm", "post_attention_layernorm", "d_model", "embed"),
+    Site("q_proj", "self_attn.q_proj", "q_dim", "heads", "layer"),
+    Site("k_proj", "self_attn.k_proj", "kv_dim", "kv", "layer"),
+    Site("v_proj", "self_attn.v_proj", "kv_dim", "kv", "layer"),
+    Site("o_proj", "self_attn.o_proj", "d_model", "embed", "mlp"),
+    Site("gate_proj", "mlp.gate_proj", "d_ff", "mlp", "out"),
+    Site("up_proj", "mlp.up_proj", "d_ff", "mlp", "out"),
+    Site("act_fn", "mlp.act_fn", "d_ff", "mlp", "out"),
+    Site("down_proj", "mlp.down_proj", "d_model", "embed", "out"),
+    Site("post_attention_layernorm", "post_attention_layernorm", "d_model", "embed", "mlp"),
 )
 SITE_NAMES: tuple[str, ...] = tuple(s.name for s in SITES)
 SITE_INDEX: dict[str, int] = {n: i for i, n in enumerate(SITE_NAMES)}

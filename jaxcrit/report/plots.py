@@ -363,7 +363,7 @@ def scan_distribution(scan: Sequence[Mapping[str, Any]], n_layers: int, title: s
     return fig
 
 
-# ----------------------------------------------------------------------------- issue 15: study overlaps
+# ----------------------------------------------------------------------------- study overlaps
 
 def overlap_matrix(matrix: np.ndarray, labels: Sequence[str], title: str = "") -> Figure:
     """A symmetric [n, n] matrix of overlaps in [0, 1] (e.g. Jaccard indices), annotated."""

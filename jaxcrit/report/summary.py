@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping
 
-LN10 = math.log(10.0)
+LN10 = math.log(10.0)   # nats per log10 unit: delta = log10(PPL_masked / PPL_base) = (loss - base) / LN10
 
 
 def _num(x: Any) -> float | None:
@@ -55,7 +55,8 @@ def _fmt(x: Any, spec: str = ".3g") -> str:
     return v if isinstance(v, str) else format(v, spec)
 
 
-def _fmt_seconds(s: Any) -> str:
+def fmt_seconds(s: Any) -> str:
+    """'12.34 s', '3 min 20 s' or '2 h 5 min' from seconds."""
     v = _num(s)
     if v is None or not math.isfinite(v):
         return _fmt(v)
@@ -97,7 +98,8 @@ def _log10s(result: Mapping[str, Any]) -> tuple[float | None, float | None]:
     return base, masked
 
 
-def _md_table(header: list[str], rows: list[list[Any]], align: str | None = None) -> list[str]:
+def md_table(header: list[str], rows: list[list[Any]], align: str | None = None) -> list[str]:
+    """A Markdown table's lines; align holds one letter per column, "r" for right-aligned."""
     align = align or "l" * len(header)
     sep = ["---:" if a == "r" else "---" for a in align]
     out = ["| " + " | ".join(_md_cell(h) for h in header) + " |",
@@ -138,8 +140,8 @@ def summary_markdown(result: Mapping[str, Any]) -> str:
         rows = [[i, f"`{nr.get('layer_name') or neuron_path(nr).rsplit('[', 1)[0]}`",
                  nr.get("channel", "?"), nr.get("site", "?"), nr.get("layer", "?"),
                  _fmt(nr.get("score"), ".4g")] for i, nr in enumerate(neurons, 1)]
-        L += _md_table(["#", "module (HF path)", "channel", "site", "layer", "score"], rows,
-                       "rlrlrr")
+        L += md_table(["#", "module (HF path)", "channel", "site", "layer", "score"], rows,
+                      "rlrlrr")
     else:
         L.append("(none)")
     L.append("")
@@ -153,7 +155,7 @@ def summary_markdown(result: Mapping[str, Any]) -> str:
             d = _num((b or {}).get("delta_at_n_max"))
             ppl = fmt_ppl_log10(base + d) if (base is not None and d is not None) else "n/a"
             rows.append([name, (b or {}).get("n_max", "?"), _fmt(d, ".3f"), ppl])
-        L += _md_table(["baseline", "neurons masked", "Δ", "perplexity"], rows, "lrrl")
+        L += md_table(["baseline", "neurons masked", "Δ", "perplexity"], rows, "lrrl")
         L.append("")
 
     scan = result.get("scan") or {}
@@ -166,7 +168,7 @@ def summary_markdown(result: Mapping[str, Any]) -> str:
             L.append("")
             rows = [[i, f"L{t.get('layer', '?')}.{t.get('site', '?')}[{t.get('channel', '?')}]",
                      _fmt(t.get("delta"), ".4g")] for i, t in enumerate(top, 1)]
-            L += _md_table(["#", "neuron", "Δ"], rows, "rlr")
+            L += md_table(["#", "neuron", "Δ"], rows, "rlr")
         L.append("")
 
     mp = result.get("map") or {}
@@ -183,7 +185,7 @@ def summary_markdown(result: Mapping[str, Any]) -> str:
             d = _fmt(m - b, ".3f") if (b is not None and m is not None) else "n/a"
             rows.append([_snippet(e.get("text", "")), e.get("tokens", "?"), fmt_ppl_log10(b),
                          fmt_ppl_log10(m), d])
-        L += _md_table(["text", "tokens", "base PPL", "masked PPL", "Δ"], rows, "lrllr")
+        L += md_table(["text", "tokens", "base PPL", "masked PPL", "Δ"], rows, "lrllr")
         L.append("")
 
     gen = result.get("generations") or {}
@@ -194,10 +196,10 @@ def summary_markdown(result: Mapping[str, Any]) -> str:
     if tm:
         L.append("## Timings")
         L.append("")
-        rows = [[k, _fmt_seconds(v)] for k, v in tm.items()]
+        rows = [[k, fmt_seconds(v)] for k, v in tm.items()]
         tot = sum(v for v in (_num(x) for x in tm.values()) if v is not None and math.isfinite(v))
-        rows.append(["**total**", _fmt_seconds(tot)])
-        L += _md_table(["stage", "time"], rows, "lr")
+        rows.append(["**total**", fmt_seconds(tot)])
+        L += md_table(["stage", "time"], rows, "lr")
         L.append("")
     return "\n".join(L).rstrip() + "\n"
 
@@ -216,8 +218,8 @@ def _map_markdown(mp: Mapping[str, Any]) -> list[str]:
     if top:
         rows = [[i, f"L{t.get('layer', '?')}.{t.get('site', '?')}[{t.get('channel', '?')}]", _fmt(t.get("delta"), ".4g"),
                  *(_fmt(t.get(s), ".3g") for s in screens), t.get("verified", "?")] for i, t in enumerate(top, 1)]
-        L += _md_table(["#", "neuron", "Δ (exact)", *(f"{s} (screen)" for s in screens), "verified by"], rows,
-                       "rlr" + "r" * len(screens) + "l")
+        L += md_table(["#", "neuron", "Δ (exact)", *(f"{s} (screen)" for s in screens), "verified by"], rows,
+                      "rlr" + "r" * len(screens) + "l")
         L.append("")
     if aud.get("sample"):
         L.append(f"Audit: {aud['sample']} random unverified neurons; {aud.get('missed', '?')} beat the "
@@ -228,8 +230,8 @@ def _map_markdown(mp: Mapping[str, Any]) -> list[str]:
              _fmt(v.get("abs_error_median"), ".3g"), _fmt(v.get("abs_error_max"), ".3g")]
             for s, v in (aud.get("screens") or {}).items()]
     if rows:
-        L += _md_table(["screen", "top-k recall", "Spearman (audit)", "median |err| (audit)", "max |err| (audit)"],
-                       rows, "lrrrr")
+        L += md_table(["screen", "top-k recall", "Spearman (audit)", "median |err| (audit)", "max |err| (audit)"],
+                      rows, "lrrrr")
         L.append("")
     return L
 
@@ -248,7 +250,7 @@ def _generations_markdown(gen: Mapping[str, Any]) -> list[str]:
              "same" if g.get("diverge_at") is None else g.get("diverge_at"),
              f"{_fmt(g.get('base_logprob'), '.1f')} / {_fmt(g.get('masked_logprob'), '.1f')}"]
             for g in gen["prompts"]]
-    L += _md_table(["prompt", "clean", "masked", "differs from token", "log p clean / masked"], rows, "lllrr")
+    L += md_table(["prompt", "clean", "masked", "differs from token", "log p clean / masked"], rows, "lllrr")
     L.append("")
     return L
 
@@ -298,7 +300,7 @@ def terminal_table(result: Mapping[str, Any], max_lines: int = 20, width: int = 
     if tm:
         vals = {k: _num(v) for k, v in tm.items()}
         tot = sum(v for v in vals.values() if v is not None and math.isfinite(v))
-        tail.append(["time", f"{_fmt_seconds(tot)} (" + ", ".join(
+        tail.append(["time", f"{fmt_seconds(tot)} (" + ", ".join(
             f"{k} {_fmt(v, '.1f')}s" for k, v in vals.items()) + ")"])
 
     lines = _align(head + tail)

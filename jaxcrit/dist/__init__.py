@@ -1,0 +1,1 @@
+"""Several devices and processes: the mesh and its axis rules, process start-up, the coordinator."""

@@ -1,0 +1,169 @@
+"""The Engine: scores perturbation batches against fixed texts, chunk by chunk, on a device mesh."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jaxcrit.dist import processes
+from jaxcrit.dist.sharding import make_mesh, placed
+from jaxcrit.engine.ablations import INACTIVE, Ablations, entries
+from jaxcrit.engine.loss import LN10
+from jaxcrit.engine.prefix import ENTRIES, LAYER, start_points
+from jaxcrit.engine.program import (MEMORY_SHARE, ChunkProgram, clean_pass, host_free, memory, planned_chunk,
+                                    round_chunk)
+from jaxcrit.engine.texts import Texts
+from jaxcrit.errors import JaxcritError
+from jaxcrit.kernels.selection import Kernels, select
+from jaxcrit.models.config import ModelConfig
+from jaxcrit.models.sites import SITE_NAMES
+from jaxcrit.progress import Progress
+
+
+class Engine:
+    """Scores perturbation batches against a fixed set of texts on a device mesh.
+
+    chunk: rows per compiled call; rows are padded to it. One compile per site set and
+    `entries` bucket: the program holds masks for the sites a batch touches plus `sites`, so
+    giving all nine lets every batch share one program (compiles dominate a short CPU run; on a
+    GPU each site without edits costs a pass over its activations in every layer).
+    0 plans it from memory: XLA's memory analysis of two small compiled chunks gives the bytes
+    per row, and the chunk fills `memory_fraction` of the free device memory (host memory on CPU).
+    attention, mlp, norms, loss: the implementation of each hot spot, "auto" or a name of
+    jaxcrit.kernels.selection.CHOICES (its docstring says what each is and where it applies).
+    prefix_sharing: chunks start at their rows' start points (prefix.start_points, `plan`); False
+    starts every chunk at layer 0 and recomputes everything (the reference path).
+    """
+
+    def __init__(self, cfg: ModelConfig, params: dict, texts: Texts, *, mesh: Mesh | None = None,
+                 chunk: int = 64, prefix_sharing: bool = True, vocab_chunk: int = 16384,
+                 attention: str = "auto", mlp: str = "auto", norms: str = "auto", loss: str = "auto",
+                 memory_fraction: float = MEMORY_SHARE, sites: Sequence[str] = (), progress: bool = True):
+        self.cfg, self.params, self.texts, self.sites = cfg, params, texts, tuple(sites)
+        self.mesh = mesh or make_mesh()
+        self.prefix_sharing, self.vocab_chunk, self.progress = prefix_sharing, vocab_chunk, progress
+        rep = self.replicated = NamedSharding(self.mesh, P())
+        self.valid = None if texts.valid.all() else jax.device_put(texts.valid, rep)   # None: no padding
+        self.targets = jax.device_put(texts.tokens[:, 1:], rep)
+        self.tmask = jax.device_put((texts.valid[:, 1:] & texts.valid[:, :-1]).astype(np.float32), rep)
+        self.rows_sharding = NamedSharding(self.mesh, P("data"))
+        tokens = jax.device_put(texts.tokens, rep)
+        self.kernels = select(cfg, params["embed"].dtype, self.mesh, attention=attention, mlp=mlp, norms=norms,
+                              loss=loss)
+        with placed(self.mesh, params):   # FSDP's per-layer gathers (sharding.gathered) need it
+            self.cache, self.shift = clean_pass(cfg, params, tokens, self.valid, vocab_chunk)
+            if chunk == 0:
+                chunk = self.plan_chunk(memory_fraction)
+        self.chunk = round_chunk(chunk, self.mesh.shape["data"])
+
+    @functools.cached_property
+    def base_loss(self) -> float:
+        """The clean run's mean token NLL (computed on first use: an engine that only scores
+        per-token losses never compiles the mean's program)."""
+        return float(self.losses(None)[0])
+
+    def program(self, sites: Sequence[str] = (), with_values: bool = False, per_token: bool = False,
+                exact: bool = False, kernels: Kernels | None = None) -> ChunkProgram:
+        """The chunk program holding masks for `sites` and the engine's (in SITE_NAMES order), with
+        the engine's kernels unless others are given."""
+        held = set(sites) | set(self.sites)
+        return ChunkProgram(self.cfg, self.mesh, kernels or self.kernels, self.vocab_chunk,
+                            tuple(n for n in SITE_NAMES if n in held), with_values, per_token, exact)
+
+    def plan(self, abl: Ablations) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
+        """How a batch runs: (order [R], its rows in that order padded to whole chunks and to
+        `entries(K)` (Ablations' fields as [n * chunk, entries(K)] arrays), each chunk's start point
+        [n, 2] as (layer, entry)).
+
+        With prefix sharing, rows are sorted by start point, latest first, and a chunk starts at
+        its rows' earliest; without, every chunk starts at (0, "layer").
+        """
+        starts = start_points(abl, self.cfg.n_layers)
+        E = len(ENTRIES)
+        key = starts[:, 0] * E + starts[:, 1]
+        order = np.argsort(-key, kind="stable") if self.prefix_sharing else np.arange(abl.rows)
+        C, K = self.chunk, abl.site.shape[1]
+        pad = (-abl.rows) % C
+        cols = {f.name: np.pad(getattr(abl, f.name)[order], ((0, pad), (0, entries(K) - K)),
+                               constant_values=INACTIVE[f.name]) for f in dataclasses.fields(abl)}
+        key = np.concatenate([key[order], np.full(pad, key.max())]).reshape(-1, C).min(1)
+        if not self.prefix_sharing:
+            key = np.full_like(key, LAYER)
+        return order, cols, np.stack(np.divmod(key, E), 1).astype(np.int32)
+
+    def compiled(self, rows: int, k: int, sites: Sequence[str] = (), kernels: Kernels | None = None):
+        """The chunk program (`program(sites, kernels=kernels)`, no values) for `rows` rows of k
+        entries, compiled from shapes (jax keeps it for the calls); it takes the engine's params,
+        cache, valid, targets, tmask and shift, then a chunk's rows and start point."""
+        with placed(self.mesh, self.params):
+            return self.program(sites, kernels=kernels).lower(self.params, self.cache, self.valid, self.targets,
+                                                                self.tmask, self.shift, rows, k).compile()
+
+    def plan_chunk(self, fraction: float = MEMORY_SHARE) -> int:
+        """The largest chunk (a multiple of 8 per device) whose program fits `fraction` of the free
+        memory: XLA's plan of single-neuron rows over all nine sites."""
+        def size(rows: int) -> int:
+            m = self.compiled(rows, 1, SITE_NAMES).memory_analysis()
+            return int(m.temp_size_in_bytes + m.output_size_in_bytes)
+        held = memory(self.mesh.devices.flat[0])
+        free = held[0] - held[1] if held else host_free()
+        return planned_chunk(size, self.mesh.shape["data"], free, fraction)
+
+    def compile(self, k: int, sites: Sequence[str] = ()) -> None:
+        """Compiles the chunk program for rows of k entries (and no values) before their first
+        batch, which then runs without compiling; the runner calls it from a thread while Stage 1
+        runs (XLA compiles without holding the GIL)."""
+        self.compiled(self.chunk, k, sites)
+
+    def losses(self, abl: Ablations | None, per_token: bool = False, desc: str = "ablations",
+               sites: Sequence[str] | None = None) -> np.ndarray:
+        """[R] mean token NLL per row (f32), or [R, B, T-1] per-token NLL; abl None: the clean run.
+
+        sites: more sites for the compiled program's masks, beside the batch's and the engine's."""
+        if abl is None:
+            abl = Ablations(*(np.zeros((1, 1), dt) for dt in (np.int32,) * 3),
+                            np.ones((1, 1), np.float32), np.zeros((1, 1), np.float32))
+        if abl.rows == 0:
+            raise JaxcritError("empty perturbation batch: give at least one row")
+        program = self.program(set(abl.sites()) | set(sites or ()), bool((abl.value != 0).any()), per_token)
+        with placed(self.mesh, self.params):   # FSDP's per-layer gathers (sharding.gathered) need it
+            out = self._run(abl, program, desc)
+            redo = np.flatnonzero(np.isnan(out.reshape(abl.rows, -1)).any(1))
+            if redo.size:   # the one-pass logsumexp over- or underflowed there (or the row is NaN itself)
+                out[redo] = self._run(abl.take(redo), dataclasses.replace(program, exact=True),
+                                      f"{desc} (exact logsumexp)")
+        return out
+
+    def _run(self, abl: Ablations, program: ChunkProgram, desc: str) -> np.ndarray:
+        """The rows' losses by this chunk program, in the caller's order."""
+        order, cols, starts = self.plan(abl)
+        R, C = abl.rows, self.chunk
+        bar = Progress(R, desc, enabled=self.progress and R > C)
+        outs, pending = [], []
+        for i, start in enumerate(starts):
+            lo = i * C
+            rows = {k: jax.device_put(v[lo:lo + C], self.rows_sharding) for k, v in cols.items()}
+            out = program(self.params, self.cache, self.valid, self.targets, self.tmask, self.shift, rows,
+                          jax.device_put(start, self.replicated))
+            outs.append(out)
+            pending.append((out, min(C, R - lo)))
+            if len(pending) > 2:  # keep two chunks in flight; wait (no transfer) to report progress
+                done, n = pending.pop(0)
+                done.block_until_ready()
+                bar.update(n)
+        for done, n in pending:
+            done.block_until_ready()
+            bar.update(n)
+        res = processes.to_host(jnp.concatenate(outs))[:R]
+        out = np.empty_like(res)
+        out[order] = res
+        return out
+
+    def deltas(self, abl: Ablations, desc: str = "ablations", sites: Sequence[str] | None = None) -> np.ndarray:
+        """[R] delta = log10(PPL_masked / PPL_base) = (loss - base) / ln 10; sites as in losses."""
+        return (self.losses(abl, desc=desc, sites=sites) - self.base_loss) / LN10

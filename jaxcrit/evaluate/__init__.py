@@ -1,0 +1,1 @@
+"""What a neuron set does to the model: perplexity, generation, lm-eval tasks."""
