@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from jaxcrit.critical.stage2 import Growth
-from jaxcrit.errors import JaxcritError
+from jaxcrit.errors import JaxcritError, exit_code
 from jaxcrit.report import io
 from jaxcrit.report.summary import LN10, fmt_ppl_log10, fmt_seconds, md_table, neuron_path
 
@@ -383,12 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", required=True, help="the study's workdir")
     ap.add_argument("--out", default="docs/findings.md", help="the page to write (plots go to its folder/findings/)")
     a = ap.parse_args(argv)
-    try:
-        print(write(Path(a.workdir), Path(a.out)))
-    except JaxcritError as e:
-        print(f"jaxcrit: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_code(lambda: print(write(Path(a.workdir), Path(a.out))))
 
 
 if __name__ == "__main__":

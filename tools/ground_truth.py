@@ -15,7 +15,6 @@ seconds per block go to the .json beside it.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path

@@ -52,7 +52,6 @@ class Map:
 
     def table(self):
         """One row per neuron: site, layer, channel, each screen's value, delta, verified."""
-        import pandas as pd
         df = self.neurons.to_pandas().drop(columns=["layer_name", "position"])
         for name, v in self.screens.items():
             df[name] = v

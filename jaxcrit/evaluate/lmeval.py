@@ -44,7 +44,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 
 from jaxcrit.evaluate import generation as G
-from jaxcrit.errors import JaxcritError
+from jaxcrit.errors import JaxcritError, exit_code
 from jaxcrit.models.sites import parse_module_path
 from jaxcrit.models.neurons import NeuronSet
 
@@ -218,12 +218,7 @@ def main() -> int:
     """lm-eval's command line with the jaxcrit model registered; a bad model arg is one error line."""
     from lm_eval.__main__ import cli_evaluate
     sys.argv[0] = "python -m jaxcrit.evaluate.lmeval"
-    try:
-        cli_evaluate()
-    except JaxcritError as e:
-        print(f"jaxcrit: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_code(cli_evaluate)
 
 
 if __name__ == "__main__":
