@@ -81,13 +81,13 @@ def test_random_params_have_the_table_shapes_and_layers_drawn_apart():
     table = param_table(TINY)
     assert {k: (v.shape, v.dtype) for k, v in p.items()} == {k: (s, np.float32) for k, (s, _) in table.items()}
     host = {k: np.asarray(v, np.float64) for k, v in p.items()}
-    for k, v in host.items():
-        mean, std = (1.0, 0.1) if "norm" in k else (0.0, 0.02)   # norm weights near their identity (Qwen2: 1)
-        assert abs(v.mean() - mean) < 4 * std / np.sqrt(v.size) + 1e-9 and abs(v.std() - std) < 0.25 * std, k
     for k, (_, axes) in table.items():
         if axes[0] == "layers":   # each layer its own draw
             assert all(not np.allclose(host[k][0], host[k][i]) for i in range(1, TINY.n_layers)), k
     assert not np.allclose(host["gate_w"], host["up_w"])   # each param its own draw
+    for k, v in host.items():
+        mean, std = (1.0, 0.1) if "norm" in k else (0.0, 0.02)   # norm weights near their identity (Qwen2: 1)
+        assert abs(v.mean() - mean) < 4 * std / np.sqrt(v.size) + 1e-9 and abs(v.std() - std) < 0.25 * std, k
     again = random_params(TINY)
     assert all(np.array_equal(np.asarray(again[k]), np.asarray(p[k])) for k in p)   # a seed gives one model
     assert not np.array_equal(np.asarray(random_params(TINY, seed=1)["embed"]), np.asarray(p["embed"]))
@@ -147,10 +147,10 @@ def test_kernels(tmp_path):
     assert set(r["loss"]) == {"xla one pass (shifted)", "xla two pass (online)", "fused", "tokamax chunked_xla"}
     for part, tol in (("mlp", 2e-2), ("loss", 5e-2)):
         for name, x in r[part].items():
-            if name.startswith("xla") or jax.default_backend() == "gpu" and name == "fused":
+            if "ms" in x:
                 assert x["ms"] > 0 and x["tflops"] > 0 and x["max_error"] < tol, (part, name, x)
-            elif "skipped" in x:
-                assert x["skipped"], (part, name)
+            else:   # XLA's always run; a fused kernel or tokamax says why it did not
+                assert not name.startswith("xla") and (x.get("skipped") or x.get("error")), (part, name, x)
     if jax.default_backend() == "cpu":
         assert "needs" in r["mlp"]["fused"]["skipped"] and "needs" in r["loss"]["fused"]["skipped"]
 

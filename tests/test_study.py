@@ -4,7 +4,7 @@ Corpus evaluation against one unbatched engine per text and the reference's weig
 the learned mask's gates against the engine (gates at 0/1 give the engine's loss for that set,
 fractional gates its loss with scale 1 - z) and its gradient against finite differences of the
 engine's losses; the study's stages end to end on a tiny llama, checked against the main run's
-own files; the WikiText reader on the test split's first articles (tests/data/wikitext).
+own files; the WikiText reader on a corpus in its raw layout (tests/data/wikitext).
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ from jaxcrit.models.sites import width
 from jaxcrit.models.neurons import NeuronSet
 from tiny_run import TEXT, WORDS, build_model, tiny_config
 
-WIKITEXT = Path(__file__).resolve().parent / "data" / "wikitext"   # the test split's first three articles
+WIKITEXT = Path(__file__).resolve().parent / "data" / "wikitext"   # a corpus in WikiText's raw layout
 SET = NeuronSet.make(["down_proj", "act_fn", "o_proj"], [1, 0, 1], [5, 17, 3])
 SITES = ("down_proj", "act_fn", "o_proj")
 
@@ -62,13 +62,14 @@ def test_read_paragraphs_keeps_the_references_rows(tmp_path):
         read_paragraphs(tmp_path)
 
 
-def test_wikitext_test_split():
-    """WikiText's own layout (headings, UTF-8 dashes, a row that is long only with its spaces),
-    read through the directory beside its SOURCE.md: the rows counted in SOURCE.md."""
+def test_wikitext_layout():
+    """WikiText's raw layout (headings, UTF-8 dashes, a row that is long only with its spaces),
+    read through the folder beside its SOURCE.md: the rows counted there by hand."""
     rows = read_paragraphs(WIKITEXT)
-    assert len(rows) == 67 and rows[0].startswith("Robert Boulter is an English film")
-    assert rows[-1] == "Rami Yacoub — writing , production , programming , instruments , bass"
+    assert len(rows) == 9 and rows[0].startswith("Lighthouse keeping on the northern coast")
+    assert rows[-1] == "Wheelwright — repairs , carpentry , gearing , ironwork , millstones , sluices"
     assert not any(r.startswith("Credits adapted from") for r in rows)     # 52 characters, 50 stripped
+    assert not any(r.startswith("=") for r in rows)                         # headings are short
     assert all(len(r) > 50 and r == r.strip() for r in rows)
 
 

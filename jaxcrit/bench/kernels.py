@@ -24,6 +24,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from jaxcrit.bench.measure import head_flops, header, line, timed
 from jaxcrit.bench.model import SHAPES
@@ -32,6 +33,7 @@ from jaxcrit.engine.loss import from_expsum, logsumexp_vocab, target_logit
 from jaxcrit.errors import JaxcritError
 from jaxcrit.kernels import fused_loss
 from jaxcrit.kernels.selection import Kernels, select
+from jaxcrit.models.config import ModelConfig
 from jaxcrit.models.decoder import COMPILER_OPTIONS
 
 SWEEP = [fused_loss.Tiles(*t) for t in (
@@ -51,7 +53,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--sweep", action="store_true", help="time the fused loss's Triton kernel at each of SWEEP")
 
 
-def fused(cfg, dtype, mesh, spot: str) -> Kernels | str:
+def fused(cfg: ModelConfig, dtype, mesh: Mesh, spot: str) -> Kernels | str:
     """The selection's kernels with the fused implementation at this hot spot, or why it does not apply."""
     try:
         return select(cfg, dtype, mesh, **{spot: "pallas"})
@@ -87,7 +89,7 @@ def measured(candidates: dict[str, Callable | str], args: tuple, flops: float, r
     return out
 
 
-def mlp(cfg, dtype, mesh, M: int, reps: int) -> dict[str, dict]:
+def mlp(cfg: ModelConfig, dtype, mesh: Mesh, M: int, reps: int) -> dict[str, dict]:
     """The MLP's gate|up with SiLU·mul on M rows; errors relative to the f32 product's largest."""
     D, F, n = cfg.d_model, cfg.d_ff, min(M, CHECKED_ROWS["mlp"])
 
@@ -112,7 +114,8 @@ def mlp(cfg, dtype, mesh, M: int, reps: int) -> dict[str, dict]:
     return measured(candidates, (x,), 4 * M * D * F, reps, error)
 
 
-def loss(cfg, dtype, mesh, rows: int, seq: int, vocab_chunk: int, reps: int, sweep: bool) -> dict[str, dict]:
+def loss(cfg: ModelConfig, dtype, mesh: Mesh, rows: int, seq: int, vocab_chunk: int, reps: int,
+         sweep: bool) -> dict[str, dict]:
     """Each position's NLL of rows * (seq - 1) hidden states; errors in nats against f32."""
     N, D, V = rows * (seq - 1), cfg.d_model, cfg.vocab_size
     n = min(N, CHECKED_ROWS["loss"])
