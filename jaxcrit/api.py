@@ -1,7 +1,7 @@
 """The notebook API: the pipeline's stages on a loaded model, results as pandas DataFrames.
 
 Each function runs the stage code of the CLI (jaxcrit/run/stages/) in memory, with a config built
-from the CLI's defaults (jaxcrit/configs/common.py). Keyword arguments are config fields: first
+from the CLI's defaults (jaxcrit/run/fields.py). Keyword arguments are config fields: first
 of the function's own section (importance: stage1, grow: stage2, scan: scan, evaluate:
 evaluate, map: map, generate: generate), then the top level (seed, max_tokens), then engine
 (chunk, vocab_chunk, ...).
@@ -49,7 +49,7 @@ def _run(model: Model, text: str, section: str, fields: dict[str, Any]):
         where = next((s for s in (c[section], c, c.engine) if k in s and not isinstance(s[k], ConfigDict)), None)
         if where is None:
             raise JaxcritError(f"unknown argument '{k}': give a field of {section}, the top level or engine "
-                               "(jaxcrit/configs/common.py)")
+                               "(jaxcrit/run/fields.py)")
         where[k] = tuple(v) if isinstance(v, (list, range)) else v
     validate.fields(c)
     return Run(c, None, stages=STAGES, model=model)

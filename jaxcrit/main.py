@@ -45,8 +45,8 @@ def parse(argv: list[str]) -> tuple[ConfigDict, Path]:
         msg = str(e.args[0] if e.args else e).replace("\\n", "\n").replace("\\'", "'").strip("'")
         first, *rest = msg.splitlines()
         hint = f" ({rest[0].strip()})" if rest else ""
-        raise JaxcritError(f"unknown config field '{first.strip(chr(39))}'{hint}; the fields are in "
-                           "jaxcrit/configs/common.py") from None
+        raise JaxcritError(f"unknown config field '{first.strip(chr(39))}'{hint}; "
+                           "`python -m jaxcrit.main --help` lists the fields") from None
     except OSError:
         given = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "")
         raise JaxcritError(f"config file '{given.split(':')[0]}' not found; give a path such as "
@@ -153,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.set_verbosity(logging.WARNING)
     argv = list(sys.argv if argv is None else argv)
     if {"-h", "--help"} & set(argv[1:]):
-        print(__doc__.strip() + "\n\nEvery config field, with what it turns: jaxcrit/configs/common.py.")
+        from jaxcrit.run.fields import help_text
+        print(__doc__.strip() + "\n\n" + help_text())
         return 0
     try:
         c, workdir = parse(argv)

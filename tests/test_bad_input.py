@@ -216,4 +216,6 @@ def test_as_a_user_sees_it(tmp_path, args, expected):
 def test_help_is_usage_not_an_error(capsys):
     assert M.main(["jaxcrit", "--help"]) == 0
     out = capsys.readouterr().out
-    assert "python -m jaxcrit.main --config=smollm2" in out and "jaxcrit/configs/common.py" in out
+    assert "python -m jaxcrit.main --config=smollm2" in out
+    from jaxcrit.run.fields import FIELDS
+    assert all(f"\n  {name} = " in out or f" {name} = " in out for name in FIELDS), "--help names every field"
