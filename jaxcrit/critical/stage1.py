@@ -76,7 +76,7 @@ def _add(sums, diffs):
     return {s: sums[s] + diffs[s] for s in sums}
 
 
-PROGRAMS = (differences, _add)   # compiled for this stage alone (pipeline.release_memory drops them after it)
+PROGRAMS = (differences, _add)   # compiled for this stage alone (runner.release_memory drops them after it)
 
 
 def _accumulate(cfg: ModelConfig, params, tokens, sums, eps, alpha, weight):
