@@ -78,10 +78,8 @@ class Setup:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)   # a tiny model: more threads only spin against each other
-    yield Setup(tmp_path_factory.mktemp("qwen2"))
-    torch.set_num_threads(threads)
+    with hf_models.one_thread():   # a tiny model: more threads only spin against each other
+        yield Setup(tmp_path_factory.mktemp("qwen2"))
 
 
 def picks(path: list[dict]) -> list[Key]:
