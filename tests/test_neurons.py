@@ -40,3 +40,20 @@ def test_bad_records():
         NeuronSet.from_records([{"layer_name": "model.layers.1.mlp.nope", "channel": 1}])
     with pytest.raises(JaxcritError, match=r"\(site, layer, channel\) tuples"):
         NeuronSet.of([("down_proj", 1)])
+
+
+def test_neuron_names_round_trip_and_bad_names_are_refused():
+    from jaxcrit.models.sites import SITE_NAMES, neuron_name, parse_neuron_name
+    for i, s in enumerate(SITE_NAMES):
+        assert parse_neuron_name(neuron_name(s, i + 3, 17 * i)) == (s, i + 3, 17 * i)
+        assert parse_neuron_name(neuron_name(s, i)) == (s, i, None)
+    got = NeuronSet.of(["model.layers.11.mlp.down_proj[507]", "model.layers.0.self_attn.q_proj[2]"])
+    assert got.keys() == [("down_proj", 11, 507), ("q_proj", 0, 2)]
+    assert NeuronSet.of(got.to_pandas()["layer_name"] + "[" + got.to_pandas()["channel"].astype(str) + "]").keys() \
+        == got.keys()
+    for bad in ("model.layers.11.mlp.down_proj[x]", "model.layers.11.mlp.down_proj[5", "layers.1.mlp.down_proj[1]",
+                "model.layers.1.mlp.nothing[1]"):
+        with pytest.raises(JaxcritError):
+            parse_neuron_name(bad)
+    with pytest.raises(JaxcritError, match="whole site"):
+        NeuronSet.of(["model.layers.1.mlp.down_proj"])

@@ -19,7 +19,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from jaxcrit.errors import JaxcritError
-from jaxcrit.models.sites import SITE_NAMES, module_path, parse_module_path
+from jaxcrit.models.sites import SITE_NAMES, module_path, parse_module_path, parse_neuron_name
 
 COLUMNS = ("layer_name", "site", "layer", "channel", "position", "score")
 REFERENCE_FIELDS = {"seq_idx": "position", "hidden_idx": "channel", "activation_diff": "score"}
@@ -52,15 +52,18 @@ class NeuronSet:
 
     @staticmethod
     def of(x: Any) -> "NeuronSet":
-        """A NeuronSet from a NeuronSet, a DataFrame or record list with its columns, or
+        """A NeuronSet from a NeuronSet, a DataFrame or record list with its columns, neuron
+        names ('model.layers.11.mlp.down_proj[507]', as every result file writes them), or
         (site, layer, channel) tuples."""
         if isinstance(x, NeuronSet):
             return x
         if hasattr(x, "to_dict") and hasattr(x, "columns"):
             return NeuronSet.from_records(x.to_dict("records"))
-        rows = list(x)
+        rows = [x] if isinstance(x, str) else list(x)
         if rows and isinstance(rows[0], dict):
             return NeuronSet.from_records(rows)
+        if rows and all(isinstance(r, str) for r in rows):
+            return NeuronSet.of([neuron_of(r) for r in rows])
         if not rows:
             return NeuronSet.make([], [], [])
         if any(len(r) != 3 for r in rows):
@@ -125,3 +128,11 @@ class NeuronSet:
         if self.score is not None:
             cols["score"] = self.score
         return pd.DataFrame(cols)
+
+
+def neuron_of(name: str) -> tuple[str, int, int]:
+    """(site, layer, channel) of a neuron name; a whole site is refused here (a neuron set holds channels)."""
+    site_name, layer, channel = parse_neuron_name(name)
+    if channel is None:
+        raise JaxcritError(f"'{name}' names a whole site; a neuron needs its channel, e.g. {name}[0]")
+    return site_name, layer, channel

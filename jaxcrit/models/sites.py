@@ -76,3 +76,22 @@ def parse_module_path(path: str) -> tuple[str, int]:
         if s.module == module:
             return s.name, int(parts[2])
     raise JaxcritError(f"'{path}' names no site; sites are: {', '.join(s.module for s in SITES)}")
+
+
+def neuron_name(name: str, layer: int, channel: int | None = None) -> str:
+    """The one written name of a neuron, 'model.layers.11.mlp.down_proj[507]', or of a whole site
+    (channel None), 'model.layers.11.mlp.down_proj'."""
+    path = module_path(name, layer)
+    return path if channel is None else f"{path}[{channel}]"
+
+
+def parse_neuron_name(text: str) -> tuple[str, int, int | None]:
+    """Inverse of neuron_name: 'model.layers.11.mlp.down_proj[507]' -> ('down_proj', 11, 507);
+    a whole site without '[...]' gives channel None."""
+    path, bracket, rest = text.strip().partition("[")
+    site_name, layer = parse_module_path(path)
+    if not bracket:
+        return site_name, layer, None
+    if not rest.endswith("]") or not rest[:-1].isdigit():
+        raise JaxcritError(f"'{text}' is not a neuron name like model.layers.11.mlp.down_proj[507]")
+    return site_name, layer, int(rest[:-1])
