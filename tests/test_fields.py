@@ -31,7 +31,7 @@ DEFAULTS = {
                                               "Once upon a time, there was a"),
                  "max_new_tokens": 24, "temperature": 0.0, "top_k": 0, "top_p": 1.0},
     "engine": {"chunk": 64, "vocab_chunk": 16384, "prefix_sharing": True, "sites": (), "attention": "auto",
-               "mlp": "auto", "loss": "auto", "ahead": "auto"},
+               "mlp": "auto", "norms": "auto", "loss": "auto", "ahead": "auto"},
     "study": {"other_ranking": False, "seeds": (), "alphas": (), "samples": (), "texts": (), "dtypes": (),
               "massive": 0},
     "tasks": {"enabled": False, "limit": 100, "batch": 16},
@@ -94,6 +94,7 @@ EDGES = {
     "engine.sites": (("act_fn", "down_proj"), ("act_fn", "act_fn"), "distinct sites among q_proj"),
     "engine.attention": ("cudnn", "flash", "auto, xla or cudnn"),
     "engine.mlp": ("pallas", "triton", "auto, xla or pallas"),
+    "engine.norms": ("folded", "fused", "auto, plain or folded"),
     "engine.loss": ("xla", "cudnn", "auto, xla or pallas"),
     "engine.ahead": ("always", "later", "auto, always or never"),
     "study.other_ranking": (True, 1, "True or False"),
@@ -198,3 +199,16 @@ def test_help_lists_every_field_in_its_section_with_default_and_comment():
     assert "the gates push delta to stage2.epsilon + margin" in text
     assert "noise scale on the input embeddings" in text
     assert all(len(l) <= 100 for l in lines)
+
+
+def test_every_engine_field_reaches_the_engine():
+    """Each field of the engine section but the runner's own `ahead` is an option build_engine passes on,
+    and Engine takes it as a keyword."""
+    import inspect
+
+    from jaxcrit.engine import Engine
+    from jaxcrit.run import fields as fields_module
+    from jaxcrit.run.engines import OPTIONS
+    fields = {f.name for s in fields_module.SECTIONS if s.name == "engine" for f in s.fields} - {"ahead"}
+    assert set(OPTIONS) == fields
+    assert fields <= set(inspect.signature(Engine.__init__).parameters)

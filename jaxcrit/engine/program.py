@@ -4,8 +4,11 @@
 * `clean_pass`: the clean run's cache (what rows start from) and its max logits (the loss's shift).
 * `ChunkProgram`: the loss of each row of one chunk; its fields are the program's static
   arguments (one compile each), its `lower` takes shapes or arrays.
-* How many rows a chunk holds: `round_chunk` (whole rows per device) and `fit_chunk` (the largest
-  that fits MEMORY_SHARE of the free memory, from two compiled sizes).
+* How many rows a chunk holds: `round_chunk` (whole rows per device), `fit_chunk` (the largest
+  that fits MEMORY_SHARE of the free memory, from two compiled sizes) and `planned_chunk` (the
+  same from a function giving a chunk size's bytes, which the memory plan passes).
+* The memory they fit in: `memory(device)` (a device's limit and bytes in use, where the
+  backend reports them) and `host_free()` (the host's available memory, for CPU devices).
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The one place an Engine is built from a loaded model: the runner's, the study's and the API's.
 
 A config's engine section names Engine's options (chunk, vocab_chunk, prefix_sharing, attention,
-mlp, loss, sites); `ahead` is the runner's own (runner.Run.build_ahead).
+mlp, norms, loss, sites); `ahead` is the runner's own (runner.Run.build_ahead).
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any, Mapping, Sequence
 from jaxcrit import engine as E
 from jaxcrit.convert.load import Model
 
-OPTIONS = ("chunk", "vocab_chunk", "prefix_sharing", "attention", "mlp", "loss", "sites")
+OPTIONS = ("chunk", "vocab_chunk", "prefix_sharing", "attention", "mlp", "norms", "loss", "sites")
 
 
 def engine_options(model: Model, section: Mapping[str, Any] | None = None) -> dict[str, Any]:

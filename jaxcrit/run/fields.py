@@ -146,6 +146,8 @@ SECTIONS: tuple[Section, ...] = (
               "sites every compiled program holds masks for (all nine: one program for every stage)"),
         Field("attention", "auto", Choice(("auto", *CHOICES["attention"])), f"attention's implementation{KERNEL}"),
         Field("mlp", "auto", Choice(("auto", *CHOICES["mlp"])), f"the MLP's implementation{KERNEL}"),
+        Field("norms", "auto", Choice(("auto", *CHOICES["norms"])),
+              f"RMSNorms as their own step (plain) or folded into the GEMMs after them{KERNEL}"),
         Field("loss", "auto", Choice(("auto", *CHOICES["loss"])), f"the loss's implementation{KERNEL}"),
         Field("ahead", "auto", Choice(WHEN), "build the engine and compile Stage 2 in a thread while Stage 1 runs "
                                              "(auto: GPU/TPU, one process, chunk given)", result=False),
