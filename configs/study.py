@@ -1,4 +1,4 @@
-"""The study of issue 15 on the embedded SmolLM2 (docs/findings.md is its report).
+"""The study on the embedded SmolLM2 (docs/findings.md is its report).
 
 The entry point of `--config=configs/study.py[:corpus]`; the config itself is jaxcrit/configs/study.py
 (also `--config=study` from any directory or an installed wheel).

@@ -476,8 +476,8 @@ def test_short_text():
 
 
 def test_single_one_entry_per_row(cfg):
-    """Regression (commit 2daf41c): single() gave each row R copies of its (site, layer, channel),
-    which zeroing hides (0^R = 0) but which turns scale s into s^R and is quadratic in memory."""
+    """single() gives each row one entry: R copies of its (site, layer, channel) would be hidden by
+    zeroing (0^R = 0) but would turn scale s into s^R and be quadratic in memory."""
     abl = single(cfg, "down_proj", layers=[0, 2], channels=[1, 5, 9])
     assert abl.site.shape == (6, 1), f"single() rows have {abl.site.shape[1]} entries, want 1"
     assert abl.layer[:, 0].tolist() == [0, 0, 0, 2, 2, 2] and abl.channel[:, 0].tolist() == [1, 5, 9] * 2

@@ -12,7 +12,7 @@ layer at a time; compare it with the memory plan of the same settings:
         --config.dry_run=True --config.max_tokens=115 --config.stage1.batch=20 --config.engine.chunk=256 \\
         --config.baselines.names='()' --config.scan.sites='()' --config.map.enabled=False
 
-Run the PyTorch peer with SEQ=<tokens> in the same call: its sequential forward is the
+Run the PyTorch peer with SEQ=<tokens> on the same machine: its sequential forward is the
 reference's cost per Stage 2 step and per noisy pass.
 """
 from __future__ import annotations

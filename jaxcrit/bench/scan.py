@@ -7,8 +7,8 @@ channel count <= --max-chunk (so a layer's rows fill whole chunks, as the PyTorc
 batch): 448 for down_proj, 608 for act_fn at the default. Reports ablations/s; the FLOPs
 actually run (matmuls and causal attention of the layers each row runs from its start point,
 plus the lm head), as TFLOP/s; the physical limit (those FLOPs at the bf16 matmul peak measured
-in the same process) and the % of it reached; peak device memory. Run the PyTorch peer in the
-same call for the ratio.
+in the same process) and the % of it reached; peak device memory. Run the PyTorch peer on the
+same machine for the ratio.
 """
 from __future__ import annotations
 

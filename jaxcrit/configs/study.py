@@ -1,6 +1,6 @@
 """The study on the embedded SmolLM2-135M-Instruct, sized for a 2-core CPU; docs/findings.md is its report.
 
-    python -m jaxcrit.main --config=configs/study.py:../shared/data/wikitext --workdir=runs/study
+    python -m jaxcrit.main --config=configs/study.py:/path/to/wikitext --workdir=runs/study
     python -m jaxcrit.findings --workdir=runs/study --out=docs/findings.md
 
 The argument after the colon is the WikiText test split (a directory holding one *.raw file, or the

@@ -20,7 +20,7 @@ PARAGRAPH_CHARS = 50   # a corpus row is a paragraph when longer than this, stri
 
 def corpus_file(path: str | Path) -> Path:
     """The text file a corpus path names: the file itself, or a directory's one *.raw / *.txt file
-    (../shared/data/wikitext/ holds wiki.test.raw next to its SOURCE.md)."""
+    (WikiText-103's raw test split: a folder holding wiki.test.raw, as tests/data/wikitext does)."""
     p = Path(path)
     if p.is_dir():
         found = sorted(q for q in p.iterdir() if q.suffix in (".raw", ".txt") and q.is_file())

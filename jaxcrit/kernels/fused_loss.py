@@ -16,8 +16,8 @@ accumulation) and add exp(z - shift) into per-row sums:
 On a mesh, `expsum_sharded` runs it under shard_map: rows over the rows' mesh axis, the
 vocabulary over the axis the sharding rules give it (partial sums added by a psum). The tiles
 passed pick the kernel (kernels/selection.py chooses them: `HOPPER` where it applies, else `TILES`).
-Tile sizes come from sweeps on the H200 (the Triton kernel's: tools/profile_engine.py --sweep;
-both in docs/benchmarks.md).
+Tile sizes come from sweeps on the H200 (the Triton kernel's: `python -m jaxcrit.bench kernels
+--sweep`).
 """
 from __future__ import annotations
 

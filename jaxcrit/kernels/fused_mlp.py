@@ -12,10 +12,9 @@ rounded to the activation dtype as GEMM outputs, SiLU computed in f32 and rounde
 rounded once. (XLA's program of the same jnp code rounds more often inside SiLU: its products
 differ from these in about a third of the elements, by up to 2^-6 relative.) The folded norms
 round otherwise than transformers' RMSNorm: with them, engine losses move by bf16 rounding (at
-most 1.7e-3 nats, mean 3e-4, over 24 chunks of a bf16 scan). On one H200 (docs/benchmarks.md) it
-ties with cuBLAS's two GEMMs and XLA's pass alone (6.6-7.2 against 6.8-7.7 ms at 229,376 x 896 x
-2 x 4,864) and wins inside the layers: 11 mask-free Qwen2.5-0.5B layers of 448 x 512 tokens
-138.8 ms against 152.2.
+most 1.7e-3 nats, mean 3e-4, over 24 chunks of a bf16 scan). On one H100, at 229,376 x 896 x
+2 x 4,864 (one engine chunk of Qwen2.5-0.5B), it takes 5.78 ms where cuBLAS's two GEMMs and XLA's
+pass take 7.38 (docs/benchmarks.md).
 
 The engine runs it in the layers no row of a chunk edits, where nothing needs gate or up themselves.
 """
