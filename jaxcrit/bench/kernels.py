@@ -5,7 +5,7 @@
 MLP: SiLU(x @ gate) * (x @ up) for x [rows * seq, D], gate and up [D, F] (the rows of one engine
 chunk): by XLA (two cuBLAS GEMMs, as the engine compiles them, then the product), by the fused
 kernel the engine's kernel selection gives (`Kernels.layer.swiglu`), and by tokamax's
-gated_linear_unit (mosaic and triton). Loss: each position's NLL of rows * (seq - 1) hidden
+gated_linear_unit (mosaic). Loss: each position's NLL of rows * (seq - 1) hidden
 states against the lm head [V, D]: XLA's one pass over vocabulary chunks (exp(z - shift)
 summed, the shift the max logit, as the engine's clean run gives it), XLA's two-pass online
 logsumexp, the selection's fused exp-sum (`Kernels.expsum`), tokamax's
@@ -109,7 +109,6 @@ def mlp(cfg: ModelConfig, dtype, mesh: Mesh, M: int, reps: int) -> dict[str, dic
         "xla": jax.jit(lambda x: jax.nn.silu(x @ g) * (x @ u), compiler_options=COMPILER_OPTIONS),
         "fused": kernels if isinstance(kernels, str) else jax.jit(lambda x: kernels.layer.swiglu(x, ones, g, u)),
         "tokamax mosaic": glu("mosaic"),
-        "tokamax triton": glu("triton"),
     }
     return measured(candidates, (x,), 4 * M * D * F, reps, error)
 
