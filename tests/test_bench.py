@@ -143,7 +143,7 @@ def test_kernels(tmp_path):
     that does not run here says why."""
     r = bench(tmp_path, "kernels", "--shape", "tiny", "--rows", "3", "--seq", str(SEQ), "--vocab-chunk", "64",
               "--reps", "1")
-    assert set(r["mlp"]) == {"xla", "fused", "tokamax mosaic", "tokamax triton"}
+    assert set(r["mlp"]) == {"xla", "fused", "tokamax mosaic"}
     assert set(r["loss"]) == {"xla one pass (shifted)", "xla two pass (online)", "fused", "tokamax chunked_xla"}
     for part, tol in (("mlp", 2e-2), ("loss", 5e-2)):
         for name, x in r[part].items():
