@@ -9,11 +9,12 @@ page names. A question whose stage did not run says so.
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import shutil
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -93,6 +94,18 @@ def _neurons(records: list[dict], at_most: int = 8) -> str:
 
 
 # ----------------------------------------------------------------------------- the questions
+
+def answers(title: str, file: str, missing: str) -> Callable[[Callable[[Results, Any], list[str]]],
+                                                         Callable[[Results], list[str]]]:
+    """A question's section read from one result file: its heading, then body(r, the file's content),
+    or the line `missing` where the stage that writes the file did not run."""
+    def wrap(body: Callable[[Results, Any], list[str]]) -> Callable[[Results], list[str]]:
+        @functools.wraps(body)
+        def section(r: Results) -> list[str]:
+            data = r[file]
+            return [f"## {title}", ""] + (body(r, data) if data else [missing, ""])
+        return section
+    return wrap
 
 def q1_size(r: Results) -> list[str]:
     g, imp, crit = r.curve(), r["importance.json"], r["critical.json"]
@@ -240,28 +253,23 @@ def q4_smallest(r: Results) -> list[str]:
     return out
 
 
-def q5_dtypes(r: Results) -> list[str]:
-    out = ["## (5) fp32 / bf16 / fp16", ""]
-    d = r["dtypes.json"]
-    if not d:
-        return out + ["The dtype sweep did not run.", ""]
+@answers("(5) fp32 / bf16 / fp16", "dtypes.json", "The dtype sweep did not run.")
+def q5_dtypes(r: Results, d: dict) -> list[str]:
     rows = [[dt, _ppl(v["base_ppl_log10"]), _n(v["critical_n"]), _f(v["critical_delta"]),
              _f(max(c["delta"] for c in v["curve"]), ".2f")] for dt, v in d.items()]
-    out += md_table(["dtype", "base PPL", "critical n (main dtype)", "its delta", "max delta over the prefixes"],
+    out = md_table(["dtype", "base PPL", "critical n (main dtype)", "its delta", "max delta over the prefixes"],
                     rows, "lrrrr") + [""]
     out += [f"Params and activations in each dtype (norms, softmax and loss in f32), the main ranking's first "
             f"{len(next(iter(d.values()))['curve'])} prefixes scored again (`dtypes.png`).", ""]
     return out
 
 
-def q6_relations(r: Results) -> list[str]:
-    out = ["## (6) Largest activations, super weights and massive activations", ""]
-    rel = r["relations.json"]
-    if not rel:
-        return out + ["The activation listing did not run.", ""]
+@answers("(6) Largest activations, super weights and massive activations", "relations.json",
+         "The activation listing did not run.")
+def q6_relations(r: Results, rel: dict) -> list[str]:
     rows = [[i + 1, f"`{neuron_path(t)}`", _f(t["max_abs"], ".1f"), t["position"], f"`{t['token']}`",
              _f(t["median_abs"], ".2f")] for i, t in enumerate(rel["top"][:10])]
-    out += [f"The largest |down_proj output| channels of the default text (max over positions; "
+    out = [f"The largest |down_proj output| channels of the default text (max over positions; "
             f"{rel['down_proj_channels']:,} channels):", ""]
     out += md_table(["#", "channel", "max abs", "position", "token", "median abs"], rows, "rlrrlr") + [""]
     for c in rel["critical"][:10]:
@@ -290,16 +298,13 @@ def q6_relations(r: Results) -> list[str]:
     return out
 
 
-def q7_stability(r: Results) -> list[str]:
-    out = ["## (7) Stability across seeds, alpha, K and texts", ""]
-    st = r["stability.json"]
-    if not st:
-        return out + ["The stability study did not run.", ""]
+@answers("(7) Stability across seeds, alpha, K and texts", "stability.json", "The stability study did not run.")
+def q7_stability(r: Results, st: dict) -> list[str]:
     rows = [[v["kind"], v["value"], v["tokens"], _n(v["critical_n"]),
              ", ".join(f"`{x['layer_name']}[{x['channel']}]`" for x in v["critical"][:4]) or "-",
              v["top10_overlap"], _f(v["top100_jaccard"], ".2f"), _f(v["critical_jaccard"], ".2f"),
              _f(v.get("main_set_delta"), ".2f") if v["kind"] == "text" else ""] for v in st["variants"]]
-    out += [f"Each row runs Stage 1 and Stage 2 (to epsilon {st['epsilon']:g}) again with one setting changed; overlaps "
+    out = [f"Each row runs Stage 1 and Stage 2 (to epsilon {st['epsilon']:g}) again with one setting changed; overlaps "
             "are with the main run (seed, alpha, K of the config, the default text).", ""]
     out += md_table(["varied", "value", "tokens", "critical n", "critical set", "top-10 shared", "top-100 Jaccard",
                      "critical Jaccard", "main set's delta here"], rows, "llrrlrrrr") + [""]
