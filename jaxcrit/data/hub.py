@@ -29,8 +29,6 @@ MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "model
 WEIGHTS = "model*.safetensors"
 BARS_AFTER = 0.5   # seconds
 
-CONVERT = ("convert it once with transformers: AutoModelForCausalLM.from_pretrained('{repo}')"
-           ".save_pretrained(DIR, safe_serialization=True) (and its tokenizer's save_pretrained(DIR)), then give DIR")
 OFFLINE = ("not in the hub cache ({cache}) and the Hub cannot be reached (HF_HUB_OFFLINE=1 or no network); "
            "run once with network access to fetch it")
 
@@ -106,14 +104,17 @@ def dataset_name(source: str) -> HubName | None:
 @functools.lru_cache(maxsize=None)
 def snapshot(name: HubName) -> Path:
     """The local directory of a model repository at its revision, holding the MODEL_FILES it has;
-    fetched (once per process, and once per host: _one_at_a_time) into the hub cache."""
+    fetched into the hub cache once per host (_one_at_a_time) and resolved once per process, so
+    every stage of a run reads the same commit."""
     from huggingface_hub import snapshot_download
     with _errors(name), _one_at_a_time(name):
         path = Path(snapshot_download(name.repo, revision=name.revision, allow_patterns=list(MODEL_FILES),
                                       tqdm_class=_bars()))
     if not any(path.glob(WEIGHTS)):
         raise JaxcritError(f"{name}: the repository has no .safetensors weights, and jaxcrit reads no pickled "
-                           f".bin/.pt weights; {CONVERT.format(repo=name.repo)}")
+                           f".bin/.pt weights; convert it once with transformers: AutoModelForCausalLM.from_pretrained("
+                           f"'{name.repo}').save_pretrained(DIR, safe_serialization=True) (and its tokenizer's "
+                           "save_pretrained(DIR)), then give DIR")
     return path
 
 
