@@ -3,6 +3,7 @@
     python -m jaxcrit.main --config=configs/smollm2.py --workdir=runs/smollm2 [--config.stage2.epsilon=3]
     python -m jaxcrit.main --config=smollm2 ...          # a packaged config, from any directory
     python -m jaxcrit.main --config=hf:/path/to/checkpoint ...
+    python -m jaxcrit.main --config=hf:ORG/NAME[@REVISION] ...   # a Hugging Face Hub id, fetched into the hub cache
 
 The stages and their files are the table in jaxcrit/run/stages/; jaxcrit/run/runner.py runs it.
 Bad input is one `jaxcrit: error:` line and exit code 2, before any weight is read.

@@ -1,10 +1,14 @@
 """The study on the embedded SmolLM2-135M-Instruct, sized for a 2-core CPU; docs/findings.md is its report.
 
-    python -m jaxcrit.main --config=configs/study.py:/path/to/wikitext --workdir=runs/study
+    python -m jaxcrit.main --config=study:/path/to/wikitext --workdir=runs/study
+    python -m jaxcrit.main --config=study:hf-dataset:ORG/NAME/wiki.test.raw --workdir=runs/study
     python -m jaxcrit.findings --workdir=runs/study --out=docs/findings.md
 
-The argument after the colon is the WikiText test split (a directory holding one *.raw file, or the
-file); without it the evaluation covers the default text only and there are no task scores. On top
+The argument after the colon is the corpus: the WikiText test split in its raw layout (a directory
+holding one *.raw file, or the file; tests/data/wikitext is a small one in that layout), or such a
+file in a dataset repository on the Hugging Face Hub (hf-dataset:ORG/NAME/path/in/repo[@REVISION],
+fetched into the hub cache). Without it the evaluation covers the default text only and there are
+no task scores. On top
 of the default run (configs/smollm2.py): the full Stage 2 curve to n = 200 in both ranking modes,
 the baselines to 100 neurons, Stage 1's 16 best down_proj channels of every layer scanned and greedy
 search over the scan's best 32, the whole-model map, the evaluation of the critical sets at epsilon

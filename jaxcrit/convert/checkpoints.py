@@ -1,7 +1,8 @@
 """What a model source names, and how to read its config alone or load it whole.
 
-A source is an embedded model name ('smollm2'), a HF checkpoint dir, a .gguf file, or a dir
-written by orbax_io.save. Each kind is one row: how to recognise it, how to read its
+A source is an embedded model name ('smollm2'), a HF checkpoint dir, a .gguf file, a dir
+written by orbax_io.save, or a model on the Hugging Face Hub (`ORG/NAME[@REVISION]`, optionally
+after `hf:`; data/hub.py fetches it), an existing local path winning over a hub name. Each kind is one row: how to recognise it, how to read its
 ModelConfig from metadata alone (validation before any weight is read), and how to load it.
 """
 from __future__ import annotations
@@ -66,9 +67,18 @@ KINDS: tuple[Kind, ...] = (
 def resolve(source: str) -> tuple[Kind, Path]:
     """The kind and path of a model source; one error line when it names nothing."""
     from jaxcrit.convert import embedded
-    path = embedded.embedded_path(source) if source in embedded.EMBEDDED else Path(source)
+    from jaxcrit.data import hub
+    if source in embedded.EMBEDDED:
+        path = embedded.embedded_path(source)
+    elif local := [Path(s) for s in (source, source.removeprefix(hub.MODEL_PREFIX)) if Path(s).exists()]:
+        path = local[0]
+    elif name := hub.model_name(source):
+        path = hub.snapshot(name)
+    else:
+        path = Path(source)
     for kind in KINDS:
         if kind.matches(path):
             return kind, path
     raise JaxcritError(f"model '{source}': no such file or directory; give an embedded name "
-                       f"({', '.join(embedded.EMBEDDED)}), a HF checkpoint dir, a .gguf file or a converted dir")
+                       f"({', '.join(embedded.EMBEDDED)}), a HF checkpoint dir, a .gguf file, a converted dir "
+                       "or a Hugging Face Hub id ORG/NAME[@REVISION]")

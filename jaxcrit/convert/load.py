@@ -1,4 +1,5 @@
-"""A loaded model: config, params on a mesh, tokenizer; from any source checkpoints.resolve names."""
+"""A loaded model: config, params on a mesh, tokenizer; from any source checkpoints.resolve names
+(a local checkpoint or a Hugging Face Hub id)."""
 from __future__ import annotations
 
 import dataclasses
@@ -48,8 +49,10 @@ def tokens(tokenizer: Tokenizer, text: str, max_tokens: int = 512, min_tokens: i
 
 def load(name_or_path: str = "smollm2", dtype: str = "float32", mesh: Mesh | None = None,
          rules=DEFAULT_RULES) -> Model:
-    """An embedded model name ('smollm2'), a HF checkpoint dir, a .gguf file, or a dir saved by
-    jaxcrit.convert.orbax_io.save (holding jaxcrit.json)."""
+    """An embedded model name ('smollm2'), a HF checkpoint dir, a .gguf file, a dir saved by
+    jaxcrit.convert.orbax_io.save (holding jaxcrit.json), or a Hugging Face Hub id
+    ('ORG/NAME[@REVISION]' or 'hf:ORG/NAME[@REVISION]', fetched into the hub cache; an existing
+    local path wins)."""
     from jaxcrit.convert.tokenizer import load_tokenizer, special_ids
     if dtype not in DTYPES:
         raise JaxcritError(f"dtype '{dtype}' unknown: use one of {', '.join(DTYPES)}")

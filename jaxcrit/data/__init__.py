@@ -1,1 +1,2 @@
-"""Text -> token ids, the way transformers tokenizes for the same checkpoint."""
+"""What comes in from outside: the texts (texts.py) and the models and corpora named on the
+Hugging Face Hub, fetched into the hub cache (hub.py)."""

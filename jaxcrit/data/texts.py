@@ -19,9 +19,15 @@ PARAGRAPH_CHARS = 50   # a corpus row is a paragraph when longer than this, stri
 
 
 def corpus_file(path: str | Path) -> Path:
-    """The text file a corpus path names: the file itself, or a directory's one *.raw / *.txt file
-    (WikiText-103's raw test split: a folder holding wiki.test.raw, as tests/data/wikitext does)."""
+    """The text file a corpus names: the file itself, a directory's one *.raw / *.txt file (a
+    WikiText split unpacked: wiki.test.raw beside its notes, as tests/data/wikitext holds it), or a
+    dataset repository's file on the Hugging Face Hub, hf-dataset:ORG/NAME/path/in/repo[@REVISION]
+    (data/hub.py; an existing local path of that name wins)."""
+    from jaxcrit.data import hub
     p = Path(path)
+    name = None if p.exists() else hub.dataset_name(str(path))
+    if name:
+        return hub.dataset_file(name)
     if p.is_dir():
         found = sorted(q for q in p.iterdir() if q.suffix in (".raw", ".txt") and q.is_file())
         if len(found) != 1:

@@ -63,8 +63,9 @@ KERNEL = "; auto: the fused one where it applies (jaxcrit/kernels/selection.py s
 SECTIONS: tuple[Section, ...] = (
     Section("", "the run", (
         Field("model", "smollm2", Pred(lambda v: isinstance(v, str) and bool(v),
-                                       "an embedded name, a checkpoint dir or a file"),
-              "embedded name (smollm2), HF checkpoint dir, .gguf file, or converted dir"),
+                                       "an embedded name, a checkpoint dir, a file or a Hub id"),
+              "embedded name (smollm2), HF checkpoint dir, .gguf file, converted dir, or Hugging Face Hub id "
+              "ORG/NAME[@REVISION] (an existing local path wins)"),
         Field("dtype", "float32", Choice(DTYPES), "params and activations (norms, softmax and loss run in float32)"),
         Field("text", BOOKENDS, ANY_STR, "the text Stage 1 perturbs and Stage 2 scores (at least 10 tokens)"),
         Field("max_tokens", 512, Int(10), "texts are cut to this many tokens"),
@@ -118,8 +119,9 @@ SECTIONS: tuple[Section, ...] = (
         Field("audit", 128, Int(0), "seeded random unverified neurons verified to measure misses and screen error"),
     )),
     Section("evaluate", "perplexity on texts before and after masking", (
-        Field("file", "", Pred(lambda v: isinstance(v, str), "a path or ''"),
-              "text file evaluated before/after masking (rows > 50 chars); empty: the text only"),
+        Field("file", "", Pred(lambda v: isinstance(v, str), "a path, hf-dataset:ORG/NAME/path[@REVISION] or ''"),
+              "text file evaluated before/after masking (rows > 50 chars): a path, or a Hub dataset's file "
+              "hf-dataset:ORG/NAME/path/in/repo[@REVISION]; empty: the text only"),
         Field("limit", 0, Int(0), "evaluate only the first N rows of the file (0: all)"),
         Field("batch", 8, Int(1), "texts per resumable evaluation block"),
         Field("sets", (), Pred(_set_names, "distinct names among greedy, learned, prefix@E (E a number)"),
