@@ -43,7 +43,7 @@ DEFAULTS = {
 
 # field: (a value it takes, at the edge where there is one; a value it refuses; words of the error line)
 EDGES = {
-    "model": ("/some/dir", "", "an embedded name, a checkpoint dir or a file"),
+    "model": ("/some/dir", "", "an embedded name, a checkpoint dir, a file or a Hub id"),
     "dtype": ("float16", "float64", "float32, bfloat16 or float16"),
     "text": ("", 5, "a string"),
     "max_tokens": (10, 9, "an integer >= 10"),
@@ -78,7 +78,7 @@ EDGES = {
     "map.block": (0, -1, "an integer >= 0"),
     "map.max_rounds": (0, -1, "an integer >= 0"),
     "map.audit": (0, -1, "an integer >= 0"),
-    "evaluate.file": ("texts.txt", None, "a path or ''"),
+    "evaluate.file": ("texts.txt", None, "a path, hf-dataset:ORG/NAME/path[@REVISION] or ''"),
     "evaluate.limit": (0, -1, "an integer >= 0"),
     "evaluate.batch": (1, 0, "an integer >= 1"),
     "evaluate.sets": (("prefix@3", "prefix@0.5"), ("prefix@",), "distinct names among greedy, learned, prefix@E"),
