@@ -6,9 +6,10 @@ nnsight.TransformersModel (a pre-loaded model needs a tokenizer; the ids need no
 is given), one `model.trace` per batch whose input is the batch of prompts [B, 128], and in it, in
 forward order, one indexed assignment per layer the batch touches into
 `model.model.layers[l].mlp.output` (its rows, at their positions or channels). One input invoke
-with per-row indexing is nnsight's cheap form: each `tracer.invoke` is a worker thread that meets
-every hooked module, so one invoke per edit set multiplies that cost by the batch. (a) keeps
-only the last position's logits (`logits_to_keep=1`, passed through to the HF forward).
+with per-row indexing is the cheap form of nnsight's batching: each `tracer.invoke` is a mediator
+of its own (a greenlet the model's hooks switch to, with its own slice of the batch), so one
+invoke per edit set adds that cost once per row (about 0.6 ms a row on a CPU). (a) keeps only the
+last position's logits (`logits_to_keep=1`, passed through to the HF forward).
 
 On a GPU (wheels installed by tools/peers/install.sh; the model dir written by tools/model_shape.py
 gets random weights the first time):

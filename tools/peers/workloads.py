@@ -175,7 +175,8 @@ def timed(run: Callable[[int], np.ndarray], batch: int, device: str) -> tuple[fl
     return time.perf_counter() - start, result
 
 
-def sweep(run: Callable[[int], np.ndarray], count: int, batches: list[int], device: str) -> tuple[dict, np.ndarray | None]:
+def sweep(run: Callable[[int], np.ndarray], count: int, batches: list[int],
+          device: str) -> tuple[dict, np.ndarray | None]:
     """Times a workload of `count` edit sets at each batch size (an out-of-memory one is noted and
     skipped): ({'by_batch': {b: {seconds, per_s} | 'oom'}, 'best_batch', 'per_s'}, best result)."""
     by_batch, best, result = {}, None, None
@@ -221,7 +222,16 @@ def arguments(description: str) -> argparse.Namespace:
     ap.add_argument("--save", type=Path, help="dir for a.npy [L, 128], b.npy [n] and prompts.npy [2, 128]")
     ap.add_argument("--check", action="store_true", help="instead of timing, compare both workloads at every "
                     "batch size with plain torch forward hooks, in float32 (meant for a tiny model)")
-    return ap.parse_args()
+    args = ap.parse_args()
+    if not (args.model / "config.json").is_file():
+        ap.error(f"--model {args.model} holds no config.json: write one with tools/model_shape.py SHAPE DIR")
+    try:
+        args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    except ValueError:
+        ap.error(f"--batch-sizes {args.batch_sizes!r} is not a comma-separated list of integers, e.g. 16,32,64")
+    if min(args.batch_sizes) < 1:
+        ap.error("--batch-sizes must be positive")
+    return args
 
 
 def check(tool: Tool, reference: Tool, clean: torch.Tensor, corrupt: torch.Tensor, n_layers: int, d_model: int,
@@ -247,7 +257,7 @@ def main(description: str, name: str, make_tool: Callable[[transformers.PreTrain
     """A peer script's command line: --check against the reference, or the timed sweep of both workloads."""
     args = arguments(description)
     dtype = torch.float32 if args.check else DTYPES[args.dtype]
-    batches = [int(b) for b in args.batch_sizes.split(",")]
+    batches = args.batch_sizes
     model = load_model(args.model, dtype, args.device)
     cfg = model.config
     n_layers, d_model = cfg.num_hidden_layers, cfg.hidden_size
@@ -263,10 +273,12 @@ def main(description: str, name: str, make_tool: Callable[[transformers.PreTrain
         print(f"{name}: (b) {n_ablations} ablations", flush=True)
         scan, b = sweep(lambda b: ablation_scan(tool, clean, n_layers, d_model, b), n_ablations, batches, args.device)
         peak = peak_memory(tool, clean, n_layers, d_model, args.device)
+    on_cuda = args.device.startswith("cuda")
     report = {
         "tool": name,
-        "versions": {p: version(p) for p in [*packages, "torch", "transformers"]} | {"python": platform.python_version()},
-        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor(),
+        "versions": {p: version(p) for p in [*packages, "torch", "transformers"]}
+        | {"python": platform.python_version()},
+        "device": torch.cuda.get_device_name() if on_cuda else platform.processor() or platform.machine(),
         "dtype": args.dtype, "model": str(args.model), "tokens": TOKENS,
         "shape": {"n_layers": n_layers, "d_model": d_model, "vocab": cfg.vocab_size},
         "causal_trace": {"patches": n_patches, "patches_per_s": trace.pop("per_s"), **trace},
@@ -278,7 +290,8 @@ def main(description: str, name: str, make_tool: Callable[[transformers.PreTrain
         args.out.write_text(json.dumps(report, indent=1))
     if args.save:
         args.save.mkdir(parents=True, exist_ok=True)
-        np.save(args.save / "a.npy", a)
-        np.save(args.save / "b.npy", b)
+        for file, result in [("a.npy", a), ("b.npy", b)]:
+            if result is not None:     # None: every batch size ran out of memory
+                np.save(args.save / file, result)
         np.save(args.save / "prompts.npy", torch.stack([clean, corrupt]).cpu().numpy())
     return 0
