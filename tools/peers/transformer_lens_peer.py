@@ -21,6 +21,7 @@ On a CPU, the results against plain torch forward hooks in float32:
 from __future__ import annotations
 
 import sys
+from functools import partial
 
 import torch
 import transformers
@@ -30,7 +31,20 @@ import workloads
 
 
 def site(layer: int) -> str:
+    """The hook point of model.layers[layer].mlp's output (an alias of blocks.{layer}.mlp.hook_out)."""
     return f"blocks.{layer}.hook_mlp_out"
+
+
+def put(act: torch.Tensor, hook, rows: torch.Tensor, pos: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:
+    """Hook of (a): act [B, T, D] with the given rows' vector [D] at their position set to vals."""
+    act[rows, pos] = vals
+    return act
+
+
+def zero(act: torch.Tensor, hook, rows: torch.Tensor, chans: torch.Tensor) -> torch.Tensor:
+    """Hook of (b): act [B, T, D] with the given rows' channel zero at every position."""
+    act[rows, :, chans] = 0
+    return act
 
 
 def make_tool(hf_model: transformers.PreTrainedModel) -> workloads.Tool:
@@ -44,22 +58,13 @@ def make_tool(hf_model: transformers.PreTrainedModel) -> workloads.Tool:
         return torch.stack([cache[site(l)][0] for l in range(n_layers)]), int(logits[0, -1].argmax())
 
     def patch(corrupt, layer_ids, positions, values, target):
-        def put(act, hook, rows, pos, vals):
-            act[rows, pos] = vals
-            return act
-
-        hooks = [(site(l), lambda act, hook, r=rows: put(act, hook, r, positions[r], values[r]))
+        hooks = [(site(l), partial(put, rows=rows, pos=positions[rows], vals=values[rows]))
                  for l, rows in workloads.by_layer(layer_ids)]
         logits = bridge.run_with_hooks(corrupt.expand(len(layer_ids), -1), fwd_hooks=hooks, logits_to_keep=1)
         return workloads.last_logprob(logits[:, -1], target)
 
     def ablate(ids, layer_ids, channels):
-        def zero(act, hook, rows, chans):
-            act[rows, :, chans] = 0
-            return act
-
-        hooks = [(site(l), lambda act, hook, r=rows: zero(act, hook, r, channels[r]))
-                 for l, rows in workloads.by_layer(layer_ids)]
+        hooks = [(site(l), partial(zero, rows=rows, chans=channels[rows])) for l, rows in workloads.by_layer(layer_ids)]
         return workloads.mean_nll(bridge.run_with_hooks(ids.expand(len(layer_ids), -1), fwd_hooks=hooks), ids)
 
     return workloads.Tool(clean, patch, ablate)
