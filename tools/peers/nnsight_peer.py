@@ -11,12 +11,7 @@ of its own (a greenlet the model's hooks switch to, with its own slice of the ba
 invoke per edit set adds that cost once per row (about 0.6 ms a row on a CPU). (a) keeps only the
 last position's logits (`logits_to_keep=1`, passed through to the HF forward).
 
-On a GPU (wheels installed by tools/peers/install.sh; the model dir written by tools/model_shape.py
-gets random weights the first time):
-    python tools/peers/nnsight_peer.py --model /tmp/q05 --out nnsight.json --save /tmp/peers/nnsight
-On a CPU, the results against plain torch forward hooks in float32:
-    python tools/model_shape.py tiny /tmp/tiny
-    python tools/peers/nnsight_peer.py --model /tmp/tiny --device cpu --check
+Run it as workloads.py's docstring says.
 """
 from __future__ import annotations
 

@@ -11,12 +11,7 @@ which edits that layer's rows at their positions or channels. (a) keeps only the
 logits (`logits_to_keep=1`, passed through to the HF forward); (b) takes the logits and computes
 the loss in float32 (return_type="loss" would take log_softmax in the model's dtype).
 
-On a GPU (wheels installed by tools/peers/install.sh; the model dir written by tools/model_shape.py
-gets random weights the first time):
-    python tools/peers/transformer_lens_peer.py --model /tmp/q05 --out tl.json --save /tmp/peers/tl
-On a CPU, the results against plain torch forward hooks in float32:
-    python tools/model_shape.py tiny /tmp/tiny
-    python tools/peers/transformer_lens_peer.py --model /tmp/tiny --device cpu --check
+Run it as workloads.py's docstring says.
 """
 from __future__ import annotations
 

@@ -14,6 +14,14 @@ times a peer tool on them (imported by nnsight_peer.py and transformer_lens_peer
 
 A tool gives three functions over torch tensors on its device (a `Tool`); the harness batches the
 edit sets in order, so a batch may span two layers and the last batch may be short.
+
+Each peer script (PEER: nnsight_peer.py, transformer_lens_peer.py) runs the same way. On a GPU
+(wheels installed by tools/peers/install.sh; a model dir written by tools/model_shape.py gets
+random weights the first time):
+    python tools/peers/PEER --model /tmp/q05 --out PEER.json --save /tmp/peers/PEER
+On a CPU, its results against plain torch forward hooks in float32:
+    python tools/model_shape.py tiny /tmp/tiny
+    python tools/peers/PEER --model /tmp/tiny --device cpu --check
 """
 from __future__ import annotations
 
