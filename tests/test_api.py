@@ -40,7 +40,7 @@ def cli(model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model(model_dir):
-    return jaxcrit.load(str(model_dir))
+    return jaxcrit.load(str(model_dir), "float32")
 
 
 def test_importance_equals_the_cli_ranking(model, cli):

@@ -49,8 +49,8 @@ def _bad_checkpoint(model_dir: Path, tmp: Path, how: str) -> Path:
 
 # (case id, flags after --config=<tiny config>, what the error line must contain)
 FIELD_CASES = [
-    ("unknown_section", ["--config.stage3.x=1"], "unknown config field 'stage3' (Did you mean \"stage2\""),
-    ("misspelt_key", ["--config.stage1.sample=5"], "unknown config field 'sample' (Did you mean \"samples\""),
+    ("unknown_section", ["--config.stag1.alpha=1"], "unknown config field 'stag1.alpha' (did you mean 'stage1.alpha'?)"),
+    ("misspelt_key", ["--config.stage1.sample=5"], "unknown config field 'stage1.sample' (did you mean 'stage1.samples'?)"),
     ("int_not_a_number", ["--config.stage1.samples=abc"], "--config.stage1.samples=abc"),
     ("int_given_a_float", ["--config.stage1.samples=1.5"], "--config.stage1.samples=1.5"),
     ("float_not_a_number", ["--config.stage2.epsilon=foo"], "--config.stage2.epsilon=foo"),

@@ -239,11 +239,11 @@ def test_cli_from_an_empty_directory_with_an_absolute_config(model_dir, tmp_path
 def test_packaged_config_names_resolve_from_anywhere(tmp_path, monkeypatch):
     """--config=smollm2 and --config=qwen:/ckpt name the configs shipped inside the package."""
     monkeypatch.chdir(tmp_path)
-    c, wd = M.parse(["jaxcrit", "--config=smollm2", "--workdir=w"])
+    c, wd, _ = M.parse(["jaxcrit", "--config=smollm2", "--workdir=w"])
     assert c.model == "smollm2" and c.stage1.samples == 100 and wd == Path("w")
-    c, _ = M.parse(["jaxcrit", "--config=qwen:/some/ckpt", "--config.stage2.epsilon=3"])
-    assert (c.model, c.dtype, c.stage1.batch, c.stage2.epsilon) == ("/some/ckpt", "bfloat16", 20, 3.0)
-    c, _ = M.parse(["jaxcrit", f"--config={REPO / 'configs' / 'hf.py'}:/x"])
+    c, *_ = M.parse(["jaxcrit", "--config=qwen:/some/ckpt", "--config.stage2.epsilon=3"])
+    assert (c.model, c.dtype, c.stage1.batch, c.stage2.epsilon) == ("/some/ckpt", "auto", 20, 3.0)
+    c, *_ = M.parse(["jaxcrit", f"--config={REPO / 'configs' / 'hf.py'}:/x"])
     assert (c.model, c.engine.chunk) == ("/x", 0)
 
 

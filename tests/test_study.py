@@ -43,7 +43,7 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model(model_dir):
-    return jaxcrit.load(str(model_dir))
+    return jaxcrit.load(str(model_dir), "float32")
 
 
 # ----------------------------------------------------------------------------- corpus

@@ -18,12 +18,12 @@ def base(model: str) -> ml_collections.ConfigDict:
 
 
 def checkpoint(arg: str | None, name: str) -> ml_collections.ConfigDict:
-    """A checkpoint given after the colon (`--config=NAME:/path`), run bf16 with the chunk planned
-    from free device memory. Without the path: one error line saying how to give it."""
+    """A checkpoint given after the colon (`--config=NAME:/path`), in its kind's dtype (dtype auto:
+    bfloat16 for a HF dir) with the chunk planned from free device memory. Without the path: one
+    error line saying how to give it."""
     from jaxcrit.errors import JaxcritError
     if not arg:
         raise JaxcritError(f"the {name} config needs a checkpoint: --config=configs/{name}.py:/path/to/checkpoint")
     c = base(arg)
-    c.dtype = "bfloat16"
     c.engine.chunk = 0
     return c
