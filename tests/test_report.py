@@ -186,11 +186,12 @@ def test_summary_markdown_huge_ppl():
     assert "10^1.26 (18.17)" in md  # base: 2.9 nats -> log10 1.2594
     for L, c in [(0, 3), (23, 811), (0, 47)]:
         assert f"model.layers.{L}.mlp.down_proj" in md
-    assert "| 1 | `model.layers.0.mlp.down_proj` | 3 |" in md
+    assert "| 1 | `model.layers.0.mlp.down_proj[3]` | down_proj | 0 |" in md
     assert "random" in md and "gradient" in md and "442368" in md
     assert "\\|" in md  # pipes in evaluation text escaped
     assert "442368 neurons screened (first_order); 641 verified exactly in 3 rounds of 256" in md
-    assert "| 1 | L21.down_proj[62] | 0.31 | 2.5 | screen |" in md and "| 2 | L3.act_fn[7] | 0.2 | NaN | audit |" in md
+    assert "| 1 | `model.layers.21.mlp.down_proj[62]` | 0.31 | 2.5 | screen |" in md
+    assert "| 2 | `model.layers.3.mlp.act_fn[7]` | 0.2 | NaN | audit |" in md
     assert "1 beat the k-th verified Δ (0.2), about 1.72e+03 over all unverified" in md
     assert "| first_order | 0.50 | 0.61 | 0.01 | 2.2 |" in md
     assert summary.fmt_ppl_log10(6.2455) == "10^6.25 (1.76e6)"
