@@ -37,7 +37,7 @@ class Model:
         c = self.cfg
         gb = sum(p.size * p.dtype.itemsize for p in self.params.values()) / 1e9
         return (f"Model({self.source!r}: {c.model_type}, {c.n_layers} layers, d_model {c.d_model}, d_ff {c.d_ff}, "
-                f"vocab {c.vocab_size}, {self.dtype}, mesh {dict(self.mesh.shape)}, {gb:.2f} GB of params)")
+                f"vocab {c.vocab_size}, {self.dtype}, mesh {dict(self.mesh.shape)}, {gb:.3g} GB of params)")
 
     def decoder(self):
         """The Flax NNX module over these params (models/module.py): `model.decoder()(tokens)`
