@@ -145,7 +145,7 @@ def test_neuron_names_are_taken_wherever_neurons_are(model, cli):
     names = [neuron_name(*t) for t in tuples]
     by_name, by_tuple = jaxcrit.evaluate(model, names, [TEXT]), jaxcrit.evaluate(model, tuples, [TEXT])
     pd.testing.assert_frame_equal(by_name, by_tuple)
-    assert (by_name["delta"] > 0.1).all()        # the names did mask something
+    assert (by_name["delta"].abs() > 1e-3).all()     # the names did mask something
     pd.testing.assert_frame_equal(jaxcrit.grow(model, names, TEXT), jaxcrit.grow(model, tuples, TEXT))
     one = jaxcrit.generate(model, "w1 w2 w3", neurons=names[0], max_new_tokens=4)
     pd.testing.assert_frame_equal(one, jaxcrit.generate(model, "w1 w2 w3", neurons=tuples[:1], max_new_tokens=4))

@@ -317,6 +317,7 @@ def test_random_band_near_zero_has_visible_edges():
     ([(1, 4.68), (2, 4.5)], "jumps from 0 to 4.7 at n = 1 (epsilon 1)"),
     ([(1, 0.01), (2, 0.05), (3, 3.0)], "jumps from 0.05 to 3 at n = 3 (epsilon 1)"),
     ([(1, 0.3), (2, 0.8), (3, 1.2)], "first reaches epsilon 1 at n = 3"),
+    ([(1, 0.5), (2, 3.0)], "first reaches epsilon 1 at n = 2"),      # from half of epsilon: no jump
     ([(1, 0.3), (2, 0.5)], "no n reaches epsilon 1")])
 def test_curve_title_says_what_the_curve_shows(points, title):
     assert plots.curve_title(curve(points), 1.0) == f"delta vs number of neurons zeroed: {title}"
