@@ -305,8 +305,8 @@ def q7_stability(r: Results) -> list[str]:
     out += md_table(["varied", "value", "tokens", "critical n", "critical set", "top-10 shared", "top-100 Jaccard",
                      "critical Jaccard", "main set's delta here"], rows, "llrrlrrrr") + [""]
     plot = st["texts"].get("plot", "texts.png")
-    out += [f"Pairwise Jaccard index of the texts' critical sets: `texts.png`." if plot == "texts.png" else
-            f"Pairwise Jaccard index of the texts' critical sets: `texts.png` {plot}.", ""]
+    out += ["Pairwise Jaccard index of the texts' critical sets: `texts.png`" + ("" if plot == "texts.png" else
+                                                                                  f" {plot}") + ".", ""]
     return out
 
 

@@ -19,7 +19,6 @@ from ml_collections import ConfigDict, config_flags
 
 from jaxcrit import configs
 from jaxcrit.errors import JaxcritError
-from jaxcrit.run.fields import FIELDS, unknown_field
 
 
 class Args(NamedTuple):
@@ -55,6 +54,7 @@ def parse(argv: list[str]) -> Args:
     except flags.Error as e:
         raise JaxcritError(_one_line(e)) from None
     except (KeyError, AttributeError) as e:   # config_flags' unknown or misspelt --config.<field>
+        from jaxcrit.run.fields import FIELDS, unknown_field
         given = [a[len("--config."):].partition("=")[0] for a in argv if a.startswith("--config.")]
         bad = next((k for k in given if k not in FIELDS), None)
         raise JaxcritError(unknown_field(bad) if bad else _one_line(e)) from None

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from jaxcrit.report import io as rio
-from jaxcrit.report import plots, summary
+from jaxcrit.report import heatmaps, plots, summary
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SITES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "act_fn", "down_proj",
@@ -116,10 +116,10 @@ def test_site_heatmap_png(tmp_path):
     neurons = [{"layer": 0, "site": "down_proj"}] * 3 + [{"layer": 23, "site": "act_fn"},
                                                          {"layer": 99, "site": "down_proj"},
                                                          {"layer": 1, "site": "lm_head"}]
-    fig = plots.site_heatmap(neurons, 24, SITES, "top neurons")
+    fig = heatmaps.site_heatmap(neurons, 24, SITES, "top neurons")
     rio.write_png(tmp_path / "heat.png", fig)
     _assert_png(tmp_path / "heat.png")
-    rio.write_png(tmp_path / "empty.png", plots.site_heatmap([], 2, SITES, ""))
+    rio.write_png(tmp_path / "empty.png", heatmaps.site_heatmap([], 2, SITES, ""))
     _assert_png(tmp_path / "empty.png")
 
 

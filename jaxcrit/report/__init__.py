@@ -1,6 +1,7 @@
-"""Reporting: atomic file writers, run manifests, plots and text summaries.
+"""Reporting: atomic file writers, run manifests, plots, heatmaps and text summaries.
 
-Pure Python / numpy / matplotlib (Agg); jax is imported only by `io.manifest`, lazily.
+Pure Python / numpy / matplotlib (Agg) over result records; neurons are named by
+jaxcrit.models.sites.neuron_name; jax is imported only by `io.manifest`, lazily.
 """
 from jaxcrit.report.io import (manifest, read_json, write_csv, write_json, write_png,
                                write_text)

@@ -1,13 +1,15 @@
 """Figures of a run, built on matplotlib's object API with the Agg canvas (no pyplot state).
 
-Every function returns a `matplotlib.figure.Figure`; save it with `jaxcrit.report.io.write_png`.
-Deltas are log10(PPL_masked / PPL_base). Non-finite values never crash a plot: +inf and NaN are
-drawn as markers on the top edge of the axes (-inf on the bottom edge) and a note counts them.
+Every plot returns a `matplotlib.figure.Figure` (`figure` makes one; `note` writes a small note in
+an axes corner); save it with `jaxcrit.report.io.write_png`. Deltas are log10(PPL_masked /
+PPL_base). Non-finite values never crash a plot: +inf and NaN are drawn as markers on the top edge
+of the axes (-inf on the bottom edge) and a note counts them. Legends sit outside the axes, titles
+say what the data show (curve_title); the heatmaps are jaxcrit/report/heatmaps.py's.
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -19,6 +21,7 @@ Curve = Sequence[Mapping[str, Any]]
 
 
 def figure(w: float, h: float) -> Figure:
+    """A w x h inch figure with constrained layout on its own Agg canvas."""
     fig = Figure(figsize=(w, h), layout="constrained")
     FigureCanvasAgg(fig)
     return fig
@@ -84,6 +87,7 @@ def _maybe_symlog(ax, finite: np.ndarray, threshold: float = 50.0) -> None:
 
 
 def note(ax, lines: list[str]) -> None:
+    """Small grey lines in the axes' lower-left corner (what a plot could not draw, and why)."""
     if lines:
         ax.text(0.01, 0.01, "\n".join(lines), transform=ax.transAxes, fontsize=7,
                 va="bottom", ha="left", color="0.3",
