@@ -110,7 +110,7 @@ def test_site_heatmap_counts_per_layer_and_site():
     assert filled.any(1).sum() >= 4 and filled.any(0).sum() >= 6 and np.nanmax(expected) >= 3
     assert_grid(ax, expected, lambda v: str(int(v)))
     assert ax.get_title().endswith("60 neurons")
-    assert "2 neuron(s) outside layers/sites not counted" in notes(ax)
+    assert ax.get_xlabel() == "site (2 neuron(s) outside layers/sites not counted)" and not notes(ax)
 
 
 def test_importance_stage_maps_its_top_100(monkeypatch):
@@ -130,7 +130,7 @@ def test_max_heatmap_draws_the_matrix():
     m[rng.random(m.shape) < 0.3] = np.nan
     ax = main_axes(heatmaps.max_heatmap(m, SITE_NAMES, "map"))
     assert_grid(ax, m, lambda v: f"{v:.2g}")
-    assert f"{int(np.isnan(m).sum())} blank cell(s)" in notes(ax)
+    assert ax.get_xlabel() == f"site ({int(np.isnan(m).sum())} blank cell(s): no neuron measured)" and not notes(ax)
 
 
 def test_map_stage_draws_the_largest_verified_delta(monkeypatch):

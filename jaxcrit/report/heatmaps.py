@@ -12,7 +12,7 @@ import numpy as np
 from matplotlib.colors import Normalize, SymLogNorm
 from matplotlib.figure import Figure
 
-from jaxcrit.report.plots import figure, note
+from jaxcrit.report.plots import figure
 
 # ----------------------------------------------------------------------------- site heatmap
 
@@ -81,7 +81,7 @@ def site_heatmap(neurons: Sequence[Mapping[str, Any]], n_layers: int, sites: Seq
                                f"{title}\n{total} neurons" if title else f"{total} neurons",
                                Normalize(1, max(1, int(counts.max()))), True)
     if skipped:
-        note(ax, [f"{skipped} neuron(s) outside layers/sites not counted"])
+        ax.set_xlabel(f"site ({skipped} neuron(s) outside layers/sites not counted)")
     return fig
 
 
@@ -93,7 +93,8 @@ def max_heatmap(matrix: np.ndarray, sites: Sequence[str], title: str = "", what:
     fig, ax = _layer_site_grid(matrix, list(sites), lambda c: f"{c:.2g}",
                                what + (" (symmetric log scale)" if isinstance(norm, SymLogNorm) else ""),
                                title, norm, False)
-    note(ax, [f"{int(np.isnan(matrix).sum())} blank cell(s): no neuron measured"] if np.isnan(matrix).any() else [])
+    if np.isnan(matrix).any():   # below the grid, not over a cell
+        ax.set_xlabel(f"site ({int(np.isnan(matrix).sum())} blank cell(s): no neuron measured)")
     return fig
 
 
