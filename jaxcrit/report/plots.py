@@ -87,9 +87,10 @@ def _maybe_symlog(ax, finite: np.ndarray, threshold: float = 50.0) -> None:
 
 
 def note(ax, lines: list[str]) -> None:
-    """Small grey lines in the axes' lower-left corner (what a plot could not draw, and why)."""
+    """Small grey lines right of the axes, under the legend, off the data (what a plot could not
+    draw, and why)."""
     if lines:
-        ax.text(0.01, 0.01, "\n".join(lines), transform=ax.transAxes, fontsize=7,
+        ax.text(1.01, 0.0, "\n".join(lines), transform=ax.transAxes, fontsize=7,
                 va="bottom", ha="left", color="0.3",
                 bbox=dict(boxstyle="round,pad=0.2", fc="white", ec="0.8", alpha=0.85))
 
