@@ -105,8 +105,9 @@ def first_crossing(curve: Curve, epsilon: float) -> int | None:
     return int(n[hit[0]]) if hit.size else None
 
 
-# the other series' looks: each a colour, a line style and a hollow marker of its own, so a series
-# drawn exactly on top of another (a dtype that changes nothing) still shows
+# the other series' looks: each a colour, a line style and a hollow marker of its own (at most one
+# marker per 1.2% of the axes, so a long curve is not a wall of markers), so a series drawn exactly
+# on top of another (a dtype that changes nothing) still shows
 STYLES = (("tab:blue", "--", "s"), ("tab:orange", "-.", "^"), ("tab:green", ":", "D"), ("tab:purple", "--", "v"),
           ("tab:brown", "-.", "P"), ("tab:pink", ":", "X"), ("tab:olive", "--", "<"), ("tab:cyan", "-.", ">"))
 
@@ -150,8 +151,8 @@ def phase_curve(curve: Curve, epsilon: float,
             bn, bd = _curve_xy(reps[0])
             fin = np.isfinite(bd)
             finite_all.append(bd[fin])
-            ax.plot(bn[fin], bd[fin], ls=ls, marker=marker, ms=5, mfc="none", lw=1.2, color=color, label=name,
-                    zorder=4)
+            ax.plot(bn[fin], bd[fin], ls=ls, marker=marker, ms=5, mfc="none", markevery=0.012, lw=1.2, color=color,
+                    label=name, zorder=4)
             _edge_markers(ax, bn, bd, color, notes, name)
             continue
         grid = np.unique(np.concatenate([_curve_xy(r)[0] for r in reps]))
@@ -173,7 +174,7 @@ def phase_curve(curve: Curve, epsilon: float,
             hi[have] = np.nanmax(fm[:, have], axis=0)
         finite_all.append(fm[np.isfinite(fm)])
         ax.fill_between(grid[have], lo[have], hi[have], color=color, alpha=0.2, lw=0.8, edgecolor=color)
-        ax.plot(grid[have], mean[have], ls=ls, marker=marker, ms=5, mfc="none", lw=1.2, color=color,
+        ax.plot(grid[have], mean[have], ls=ls, marker=marker, ms=5, mfc="none", markevery=0.012, lw=1.2, color=color,
                 label=f"{name} (mean of {len(reps)}; min-max band, {_span(lo[have], hi[have])})", zorder=4)
         if nonfinite.any():
             _edge_markers(ax, grid[nonfinite], np.full(nonfinite.sum(), np.inf), color, notes,
