@@ -40,18 +40,24 @@ def config(model: str = "smollm2") -> ConfigDict:
 
 def _run(model: Model, text: str, section: str, fields: dict[str, Any]):
     """A Run in memory over a loaded model, with config fields set as the module docstring says."""
+    from jaxcrit.dist import compile_cache
     from jaxcrit.run import validate
+    from jaxcrit.run.fields import did_you_mean
     from jaxcrit.run.runner import Run
     from jaxcrit.run.stages import STAGES
     c = config(model.source)
     c.text = text
+    c.dtype = model.dtype
+    levels = (c[section], c, c.engine)
     for k, v in fields.items():
-        where = next((s for s in (c[section], c, c.engine) if k in s and not isinstance(s[k], ConfigDict)), None)
+        where = next((s for s in levels if k in s and not isinstance(s[k], ConfigDict)), None)
         if where is None:
-            raise JaxcritError(f"unknown argument '{k}': give a field of {section}, the top level or engine "
-                               "(jaxcrit/run/fields.py)")
+            names = [f for s in levels for f, x in s.items() if not isinstance(x, ConfigDict)]
+            raise JaxcritError(f"unknown argument '{k}'{did_you_mean(k, names)}; give a field of {section}, "
+                               "the top level or engine (jaxcrit/run/fields.py)")
         where[k] = tuple(v) if isinstance(v, (list, range)) else v
     validate.fields(c)
+    compile_cache.use(validate.settle(c).compile_cache)
     return Run(c, None, stages=STAGES, model=model)
 
 

@@ -21,6 +21,7 @@ import numpy as np
 from jaxcrit.critical.stage2 import Growth
 from jaxcrit.errors import JaxcritError, exit_code
 from jaxcrit.report import io
+from jaxcrit.models.sites import neuron_name
 from jaxcrit.report.summary import LN10, fmt_ppl_log10, fmt_seconds, md_table, neuron_path
 
 EPSILONS = (1.0, 3.0)   # the thresholds question (1) asks about
@@ -240,7 +241,7 @@ def q4_smallest(r: Results) -> list[str]:
         if lm["pruned"]:
             last = lm["pruned"][-1]
             rows.append(["learned mask, pruned", last["n"], _f(last["delta"]),
-                         ", ".join(f"`{s}` L{l}[{c}]" for s, l, c in last["neurons"][:8])])
+                         ", ".join(f"`{neuron_name(s, l, c)}`" for s, l, c in last["neurons"][:8])])
     out += [f"At epsilon {eps:g}, each set verified through the engine (exact deltas):", ""]
     out += md_table(["search", "n", "delta", "set"], rows, "lrrl") + [""]
     if lm:
@@ -301,14 +302,16 @@ def q6_relations(r: Results, rel: dict) -> list[str]:
 @answers("(7) Stability across seeds, alpha, K and texts", "stability.json", "The stability study did not run.")
 def q7_stability(r: Results, st: dict) -> list[str]:
     rows = [[v["kind"], v["value"], v["tokens"], _n(v["critical_n"]),
-             ", ".join(f"`{x['layer_name']}[{x['channel']}]`" for x in v["critical"][:4]) or "-",
+             ", ".join(f"`{neuron_path(x)}`" for x in v["critical"][:4]) or "-",
              v["top10_overlap"], _f(v["top100_jaccard"], ".2f"), _f(v["critical_jaccard"], ".2f"),
              _f(v.get("main_set_delta"), ".2f") if v["kind"] == "text" else ""] for v in st["variants"]]
     out = [f"Each row runs Stage 1 and Stage 2 (to epsilon {st['epsilon']:g}) again with one setting changed; overlaps "
             "are with the main run (seed, alpha, K of the config, the default text).", ""]
     out += md_table(["varied", "value", "tokens", "critical n", "critical set", "top-10 shared", "top-100 Jaccard",
                      "critical Jaccard", "main set's delta here"], rows, "llrrlrrrr") + [""]
-    out += ["Pairwise Jaccard index of the texts' critical sets: `texts.png`.", ""]
+    plot = st["texts"].get("plot", "texts.png")
+    out += ["Pairwise Jaccard index of the texts' critical sets: `texts.png`" + ("" if plot == "texts.png" else
+                                                                                  f" {plot}") + ".", ""]
     return out
 
 

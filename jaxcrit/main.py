@@ -4,6 +4,7 @@
     python -m jaxcrit.main --config=smollm2 ...          # a packaged config, from any directory
     python -m jaxcrit.main --config=hf:/path/to/checkpoint ...
     python -m jaxcrit.main --config=hf:ORG/NAME[@REVISION] ...   # a Hugging Face Hub id, fetched into the hub cache
+    python -m jaxcrit.main --config=smollm2 --print_config   # the config a run would use, and stop
 
 The stages and their files are the table in jaxcrit/run/stages/; jaxcrit/run/runner.py runs it.
 Bad input is one `jaxcrit: error:` line and exit code 2, before any weight is read.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 from absl import flags, logging
 from ml_collections import ConfigDict, config_flags
@@ -20,8 +22,15 @@ from jaxcrit import configs
 from jaxcrit.errors import JaxcritError
 
 
-def parse(argv: list[str]) -> tuple[ConfigDict, Path]:
-    """The config and workdir from the command line; every parse failure as one JaxcritError.
+class Args(NamedTuple):
+    config: ConfigDict
+    workdir: Path
+    print_config: bool   # print the config (overrides applied, validated, auto dtype settled) and stop
+
+
+def parse(argv: list[str]) -> Args:
+    """The config, workdir and --print_config from the command line; every parse failure as one
+    JaxcritError.
 
     The flags live in a FlagValues of their own, so parse() can run more than once in a process.
     """
@@ -32,6 +41,8 @@ def parse(argv: list[str]) -> tuple[ConfigDict, Path]:
         "':arg' after it is passed to get_config", flag_values=fv, lock_config=True, sys_argv=argv)
     workdir = flags.DEFINE_string("workdir", "runs/default", "where results, plots and resume state go",
                                   flag_values=fv)
+    show = flags.DEFINE_bool("print_config", False, "print the config the run would use (after --config and the "
+                             "overrides, validated) and exit without running", flag_values=fv)
     try:
         fv(argv)
         c = config.value
@@ -39,15 +50,15 @@ def parse(argv: list[str]) -> tuple[ConfigDict, Path]:
     except JaxcritError:
         raise
     except flags.UnrecognizedFlagError as e:
-        raise JaxcritError(f"{e}; the flags are --config, --config.<field>=<value> and --workdir") from None
+        raise JaxcritError(f"{e}; the flags are --config, --config.<field>=<value>, --workdir and "
+                           "--print_config") from None
     except flags.Error as e:
         raise JaxcritError(_one_line(e)) from None
     except (KeyError, AttributeError) as e:   # config_flags' unknown or misspelt --config.<field>
-        msg = str(e.args[0] if e.args else e).replace("\\n", "\n").replace("\\'", "'").strip("'")
-        first, *rest = msg.splitlines()
-        hint = f" ({rest[0].strip()})" if rest else ""
-        raise JaxcritError(f"unknown config field '{first.strip(chr(39))}'{hint}; "
-                           "`python -m jaxcrit.main --help` lists the fields") from None
+        from jaxcrit.run.fields import FIELDS, unknown_field
+        given = [a[len("--config."):].partition("=")[0] for a in argv if a.startswith("--config.")]
+        bad = next((k for k in given if k not in FIELDS), None)
+        raise JaxcritError(unknown_field(bad) if bad else _one_line(e)) from None
     except OSError:
         given = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "")
         raise JaxcritError(f"config file '{given.split(':')[0]}' not found; give a path such as "
@@ -56,7 +67,7 @@ def parse(argv: list[str]) -> tuple[ConfigDict, Path]:
         raise JaxcritError(f"the config file could not be loaded: {type(e).__name__}: {_one_line(e)}") from None
     if c is None:
         raise JaxcritError(f"give --config=configs/smollm2.py (or a packaged name: {', '.join(configs.NAMES)})")
-    return c, Path(workdir.value)
+    return Args(c, Path(workdir.value), show.value)
 
 
 def _packaged(arg: str) -> str:
@@ -102,7 +113,7 @@ def run(c: ConfigDict, workdir: Path, single_use: bool = False) -> dict:
     """
     import jax
 
-    from jaxcrit.dist import processes
+    from jaxcrit.dist import compile_cache, processes
     from jaxcrit.report import io, summary
     from jaxcrit.run import validate
     from jaxcrit.run.runner import Run, prepare_workdir, run_all
@@ -110,6 +121,8 @@ def run(c: ConfigDict, workdir: Path, single_use: bool = False) -> dict:
 
     # --- check the config, join the other processes, check against the model, plan the memory
     validate.fields(c)
+    validate.settle(c)
+    compile_cache.use(c.compile_cache)
     processes.start(c)
     validate.against_model(c)
     if c.dry_run or c.plan == "always" or (c.plan == "auto" and jax.default_backend() != "cpu"):
@@ -158,7 +171,13 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__.strip() + "\n\n" + help_text())
         return 0
     try:
-        c, workdir = parse(argv)
+        c, workdir, show = parse(argv)
+        if show:
+            from jaxcrit.run import validate
+            from jaxcrit.run.fields import config_text
+            validate.fields(c)
+            print(config_text(validate.settle(c)))
+            return 0
         run(c, workdir, single_use=True)
     except JaxcritError as e:
         return processes.fail(f"jaxcrit: error: {e}", 2)

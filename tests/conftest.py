@@ -1,4 +1,10 @@
-"""Mutation-testing glue for pytest-gremlins (docs/mutation.md); inert in ordinary test runs.
+"""The tests' compilation cache, and mutation-testing glue for pytest-gremlins (docs/mutation.md).
+
+JAX's persistent compilation cache (jaxcrit/dist/compile_cache.py) goes to a directory of the
+session's own, never the user's ~/.cache: JAX_COMPILATION_CACHE_DIR, which the cache's "auto"
+setting honours and subprocesses inherit, is set before any test runs.
+
+The mutation-testing glue is inert in ordinary test runs.
 
 pytest-gremlins picks, for each mutant, the tests that covered its line in one in-process run of the
 suite. Two kinds of sharing would credit a line to the first test that ran it alone: a module-scoped
@@ -9,17 +15,29 @@ such a line computed would never run against the mutant, which would then surviv
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 import pytest
 
 _SELECTED = pytest.StashKey[list]()
 
 
+_CACHE = pytest.StashKey[str]()
+
+
 def pytest_configure(config: pytest.Config) -> None:
-    """In a mutant's process (ACTIVE_GREMLIN set), collect every test of each selected file."""
+    """The session's compilation cache directory; in a mutant's process (ACTIVE_GREMLIN set),
+    collect every test of each selected file."""
+    config.stash[_CACHE] = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxcrit-jax-cache-")
     if os.environ.get("ACTIVE_GREMLIN"):
         config.stash[_SELECTED] = [a for a in config.args if "::" in a]
         config.args = list(dict.fromkeys(a.split("::")[0] for a in config.args))
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _CACHE in config.stash:
+        shutil.rmtree(config.stash[_CACHE], ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -18,6 +18,7 @@ import jaxcrit
 from jaxcrit import engine as E
 from jaxcrit import main as M
 from jaxcrit.errors import JaxcritError
+from jaxcrit.models.sites import neuron_name
 from tiny_run import TEXT, build_model, tiny_config
 
 FIELDS = dict(samples=4, batch=2, top_n=50)      # tiny_config's stage1 fields
@@ -40,7 +41,7 @@ def cli(model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model(model_dir):
-    return jaxcrit.load(str(model_dir))
+    return jaxcrit.load(str(model_dir), "float32")
 
 
 def test_importance_equals_the_cli_ranking(model, cli):
@@ -120,8 +121,12 @@ def test_the_api_keeps_its_names_over_the_subpackages():
 
 
 def test_bad_arguments(model):
-    with pytest.raises(JaxcritError, match="unknown argument 'sampels'"):
+    with pytest.raises(JaxcritError, match="unknown argument 'sampels' \\(did you mean 'samples'\\?\\); give a field"):
         jaxcrit.importance(model, TEXT, sampels=4)
+    with pytest.raises(JaxcritError, match="unknown argument 'vocab_chunks' \\(did you mean 'vocab_chunk'\\?\\)"):
+        jaxcrit.grow(model, [("down_proj", 0, 1)], TEXT, vocab_chunks=8)     # an engine field
+    with pytest.raises(JaxcritError, match="unknown argument 'zzz'; give a field"):
+        jaxcrit.importance(model, TEXT, zzz=4)
     with pytest.raises(JaxcritError, match=r"stage1\.samples must be an integer >= 1"):
         jaxcrit.importance(model, TEXT, samples=0)
     with pytest.raises(JaxcritError, match="scan.layers: layer 7 out of range"):
@@ -130,3 +135,38 @@ def test_bad_arguments(model):
         jaxcrit.evaluate(model, [("down_proj", 0, 1)], [])
     with pytest.raises(JaxcritError, match=r"generate\.top_p must be in \(0, 1\]"):
         jaxcrit.generate(model, "w1 w2", top_p=0.0)
+
+
+def test_neuron_names_are_taken_wherever_neurons_are(model, cli):
+    """evaluate, grow and generate take the names result files write, one or a list, as they take
+    (site, layer, channel) tuples."""
+    crit = json.loads((cli / "critical.json").read_text())["neurons"]
+    tuples = [(r["site"], r["layer"], r["channel"]) for r in crit]
+    names = [neuron_name(*t) for t in tuples]
+    by_name, by_tuple = jaxcrit.evaluate(model, names, [TEXT]), jaxcrit.evaluate(model, tuples, [TEXT])
+    pd.testing.assert_frame_equal(by_name, by_tuple)
+    assert (by_name["delta"].abs() > 1e-3).all()     # the names did mask something
+    pd.testing.assert_frame_equal(jaxcrit.grow(model, names, TEXT), jaxcrit.grow(model, tuples, TEXT))
+    one = jaxcrit.generate(model, "w1 w2 w3", neurons=names[0], max_new_tokens=4)
+    pd.testing.assert_frame_equal(one, jaxcrit.generate(model, "w1 w2 w3", neurons=tuples[:1], max_new_tokens=4))
+    with pytest.raises(JaxcritError, match="names a whole site"):
+        jaxcrit.evaluate(model, ["model.layers.1.mlp.down_proj"], [TEXT])
+
+
+def test_model_repr_is_a_short_summary(model):
+    r, c = repr(model), model.cfg
+    gb = sum(np.prod(p.shape) * 4 for p in model.params.values()) / 1e9
+    assert r == (f"Model({model.source!r}: llama, {c.n_layers} layers, d_model {c.d_model}, d_ff {c.d_ff}, "
+                 f"vocab {c.vocab_size}, float32, mesh {{'data': 1, 'model': 1}}, {gb:.3g} GB of params)")
+
+
+def test_load_and_the_cli_choose_the_same_dtype(model_dir):
+    """dtype auto (the CLI's default, settled before a run) and jaxcrit.load's default are one table:
+    bfloat16 for a HF dir, float32 for the embedded GGUF model."""
+    from jaxcrit.convert.load import default_dtype
+    from jaxcrit.run import validate
+    for argv in (["--config=hf:" + str(model_dir)], ["--config=smollm2", f"--config.model={model_dir}"]):
+        c = M.parse(["jaxcrit", *argv]).config
+        assert c.dtype == "auto" and validate.settle(c).dtype == "bfloat16"
+    assert jaxcrit.load(str(model_dir)).dtype == "bfloat16"
+    assert validate.settle(M.parse(["jaxcrit", "--config=smollm2"]).config).dtype == default_dtype("smollm2") == "float32"

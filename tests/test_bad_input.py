@@ -49,8 +49,8 @@ def _bad_checkpoint(model_dir: Path, tmp: Path, how: str) -> Path:
 
 # (case id, flags after --config=<tiny config>, what the error line must contain)
 FIELD_CASES = [
-    ("unknown_section", ["--config.stage3.x=1"], "unknown config field 'stage3' (Did you mean \"stage2\""),
-    ("misspelt_key", ["--config.stage1.sample=5"], "unknown config field 'sample' (Did you mean \"samples\""),
+    ("unknown_section", ["--config.stag1.alpha=1"], "unknown config field 'stag1.alpha' (did you mean 'stage1.alpha'?)"),
+    ("misspelt_key", ["--config.stage1.sample=5"], "unknown config field 'stage1.sample' (did you mean 'stage1.samples'?)"),
     ("int_not_a_number", ["--config.stage1.samples=abc"], "--config.stage1.samples=abc"),
     ("int_given_a_float", ["--config.stage1.samples=1.5"], "--config.stage1.samples=1.5"),
     ("float_not_a_number", ["--config.stage2.epsilon=foo"], "--config.stage2.epsilon=foo"),
@@ -64,7 +64,7 @@ FIELD_CASES = [
     ("top_n_zero", ["--config.stage1.top_n=0"], "stage1.top_n must be an integer >= 1"),
     ("ranking_unknown", ["--config.stage1.ranking=bogus"], "stage1.ranking must be channel or position"),
     ("max_steps_zero", ["--config.stage2.max_steps=0"], "stage2.max_steps must be an integer >= 1"),
-    ("dtype_unknown", ["--config.dtype=float64"], "dtype must be float32, bfloat16 or float16"),
+    ("dtype_unknown", ["--config.dtype=float64"], "dtype must be auto, float32, bfloat16 or float16"),
     ("max_tokens_small", ["--config.max_tokens=5"], "max_tokens must be an integer >= 10"),
     ("seed_negative", ["--config.seed=-1"], "seed must be an integer >= 0"),
     ("chunk_negative", ["--config.engine.chunk=-1"], "engine.chunk must be an integer >= 0"),
@@ -200,7 +200,7 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     (["--config=/nonexistent/cfg.py"], "config file '/nonexistent/cfg.py' not found"),
     (["--config=configs/qwen.py"], "the qwen config needs a checkpoint: --config=configs/qwen.py:/path/to/checkpoint"),
     (["--config=hf:/nonexistent/ckpt"], "model '/nonexistent/ckpt': no such file or directory"),
-    (["--config=smollm2", "--config.stage3.x=1"], "unknown config field 'stage3'"),
+    (["--config=smollm2", "--config.stage3.x=1"], "unknown config field 'stage3.x'; `python -m jaxcrit.main --help`"),
 ], ids=["missing_config_file", "family_config_without_checkpoint", "missing_checkpoint", "unknown_key"])
 def test_as_a_user_sees_it(tmp_path, args, expected):
     """The real command from an empty directory: the repo's configs/ resolve from REPO only when

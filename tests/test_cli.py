@@ -239,11 +239,11 @@ def test_cli_from_an_empty_directory_with_an_absolute_config(model_dir, tmp_path
 def test_packaged_config_names_resolve_from_anywhere(tmp_path, monkeypatch):
     """--config=smollm2 and --config=qwen:/ckpt name the configs shipped inside the package."""
     monkeypatch.chdir(tmp_path)
-    c, wd = M.parse(["jaxcrit", "--config=smollm2", "--workdir=w"])
+    c, wd, _ = M.parse(["jaxcrit", "--config=smollm2", "--workdir=w"])
     assert c.model == "smollm2" and c.stage1.samples == 100 and wd == Path("w")
-    c, _ = M.parse(["jaxcrit", "--config=qwen:/some/ckpt", "--config.stage2.epsilon=3"])
-    assert (c.model, c.dtype, c.stage1.batch, c.stage2.epsilon) == ("/some/ckpt", "bfloat16", 20, 3.0)
-    c, _ = M.parse(["jaxcrit", f"--config={REPO / 'configs' / 'hf.py'}:/x"])
+    c, *_ = M.parse(["jaxcrit", "--config=qwen:/some/ckpt", "--config.stage2.epsilon=3"])
+    assert (c.model, c.dtype, c.stage1.batch, c.stage2.epsilon) == ("/some/ckpt", "auto", 20, 3.0)
+    c, *_ = M.parse(["jaxcrit", f"--config={REPO / 'configs' / 'hf.py'}:/x"])
     assert (c.model, c.engine.chunk) == ("/x", 0)
 
 
@@ -258,3 +258,22 @@ def test_out_of_device_memory_is_one_error_line(model_dir, tmp_path, monkeypatch
     err = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
     assert err == ["jaxcrit: error: out of device memory; lower --config.engine.chunk or --config.stage1.batch "
                    "(--config.dry_run=True prints the memory plan)"]
+
+
+def test_print_config_prints_the_settled_config_and_does_nothing_else(tmp_path, capsys, monkeypatch):
+    """--print_config: the packaged config with the overrides applied, validated, dtype and cache settled;
+    exit 0, no workdir, no model read (the embedded model is never loaded: load is refused here)."""
+    from jaxcrit.convert import load as L
+    from jaxcrit.run import fields
+    monkeypatch.setattr(L, "load", lambda *a, **k: pytest.fail("--print_config loaded the model"))
+    wd = tmp_path / "w"
+    code = M.main(["jaxcrit", "--config=smollm2", "--config.stage1.alpha=2", "--print_config", f"--workdir={wd}"])
+    out = capsys.readouterr().out
+    assert code == 0 and not wd.exists()
+    lines = [line for line in out.splitlines() if line]
+    assert [line.split(" = ")[0] for line in lines] == list(fields.FIELDS)
+    assert "stage1.alpha = 2.0" in lines and "stage1.batch = 25" in lines and "dtype = 'float32'" in lines
+    assert f"compile_cache = {os.environ['JAX_COMPILATION_CACHE_DIR']!r}" in lines
+    code = M.main(["jaxcrit", "--config=smollm2", "--config.stage1.alpha=-2", "--print_config"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.strip() == "jaxcrit: error: stage1.alpha must be > 0 (got -2.0)"

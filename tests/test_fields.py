@@ -16,8 +16,8 @@ SITES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "act_fn
 
 # Every field's default, with its Python type (base("smollm2") of the package before the declaration).
 DEFAULTS = {
-    "model": "smollm2", "dtype": "float32", "text": BOOKENDS, "max_tokens": 512, "seed": 42, "overwrite": False,
-    "progress": True, "dry_run": False, "plan": "auto",
+    "model": "smollm2", "dtype": "auto", "text": BOOKENDS, "max_tokens": 512, "seed": 42, "overwrite": False,
+    "progress": True, "dry_run": False, "plan": "auto", "compile_cache": "auto",
     "stage1": {"alpha": 5.0, "samples": 100, "batch": 10, "top_n": 10000, "threshold": 1e-6, "ranking": "channel"},
     "stage2": {"epsilon": 1.0, "max_steps": 1000, "full_curve": False},
     "baselines": {"names": ("random", "activation", "gradient", "massive"), "random_repeats": 10,
@@ -44,7 +44,7 @@ DEFAULTS = {
 # field: (a value it takes, at the edge where there is one; a value it refuses; words of the error line)
 EDGES = {
     "model": ("/some/dir", "", "an embedded name, a checkpoint dir, a file or a Hub id"),
-    "dtype": ("float16", "float64", "float32, bfloat16 or float16"),
+    "dtype": ("float16", "float64", "auto, float32, bfloat16 or float16"),
     "text": ("", 5, "a string"),
     "max_tokens": (10, 9, "an integer >= 10"),
     "seed": (0, -1, "an integer >= 0"),
@@ -52,6 +52,7 @@ EDGES = {
     "progress": (False, 0, "True or False"),
     "dry_run": (True, "yes", "True or False"),
     "plan": ("never", "sometimes", "auto, always or never"),
+    "compile_cache": ("", None, "a string"),
     "stage1.alpha": (1e-9, 0.0, "> 0"),
     "stage1.samples": (1, 0, "an integer >= 1"),
     "stage1.batch": (1, 2.0, "an integer >= 1"),
@@ -167,7 +168,7 @@ def test_each_field_takes_its_default_and_edge_and_names_itself_when_refusing(ke
 
 
 def test_unknown_and_missing_fields_are_refused():
-    with pytest.raises(JaxcritError, match="config field 'stage1.speed' is unknown"):
+    with pytest.raises(JaxcritError, match="unknown config field 'stage1.speed'; "):
         validate.fields(_with("stage1.speed", 3))
     d = base("smollm2").to_dict()
     del d["learned"]["margin"]
@@ -176,7 +177,7 @@ def test_unknown_and_missing_fields_are_refused():
 
 
 def test_fields_that_change_no_result():
-    assert set(fields.IGNORED_FOR_IDENTITY) == {"overwrite", "progress", "engine.ahead"}
+    assert set(fields.IGNORED_FOR_IDENTITY) == {"overwrite", "progress", "compile_cache", "engine.ahead"}
 
 
 def test_help_lists_every_field_in_its_section_with_default_and_comment():
@@ -212,3 +213,23 @@ def test_every_engine_field_reaches_the_engine():
     fields = {f.name for s in fields_module.SECTIONS if s.name == "engine" for f in s.fields} - {"ahead"}
     assert set(OPTIONS) == fields
     assert fields <= set(inspect.signature(Engine.__init__).parameters)
+
+
+@pytest.mark.parametrize("key, meant", [
+    ("stage1.alpah", "stage1.alpha"), ("stag1.alpha", "stage1.alpha"), ("dtyp", "dtype"),
+    ("engine.vocab_chunks", "engine.vocab_chunk"), ("mesh.proces_id", "mesh.process_id"),
+    ("stage3.x", None), ("zzz", None), ("stage1", None)])
+def test_unknown_field_names_the_closest_declared_one(key, meant):
+    line = fields.unknown_field(key)
+    assert line.startswith(f"unknown config field '{key}'") and "\n" not in line
+    assert (f"(did you mean '{meant}'?)" in line) if meant else "did you mean" not in line, line
+    assert fields.did_you_mean("sampels", ["samples", "seed", "batch"]) == " (did you mean 'samples'?)"
+    assert fields.did_you_mean("xyz", ["samples"]) == ""
+
+
+def test_config_text_is_every_field_once_as_an_override():
+    c = base("smollm2")
+    c.stage1.alpha, c.scan.layers = 2.5, (3, 4)
+    lines = [line for line in fields.config_text(c).splitlines() if line]
+    assert [line.split(" = ")[0] for line in lines] == list(fields.FIELDS)
+    assert "stage1.alpha = 2.5" in lines and "scan.layers = (3, 4)" in lines and "dtype = 'auto'" in lines

@@ -66,7 +66,7 @@ def setup(tmp_path_factory):
 
 def evaluate(model_dir, tasks, neurons: str = ""):
     from lm_eval.tasks import TaskManager
-    out = lm_eval.simple_evaluate(model="jaxcrit", model_args=f"model={model_dir},neurons={neurons},batch_size=4",
+    out = lm_eval.simple_evaluate(model="jaxcrit", model_args=f"model={model_dir},dtype=float32,neurons={neurons},batch_size=4",
                                   tasks=["jc_mc", "jc_gen"],
                                   task_manager=TaskManager(include_path=str(tasks), include_defaults=False),
                                   log_samples=True, bootstrap_iters=0)
@@ -105,7 +105,7 @@ def test_simple_evaluate_matches_transformers(setup, masked):
             outs.append(want)
     assert any(outs), "every continuation is empty: the comparison would not see a wrong generation"
     if masked:   # the masked log-probabilities are the engine's, and masking moved them
-        m = load(str(model_dir))
+        m = load(str(model_dir), "float32")
         abl = E.make(np.array([[s for s, _, _ in NEURONS]]), [[l for _, l, _ in NEURONS]],
                      [[c for _, _, c in NEURONS]], cfg=m.cfg)
         s = samples["jc_mc"][0]
@@ -122,7 +122,7 @@ def test_loglikelihood_rolling_over_several_windows(setup):
     from lm_eval.api.instance import Instance
     from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
     model_dir, torch_model, tok, _, _ = setup
-    lm = JaxcritLM(model=str(model_dir), max_length=16, batch_size=3)
+    lm = JaxcritLM(model=str(model_dir), dtype="float32", max_length=16, batch_size=3)
     text = words(np.random.default_rng(1), 40)
     got = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)])[0]
     windows = [make_disjoint_window(w) for w in get_rolling_token_windows(tok.encode(text).ids, 1, 16, 1)]
@@ -136,7 +136,7 @@ def test_bad_model_args(setup, tmp_path):
     model_dir = setup[0]
     with pytest.raises(JaxcritError, match="no such file"):
         JaxcritLM(model=str(model_dir), neurons=str(tmp_path / "missing.json"))
-    with pytest.raises(JaxcritError, match="is not like model.layers"):
+    with pytest.raises(JaxcritError, match="like model.layers.11.mlp.down_proj"):
         JaxcritLM(model=str(model_dir), neurons="down_proj:1:5")
     with pytest.raises(JaxcritError, match="channel 999 out of range"):
         JaxcritLM(model=str(model_dir), neurons="model.layers.1.mlp.down_proj[999]")

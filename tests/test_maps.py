@@ -146,7 +146,7 @@ def test_map_deltas_equal_the_exhaustive_scan(tmp_path):
     """jaxcrit.map on the tiny llama (map.block 0: rounds sized to the engine chunk): the verified deltas are the single-neuron scan's (scan.py on
     its own engine) for the same neurons; unverified rows have no delta; the first_order column
     is the gradient screen."""
-    m = jaxcrit.load(str(build_model(tmp_path)))
+    m = jaxcrit.load(str(build_model(tmp_path)), "float32")
     df = jaxcrit.map(m, TEXT, screens=("first_order", "magnitude"), top_k=3, audit=16, chunk=8, progress=False)
     summary = df.attrs["summary"]
     assert summary["block"] == 4                                 # block 0: one engine chunk of 8 per round

@@ -22,7 +22,9 @@ from jaxcrit.run.stages import ranking as ranking_stages, whole_map as map_stage
 from jaxcrit.critical import maps
 from jaxcrit.models.sites import SITE_NAMES
 from jaxcrit.models.neurons import NeuronSet
-from jaxcrit.report import plots
+from jaxcrit.report import heatmaps, plots
+from jaxcrit.run.stages import study as study_stages
+from jaxcrit.models.sites import neuron_name
 
 L = 5   # layers: not the 9 sites, so a transposed grid has the wrong shape
 
@@ -102,13 +104,13 @@ def test_site_heatmap_counts_per_layer_and_site():
     keys = some_neurons(0, 60)
     neurons = NeuronSet.make([s for s, _ in keys], [l for _, l in keys], np.arange(60)).records()
     neurons += [{"site": "down_proj", "layer": L}, {"site": "lm_head", "layer": 1}]   # outside the grid
-    ax = main_axes(plots.site_heatmap(neurons, L, SITE_NAMES, "top"))
+    ax = main_axes(heatmaps.site_heatmap(neurons, L, SITE_NAMES, "top"))
     expected = hand_counts(keys)
     filled = np.isfinite(expected)
     assert filled.any(1).sum() >= 4 and filled.any(0).sum() >= 6 and np.nanmax(expected) >= 3
     assert_grid(ax, expected, lambda v: str(int(v)))
     assert ax.get_title().endswith("60 neurons")
-    assert "2 neuron(s) outside layers/sites not counted" in notes(ax)
+    assert ax.get_xlabel() == "site (2 neuron(s) outside layers/sites not counted)" and not notes(ax)
 
 
 def test_importance_stage_maps_its_top_100(monkeypatch):
@@ -126,9 +128,9 @@ def test_max_heatmap_draws_the_matrix():
     rng = np.random.default_rng(2)
     m = rng.normal(0, 1, (L, len(SITE_NAMES))) ** 3
     m[rng.random(m.shape) < 0.3] = np.nan
-    ax = main_axes(plots.max_heatmap(m, SITE_NAMES, "map"))
+    ax = main_axes(heatmaps.max_heatmap(m, SITE_NAMES, "map"))
     assert_grid(ax, m, lambda v: f"{v:.2g}")
-    assert f"{int(np.isnan(m).sum())} blank cell(s)" in notes(ax)
+    assert ax.get_xlabel() == f"site ({int(np.isnan(m).sum())} blank cell(s): no neuron measured)" and not notes(ax)
 
 
 def test_map_stage_draws_the_largest_verified_delta(monkeypatch):
@@ -170,14 +172,14 @@ def test_phase_curve_draws_every_series():
     ranked = line(ax, "ranked (critical)")
     np.testing.assert_array_equal(ranked.get_xdata(), [1, 2, 4, 8, 32])
     np.testing.assert_array_equal(ranked.get_ydata(), [0.01, 0.3, 3.4, 2.5, 5.0])
-    (inf,) = [ln for ln in ax.get_lines() if ln.get_marker() == "^"]   # the +inf point, on the top edge
+    (inf,) = [ln for ln in ax.get_lines() if ln.get_marker() == "^" and ln.get_linestyle() == "None"]   # +inf, top edge
     np.testing.assert_array_equal(inf.get_xdata(), [16])
     for name, c in (("activation", activation), ("gradient", gradient)):
         xy = sorted((p["n"], p["delta"]) for p in c)
         np.testing.assert_array_equal(line(ax, name).get_xdata(), [x for x, _ in xy])
         np.testing.assert_array_equal(line(ax, name).get_ydata(), [y for _, y in xy])
 
-    mean = line(ax, "random (mean of 3, min-max band)")
+    mean = line(ax, "random (mean of 3; min-max band, 0.1 to 0.8)")
     np.testing.assert_array_equal(mean.get_xdata(), [1, 10, 100])
     np.testing.assert_allclose(mean.get_ydata(), [0.3, 0.2, 0.6])
     (band,) = ax.collections
@@ -187,17 +189,17 @@ def test_phase_curve_draws_every_series():
         assert ys.min() == pytest.approx(lo) and ys.max() == pytest.approx(hi), x
 
     np.testing.assert_array_equal(line(ax, "epsilon = 3").get_ydata(), [3.0, 3.0])
-    crit = [ln for ln in ax.get_lines() if ln.get_linestyle() == ":"]
+    crit = [ln for ln in ax.get_lines() if ln.get_linestyle() == ":" and ln.get_color() == "tab:red"]
     assert [tuple(ln.get_xdata()) for ln in crit] == [(4, 4)]   # first n with delta >= epsilon
     assert any(t.get_text() == "n* = 4" for t in ax.texts)
     assert "1 point(s) with n < 1 not shown" in notes(ax)
     assert [t.get_text() for t in ax.get_legend().get_texts()] == [
-        "ranked (critical)", "activation", "random (mean of 3, min-max band)", "gradient", "epsilon = 3"]
+        "ranked (critical)", "activation", "random (mean of 3; min-max band, 0.1 to 0.8)", "gradient", "epsilon = 3"]
 
 
 def test_phase_curve_marks_the_given_critical_n():
     ax = main_axes(plots.phase_curve(curve([(1, 0.5), (2, 4.0), (3, 5.0)]), 3.0, None, critical_n=3))
-    crit = [ln for ln in ax.get_lines() if ln.get_linestyle() == ":"]
+    crit = [ln for ln in ax.get_lines() if ln.get_linestyle() == ":" and ln.get_color() == "tab:red"]
     assert [tuple(ln.get_xdata()) for ln in crit] == [(3, 3)]
 
 
@@ -234,8 +236,12 @@ def test_scan_distribution_points_maxima_and_labels():
     assert "2 delta <= 0 drawn at bottom edge" in notes(ax)
 
     best = sorted(rows, key=lambda r: -r["delta"])[:4]
-    labels = [t.get_text() for t in ax.texts if isinstance(t, Annotation)]
-    assert labels == [f"{i}. L{r['layer']}.{r['site']}[{r['channel']}]" for i, r in enumerate(best, 1)]
+    numbers = [(t.get_text(), t.xy[1]) for t in ax.texts if isinstance(t, Annotation)]
+    assert numbers == [(str(i), r["delta"]) for i, r in enumerate(best, 1)]
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend[-4:] == [f"{i}. {neuron_name(r['site'], r['layer'], r['channel'])}  ({r['delta']:.3g})"
+                           for i, r in enumerate(best, 1)]
+    assert ax.get_legend().get_bbox_to_anchor().transformed(ax.transAxes.inverted()).x0 > 1.0   # off the data
 
 
 # ----------------------------------------------------------------------------- study
@@ -244,8 +250,74 @@ def test_overlap_matrix_draws_the_matrix_with_labels():
     labels = ["main", "text a", "text b", "text c"]
     m = np.array([[1.0, 0.25, 0.5, 0.0], [0.25, 1.0, 0.125, 0.75], [0.5, 0.125, 1.0, 0.375],
                   [0.0, 0.75, 0.375, 1.0]])
-    ax = main_axes(plots.overlap_matrix(m, labels, "overlaps"))
+    ax = main_axes(heatmaps.overlap_matrix(m, labels, "overlaps"))
     np.testing.assert_array_equal(grid(ax), m)
     assert cell_labels(ax) == {(i, j): f"{v:.2f}" for (i, j), v in np.ndenumerate(m)}
     assert [t.get_text() for t in ax.get_xticklabels()] == labels
     assert [t.get_text() for t in ax.get_yticklabels()] == labels
+
+
+def test_overlap_matrix_of_one_value_is_not_drawn_and_stability_says_why(monkeypatch, tmp_path):
+    figs = stage_figures(monkeypatch)
+    written = {}
+    monkeypatch.setattr(io, "write_json", lambda path, v, **k: written.__setitem__(Path(path).name, v))
+    run = fake_run()
+    run.workdir = tmp_path
+    (tmp_path / "texts.png").write_bytes(b"an older run's")
+    v = {"epsilon": 1.0, "variants": [], "texts": {"labels": ["main", "a", "b"], "jaccard": np.ones((3, 3)).tolist()}}
+    study_stages.save_stability(run, v)
+    assert "texts.png" not in figs and not (tmp_path / "texts.png").exists()
+    assert written["stability.json"]["texts"]["plot"] == ("not drawn: every pair of the 3 texts' critical sets has "
+                                                          "Jaccard index 1.00")
+    v["texts"]["jaccard"][0][1] = v["texts"]["jaccard"][1][0] = 0.5
+    study_stages.save_stability(run, v)
+    assert "texts.png" in figs and written["stability.json"]["texts"]["plot"] == "texts.png"
+    assert heatmaps.constant(np.full((2, 2), 0.25)) == 0.25 and heatmaps.constant(np.eye(2)) is None
+
+
+def test_max_heatmap_colours_decades_on_a_log_scale():
+    """Values over five decades (and a negative one): symmetric-log colours, so 1e-3 and 1e-1 differ in
+    colour; values within a decade or two keep a linear scale."""
+    from matplotlib.colors import SymLogNorm
+    m = np.full((L, len(SITE_NAMES)), np.nan)
+    m[0, :4] = [1e-5, 1e-3, 1e-1, 4.7]
+    m[1, 0] = -2e-3
+    im = main_axes(heatmaps.max_heatmap(m, SITE_NAMES)).get_images()[0]
+    assert isinstance(im.norm, SymLogNorm) and im.norm.vmin == pytest.approx(-2e-3) and im.norm.vmax == 4.7
+    colours = [im.norm(v) for v in (1e-5, 1e-3, 1e-1, 4.7)]
+    assert all(b - a > 0.1 for a, b in zip(colours, colours[1:])), colours
+    assert "symmetric log" in main_axes(heatmaps.max_heatmap(m, SITE_NAMES)).figure.axes[1].get_ylabel()
+    m2 = np.where(np.isfinite(m), np.abs(m) + 1.0, np.nan)
+    assert not isinstance(main_axes(heatmaps.max_heatmap(m2, SITE_NAMES)).get_images()[0].norm, SymLogNorm)
+
+
+def test_phase_curve_series_on_top_of_each_other_stay_distinguishable():
+    """dtypes.png: a dtype that changes nothing draws exactly on the main curve; each other series has
+    its own line style and hollow marker and sits above it; the legend is outside the axes."""
+    c = curve([(1, 4.7), (2, 4.5), (4, 4.6)])
+    ax = main_axes(plots.phase_curve(c, 1.0, {"bfloat16": c, "float16": c}, label="float32"))
+    lines = {ln.get_label(): ln for ln in ax.get_lines()}
+    looks = {(ln.get_linestyle(), ln.get_marker()) for k, ln in lines.items() if k in ("float32", "bfloat16", "float16")}
+    assert len(looks) == 3
+    assert all(lines[k].get_markerfacecolor() == "none" and lines[k].get_zorder() > lines["float32"].get_zorder()
+               for k in ("bfloat16", "float16"))
+    box = ax.get_legend().get_bbox_to_anchor().transformed(ax.transAxes.inverted())
+    assert box.x0 > 1.0     # right of the axes
+
+
+def test_random_band_near_zero_has_visible_edges():
+    reps = [curve([(1, 0.0), (10, 0.001)]), curve([(1, 0.002), (10, 0.003)])]
+    ax = main_axes(plots.phase_curve(curve([(1, 4.0)]), 1.0, {"random": reps}))
+    (band,) = ax.collections
+    assert band.get_linewidth()[0] > 0 and band.get_edgecolor()[0][3] > 0.1
+    assert line(ax, "random (mean of 2; min-max band, 0 to 0.003)")
+
+
+@pytest.mark.parametrize("points, title", [
+    ([(1, 4.68), (2, 4.5)], "jumps from 0 to 4.7 at n = 1 (epsilon 1)"),
+    ([(1, 0.01), (2, 0.05), (3, 3.0)], "jumps from 0.05 to 3 at n = 3 (epsilon 1)"),
+    ([(1, 0.3), (2, 0.8), (3, 1.2)], "first reaches epsilon 1 at n = 3"),
+    ([(1, 0.5), (2, 3.0)], "first reaches epsilon 1 at n = 2"),      # from half of epsilon: no jump
+    ([(1, 0.3), (2, 0.5)], "no n reaches epsilon 1")])
+def test_curve_title_says_what_the_curve_shows(points, title):
+    assert plots.curve_title(curve(points), 1.0) == f"delta vs number of neurons zeroed: {title}"

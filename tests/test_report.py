@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from jaxcrit.report import io as rio
-from jaxcrit.report import plots, summary
+from jaxcrit.report import heatmaps, plots, summary
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SITES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "act_fn", "down_proj",
@@ -116,10 +116,10 @@ def test_site_heatmap_png(tmp_path):
     neurons = [{"layer": 0, "site": "down_proj"}] * 3 + [{"layer": 23, "site": "act_fn"},
                                                          {"layer": 99, "site": "down_proj"},
                                                          {"layer": 1, "site": "lm_head"}]
-    fig = plots.site_heatmap(neurons, 24, SITES, "top neurons")
+    fig = heatmaps.site_heatmap(neurons, 24, SITES, "top neurons")
     rio.write_png(tmp_path / "heat.png", fig)
     _assert_png(tmp_path / "heat.png")
-    rio.write_png(tmp_path / "empty.png", plots.site_heatmap([], 2, SITES, ""))
+    rio.write_png(tmp_path / "empty.png", heatmaps.site_heatmap([], 2, SITES, ""))
     _assert_png(tmp_path / "empty.png")
 
 
@@ -186,11 +186,12 @@ def test_summary_markdown_huge_ppl():
     assert "10^1.26 (18.17)" in md  # base: 2.9 nats -> log10 1.2594
     for L, c in [(0, 3), (23, 811), (0, 47)]:
         assert f"model.layers.{L}.mlp.down_proj" in md
-    assert "| 1 | `model.layers.0.mlp.down_proj` | 3 |" in md
+    assert "| 1 | `model.layers.0.mlp.down_proj[3]` | down_proj | 0 |" in md
     assert "random" in md and "gradient" in md and "442368" in md
     assert "\\|" in md  # pipes in evaluation text escaped
     assert "442368 neurons screened (first_order); 641 verified exactly in 3 rounds of 256" in md
-    assert "| 1 | L21.down_proj[62] | 0.31 | 2.5 | screen |" in md and "| 2 | L3.act_fn[7] | 0.2 | NaN | audit |" in md
+    assert "| 1 | `model.layers.21.mlp.down_proj[62]` | 0.31 | 2.5 | screen |" in md
+    assert "| 2 | `model.layers.3.mlp.act_fn[7]` | 0.2 | NaN | audit |" in md
     assert "1 beat the k-th verified Δ (0.2), about 1.72e+03 over all unverified" in md
     assert "| first_order | 0.50 | 0.61 | 0.01 | 2.2 |" in md
     assert summary.fmt_ppl_log10(6.2455) == "10^6.25 (1.76e6)"

@@ -43,7 +43,7 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model(model_dir):
-    return jaxcrit.load(str(model_dir))
+    return jaxcrit.load(str(model_dir), "float32")
 
 
 # ----------------------------------------------------------------------------- corpus
@@ -201,9 +201,11 @@ def test_study_stages_and_findings(model_dir, tmp_path):
                     learned__candidates=8, learned__steps=2)
     wd = tmp_path / "study"
     M.run(c, wd)
-    for name in ("modes.json", "modes.png", "stability.json", "texts.png", "dtypes.json", "dtypes.png", "learned.json",
+    for name in ("modes.json", "modes.png", "stability.json", "dtypes.json", "dtypes.png", "learned.json",
                  "relations.json"):
         assert (wd / name).is_file() and name in result_files(STAGES), name
+    texts = json.loads((wd / "stability.json").read_text())["texts"]
+    assert (wd / "texts.png").is_file() == (texts["plot"] == "texts.png"), texts   # drawn unless constant
     curve = pd.read_csv(wd / "curve.csv")
     modes = json.loads((wd / "modes.json").read_text())
     assert [r["delta"] for r in modes["curves"]["channel"]] == pytest.approx(curve["delta"].tolist(), abs=1e-7)

@@ -38,6 +38,7 @@ def paragraphs(path: Path, n: int = 5) -> Path:
 def tiny_config(model_dir: Path, **over):
     """jaxcrit.configs.common.base with tiny settings; over: dotted keys as __, e.g. stage2__epsilon=2."""
     c = base(str(model_dir))
+    c.dtype = "float32"     # the references (transformers, hand loops) run in float32
     c.text = TEXT
     c.progress = False
     c.stage1.samples = 4
@@ -67,7 +68,7 @@ def tiny_config(model_dir: Path, **over):
 def config_file(path: Path, model_dir: Path, **fields) -> Path:
     """A config file for the CLI: base(model_dir), the tiny text, no progress bars, `fields` set."""
     lines = ["from jaxcrit.configs.common import base", "", "", "def get_config(arg=None):",
-             f"    c = base({str(model_dir)!r})", f"    c.text = {TEXT!r}", "    c.progress = False",
+             f"    c = base({str(model_dir)!r})", "    c.dtype = 'float32'", f"    c.text = {TEXT!r}", "    c.progress = False",
              f"    c.generate.prompts = {PROMPTS!r}",
              "    c.stage1.samples = 4"]
     lines += [f"    c.{k.replace('__', '.')} = {v!r}" for k, v in fields.items()]

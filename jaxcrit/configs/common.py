@@ -19,13 +19,12 @@ def base(model: str) -> ml_collections.ConfigDict:
 
 def checkpoint(arg: str | None, name: str) -> ml_collections.ConfigDict:
     """A checkpoint given after the colon (`--config=NAME:/path` or `--config=NAME:ORG/NAME[@REVISION]`,
-    a Hugging Face Hub id), run bf16 with the chunk planned from free device memory. Without it:
-    one error line saying how to give it."""
+    a Hugging Face Hub id), in its kind's dtype (dtype auto: bfloat16 for a HF checkpoint) with the
+    chunk planned from free device memory. Without it: one error line saying how to give it."""
     from jaxcrit.errors import JaxcritError
     if not arg:
         raise JaxcritError(f"the {name} config needs a checkpoint: --config=configs/{name}.py:/path/to/checkpoint "
                            f"(or a Hugging Face Hub id: --config={name}:ORG/NAME)")
     c = base(arg)
-    c.dtype = "bfloat16"
     c.engine.chunk = 0
     return c

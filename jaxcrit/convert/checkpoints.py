@@ -2,8 +2,12 @@
 
 A source is an embedded model name ('smollm2'), a HF checkpoint dir, a .gguf file, a dir
 written by orbax_io.save, or a model on the Hugging Face Hub (`ORG/NAME[@REVISION]`, optionally
-after `hf:`; data/hub.py fetches it), an existing local path winning over a hub name. Each kind is one row: how to recognise it, how to read its
-ModelConfig from metadata alone (validation before any weight is read), and how to load it.
+after `hf:`; data/hub.py fetches it), an existing local path winning over a hub name. Each kind
+is one row: how to recognise it, how to read its ModelConfig from metadata alone (validation
+before any weight is read), how to load it, and the dtype it runs in when none is given (the
+config's dtype "auto", jaxcrit.load's default): a GGUF file's quantized blocks dequantize
+exactly into float32 (and the embedded model is sized for a CPU), a HF checkpoint is run in
+bfloat16 as it is mostly stored, a converted dir in the dtype it was saved in.
 """
 from __future__ import annotations
 
@@ -44,6 +48,13 @@ def _orbax_load(path, dtype, mesh, rules):
     return restore(path, mesh, rules)
 
 
+def _orbax_dtype(path: Path) -> str:
+    """The dtype most of a converted dir's params were saved in."""
+    from collections import Counter
+    saved = Counter(json.loads((path / ORBAX_META).read_text())["dtypes"].values())
+    return max(("float32", "bfloat16", "float16"), key=lambda d: saved[d])
+
+
 def _hf_load(path, dtype, mesh, rules):
     from jaxcrit.convert.hf import load_hf
     return load_hf(path, dtype, mesh, rules)
@@ -55,12 +66,13 @@ class Kind:
     matches: Callable[[Path], bool]
     config: Callable[[Path], ModelConfig]   # metadata only, no weights read
     load: Callable                          # (path, numpy dtype, mesh, rules) -> (ModelConfig, params)
+    dtype: Callable[[Path], str]            # the dtype it runs in when none is given
 
 
 KINDS: tuple[Kind, ...] = (
-    Kind("gguf", lambda p: p.is_file(), _gguf_config, _gguf_load),
-    Kind("orbax", lambda p: (p / ORBAX_META).is_file(), _orbax_config, _orbax_load),
-    Kind("hf", lambda p: p.is_dir(), _hf_config, _hf_load),
+    Kind("gguf", lambda p: p.is_file(), _gguf_config, _gguf_load, lambda p: "float32"),
+    Kind("orbax", lambda p: (p / ORBAX_META).is_file(), _orbax_config, _orbax_load, _orbax_dtype),
+    Kind("hf", lambda p: p.is_dir(), _hf_config, _hf_load, lambda p: "bfloat16"),
 )
 
 

@@ -12,7 +12,7 @@ path does. jaxcrit never imports torch (simple_evaluate seeds torch where it is 
 Model args (`--model_args k=v,k=v`, or a dict from Python):
   model         an embedded name (smollm2), a HF checkpoint dir, a .gguf file or a converted dir;
                 from Python also a loaded jaxcrit.Model
-  dtype         float32 (default) | bfloat16 | float16
+  dtype         auto (default: the source's own, as jaxcrit.load) | float32 | bfloat16 | float16
   neurons       the neurons zeroed: a JSON file with a "neurons" list (critical.json,
                 importance.json, ...), or HF module paths with channels joined by '+'
                 (model.layers.11.mlp.down_proj[507]+model.layers.3.mlp.down_proj[2]); from Python
@@ -33,7 +33,6 @@ masks), stopping at the model's EOS tokens or once an `until` string appears, th
 from __future__ import annotations
 
 import json
-import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -43,9 +42,9 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 
+from jaxcrit.convert.load import AUTO_DTYPE
 from jaxcrit.evaluate import generation as G
 from jaxcrit.errors import JaxcritError, exit_code
-from jaxcrit.models.sites import parse_module_path
 from jaxcrit.models.neurons import NeuronSet
 
 SAMPLING_KWARGS = ("do_sample", "temperature", "top_k", "top_p")
@@ -65,20 +64,14 @@ def neurons_arg(x: Any) -> NeuronSet | None:
         if not isinstance(d, dict) or "neurons" not in d:
             raise JaxcritError(f"neurons: {p} holds no \"neurons\" list (critical.json and importance.json do)")
         return NeuronSet.from_records(d["neurons"])
-    keys = []
-    for item in x.split("+"):
-        m = re.fullmatch(r"\s*(\S+)\[(\d+)\]\s*", item)
-        if not m:
-            raise JaxcritError(f"neurons: '{item}' is not like model.layers.11.mlp.down_proj[507]")
-        keys.append((*parse_module_path(m.group(1)), int(m.group(2))))
-    return NeuronSet.of(keys)
+    return NeuronSet.of(x.split("+"))
 
 
 @register_model("jaxcrit")
 class JaxcritLM(TemplateLM):
     """A jaxcrit model with a neuron set zeroed, as lm-eval sees a model."""
 
-    def __init__(self, model: Any = "smollm2", dtype: str = "float32", neurons: Any = None, batch_size: Any = 8,
+    def __init__(self, model: Any = "smollm2", dtype: str = AUTO_DTYPE, neurons: Any = None, batch_size: Any = 8,
                  max_length: Any = None, max_gen_toks: Any = 256, seed: Any = 0, device: Any = None,
                  max_batch_size: Any = None):
         """device and max_batch_size are what lm-eval passes every model; jaxcrit places the model

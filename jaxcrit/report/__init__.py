@@ -1,10 +1,12 @@
-"""Reporting: atomic file writers, run manifests, plots and text summaries.
+"""Reporting: atomic file writers, run manifests, plots, heatmaps and text summaries.
 
-Pure Python / numpy / matplotlib (Agg); jax is imported only by `io.manifest`, lazily.
+Pure Python / numpy / matplotlib (Agg) over result records; neurons are named by
+jaxcrit.models.sites.neuron_name; jax is imported only by `io.manifest`, lazily.
 """
 from jaxcrit.report.io import (manifest, read_json, write_csv, write_json, write_png,
                                write_text)
-from jaxcrit.report.plots import phase_curve, scan_distribution, site_heatmap
+from jaxcrit.report.heatmaps import site_heatmap
+from jaxcrit.report.plots import phase_curve, scan_distribution
 from jaxcrit.report.summary import fmt_ppl_log10, summary_markdown, terminal_table
 
 __all__ = [

@@ -1,22 +1,27 @@
 """Figures of a run, built on matplotlib's object API with the Agg canvas (no pyplot state).
 
-Every function returns a `matplotlib.figure.Figure`; save it with `jaxcrit.report.io.write_png`.
-Deltas are log10(PPL_masked / PPL_base). Non-finite values never crash a plot: +inf and NaN are
-drawn as markers on the top edge of the axes (-inf on the bottom edge) and a note counts them.
+Every plot returns a `matplotlib.figure.Figure` (`figure` makes one; `note` writes a small note in
+an axes corner); save it with `jaxcrit.report.io.write_png`. Deltas are log10(PPL_masked /
+PPL_base). Non-finite values never crash a plot: +inf and NaN are drawn as markers on the top edge
+of the axes (-inf on the bottom edge) and a note counts them. Legends sit outside the axes, titles
+say what the data show (curve_title); the heatmaps are jaxcrit/report/heatmaps.py's.
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from jaxcrit.models.sites import neuron_name
+
 Curve = Sequence[Mapping[str, Any]]
 
 
-def _figure(w: float, h: float) -> Figure:
+def figure(w: float, h: float) -> Figure:
+    """A w x h inch figure with constrained layout on its own Agg canvas."""
     fig = Figure(figsize=(w, h), layout="constrained")
     FigureCanvasAgg(fig)
     return fig
@@ -81,9 +86,11 @@ def _maybe_symlog(ax, finite: np.ndarray, threshold: float = 50.0) -> None:
         ax.set_yscale("symlog", linthresh=1.0)
 
 
-def _note(ax, lines: list[str]) -> None:
+def note(ax, lines: list[str]) -> None:
+    """Small grey lines right of the axes, under the legend, off the data (what a plot could not
+    draw, and why)."""
     if lines:
-        ax.text(0.01, 0.01, "\n".join(lines), transform=ax.transAxes, fontsize=7,
+        ax.text(1.01, 0.0, "\n".join(lines), transform=ax.transAxes, fontsize=7,
                 va="bottom", ha="left", color="0.3",
                 bbox=dict(boxstyle="round,pad=0.2", fc="white", ec="0.8", alpha=0.85))
 
@@ -98,21 +105,28 @@ def first_crossing(curve: Curve, epsilon: float) -> int | None:
     return int(n[hit[0]]) if hit.size else None
 
 
+# the other series' looks: each a colour, a line style and a hollow marker of its own (at most one
+# marker per 1.2% of the axes, so a long curve is not a wall of markers), so a series drawn exactly
+# on top of another (a dtype that changes nothing) still shows
+STYLES = (("tab:blue", "--", "s"), ("tab:orange", "-.", "^"), ("tab:green", ":", "D"), ("tab:purple", "--", "v"),
+          ("tab:brown", "-.", "P"), ("tab:pink", ":", "X"), ("tab:olive", "--", "<"), ("tab:cyan", "-.", ">"))
+
+
 def phase_curve(curve: Curve, epsilon: float,
                 baselines: Mapping[str, Curve | Sequence[Curve]] | None = None,
-                title: str = "", critical_n: int | None = None) -> Figure:
-    """delta vs number of masked neurons n (log x), epsilon line, baselines, critical n marked.
+                title: str = "", critical_n: int | None = None, label: str = "ranked (critical)") -> Figure:
+    """delta vs number of zeroed neurons n (log x), epsilon line, baselines, critical n marked.
 
     `baselines` maps a name to one curve (list of {n, delta}) or to repeats (list of curves); for
     repeats the mean is drawn with a min-max band over the repeats that have a finite value at
-    each n. `critical_n` defaults to the first n of `curve` with delta >= epsilon.
+    each n, its edges drawn as lines so a band near 0 still shows. `critical_n` defaults to the
+    first n of `curve` with delta >= epsilon. The legend sits right of the axes, off the data.
     """
-    fig = _figure(7.0, 4.2)
+    fig = figure(9.0, 4.2)
     ax = fig.add_subplot()
     notes: list[str] = []
     finite_all: list[np.ndarray] = []
-    colors = iter(["tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown",
-                   "tab:pink", "tab:olive", "tab:cyan", "tab:gray"])
+    styles = iter(STYLES * 2)
     dropped = sum(1 for r in curve if not (isinstance(r.get("n"), (int, float))
                                            and r.get("n") >= 1))
 
@@ -120,8 +134,7 @@ def phase_curve(curve: Curve, epsilon: float,
     if n.size:
         fin = np.isfinite(d)
         finite_all.append(d[fin])
-        ax.plot(n[fin], d[fin], "-o", color="tab:red", ms=3, lw=1.6, label="ranked (critical)",
-                zorder=4)
+        ax.plot(n[fin], d[fin], "-o", color="tab:red", ms=3, lw=1.6, label=label, zorder=3)
         _edge_markers(ax, n, d, "tab:red", notes, "ranked")
     else:
         notes.append("ranked curve: no points with n >= 1")
@@ -129,7 +142,7 @@ def phase_curve(curve: Curve, epsilon: float,
         notes.append(f"{dropped} point(s) with n < 1 not shown (log x)")
 
     for name, val in (baselines or {}).items():
-        color = next(colors, None)
+        color, ls, marker = next(styles)
         reps = list(val) if _is_repeats(val) else [val]
         reps = [r for r in reps if r]
         if not reps:
@@ -138,7 +151,8 @@ def phase_curve(curve: Curve, epsilon: float,
             bn, bd = _curve_xy(reps[0])
             fin = np.isfinite(bd)
             finite_all.append(bd[fin])
-            ax.plot(bn[fin], bd[fin], "-", marker=".", ms=3, lw=1.2, color=color, label=name)
+            ax.plot(bn[fin], bd[fin], ls=ls, marker=marker, ms=5, mfc="none", markevery=0.012, lw=1.2, color=color,
+                    label=name, zorder=4)
             _edge_markers(ax, bn, bd, color, notes, name)
             continue
         grid = np.unique(np.concatenate([_curve_xy(r)[0] for r in reps]))
@@ -159,9 +173,9 @@ def phase_curve(curve: Curve, epsilon: float,
             lo[have] = np.nanmin(fm[:, have], axis=0)
             hi[have] = np.nanmax(fm[:, have], axis=0)
         finite_all.append(fm[np.isfinite(fm)])
-        ax.fill_between(grid[have], lo[have], hi[have], color=color, alpha=0.2, lw=0)
-        ax.plot(grid[have], mean[have], "-", lw=1.2, color=color,
-                label=f"{name} (mean of {len(reps)}, min-max band)")
+        ax.fill_between(grid[have], lo[have], hi[have], color=color, alpha=0.2, lw=0.8, edgecolor=color)
+        ax.plot(grid[have], mean[have], ls=ls, marker=marker, ms=5, mfc="none", markevery=0.012, lw=1.2, color=color,
+                label=f"{name} (mean of {len(reps)}; min-max band, {_span(lo[have], hi[have])})", zorder=4)
         if nonfinite.any():
             _edge_markers(ax, grid[nonfinite], np.full(nonfinite.sum(), np.inf), color, notes,
                           f"{name} (some repeats)")
@@ -181,80 +195,33 @@ def phase_curve(curve: Curve, epsilon: float,
     if fin.size == 0 and not n.size:
         ax.set_xlim(1, 10)
     ax.set_xscale("log")
-    ax.set_xlabel("masked neurons n")
+    ax.set_xlabel("neurons zeroed n")
     ax.set_ylabel(r"$\Delta$ = log$_{10}$(PPL$_{masked}$ / PPL$_{base}$)")
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.25)
-    ax.legend(fontsize=8, loc="upper right")
-    _note(ax, notes)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    note(ax, notes)
     return fig
 
 
-# ----------------------------------------------------------------------------- site heatmap
-
-def _layer_site_grid(matrix: np.ndarray, sites: Sequence[str], label: Callable[[float], str], cbar: str,
-                     title: str, vmin: float, integer: bool) -> tuple[Figure, Any]:
-    """A layers x sites matrix drawn as an annotated heatmap; NaN cells left blank."""
-    masked = np.ma.masked_invalid(matrix)
-    h = min(max(3.0, 0.28 * matrix.shape[0] + 1.6), 26.0)
-    w = min(max(4.5, 0.85 * len(sites) + 2.2), 16.0)
-    fig = _figure(w, h)
-    ax = fig.add_subplot()
-    vmax = max(float(masked.max()) if masked.count() else vmin, vmin)
-    im = ax.imshow(masked, aspect="auto", cmap="viridis", interpolation="nearest", vmin=vmin, vmax=vmax)
-    ax.set_facecolor("white")
-    fs = 8 if matrix.shape[0] <= 40 else 6
-    for (i, j), c in np.ndenumerate(matrix):
-        if np.isfinite(c):
-            ax.text(j, i, label(c), ha="center", va="center", fontsize=fs,
-                    color="white" if c < vmin + 0.6 * (vmax - vmin) else "black")
-    ax.set_xticks(range(len(sites)))
-    ax.set_xticklabels(sites, rotation=40, ha="right", fontsize=8)
-    step = max(1, matrix.shape[0] // 40)
-    ax.set_yticks(range(0, matrix.shape[0], step))
-    ax.set_ylabel("layer")
-    ax.set_xlabel("site")
-    ax.set_xticks(np.arange(-0.5, len(sites), 1), minor=True)
-    ax.set_yticks(np.arange(-0.5, matrix.shape[0], 1), minor=True)
-    ax.grid(which="minor", color="0.9", lw=0.5)
-    ax.tick_params(which="minor", length=0)
-    from matplotlib.ticker import MaxNLocator
-    cb = fig.colorbar(im, ax=ax, label=cbar, shrink=0.8)
-    if integer:
-        cb.locator = MaxNLocator(integer=True)
-        cb.update_ticks()
-    ax.set_title(title, fontsize=10)
-    return fig, ax
+def _span(lo: np.ndarray, hi: np.ndarray) -> str:
+    """The band's range in words, so a band too thin to see at the axes' scale is still read."""
+    return f"{float(lo.min()):.2g} to {float(hi.max()):.2g}" if lo.size else "empty"
 
 
-def site_heatmap(neurons: Sequence[Mapping[str, Any]], n_layers: int, sites: Sequence[str],
-                 title: str = "") -> Figure:
-    """Counts of top neurons per (layer, site): layers on rows, sites on columns, annotated."""
-    sites = list(sites)
-    col = {s: j for j, s in enumerate(sites)}
-    counts = np.zeros((max(int(n_layers), 1), len(sites)), dtype=np.int64)
-    skipped = 0
-    for r in neurons:
-        s, layer = r.get("site"), r.get("layer")
-        if s in col and isinstance(layer, (int, np.integer)) and 0 <= layer < n_layers:
-            counts[int(layer), col[s]] += 1
-        else:
-            skipped += 1
-    total = int(counts.sum())
-    fig, ax = _layer_site_grid(np.where(counts > 0, counts, np.nan), sites, lambda c: str(int(c)), "neurons",
-                               f"{title}\n{total} neurons" if title else f"{total} neurons", 1, True)
-    if skipped:
-        _note(ax, [f"{skipped} neuron(s) outside layers/sites not counted"])
-    return fig
-
-
-def max_heatmap(matrix: np.ndarray, sites: Sequence[str], title: str = "", what: str = "largest exact delta"
-                ) -> Figure:
-    """The largest value per (layer, site), matrix [layers, sites] (NaN: nothing measured there)."""
-    fig, ax = _layer_site_grid(matrix, list(sites), lambda c: f"{c:.2g}", what, title,
-                               min(float(np.nanmin(matrix)), 0.0) if np.isfinite(matrix).any() else 0.0, False)
-    _note(ax, [f"{int(np.isnan(matrix).sum())} blank cell(s): no neuron measured"] if np.isnan(matrix).any() else [])
-    return fig
+def curve_title(curve: Curve, epsilon: float) -> str:
+    """What a Stage 2 curve shows, in words its data bear out: a jump across epsilon in one step
+    is named as such; otherwise where delta first reaches epsilon, or that it never does."""
+    crit = first_crossing(curve, epsilon)
+    if crit is None:
+        return f"delta vs number of neurons zeroed: no n reaches epsilon {epsilon:g}"
+    n, d = _curve_xy(curve)
+    i = int(np.flatnonzero(n == crit)[0])
+    before = d[i - 1] if i else 0.0          # no neuron zeroed: delta 0
+    if before < epsilon / 10 and (not np.isfinite(d[i]) or d[i] >= 2 * epsilon):
+        return (f"delta vs number of neurons zeroed: jumps from {before:.2g} to {d[i]:.2g} at n = {crit} "
+                f"(epsilon {epsilon:g})")
+    return f"delta vs number of neurons zeroed: first reaches epsilon {epsilon:g} at n = {crit}"
 
 
 # ----------------------------------------------------------------------------- scan
@@ -265,10 +232,11 @@ def scan_distribution(scan: Sequence[Mapping[str, Any]], n_layers: int, title: s
 
     Each row is {layer, site, delta[, channel]}. Points are jittered per layer and coloured by
     site; deltas <= 0 go on the bottom edge; the per-layer maximum is drawn as a line; the
-    top `top_k` rows are labelled "L{layer}.{site}[{channel}]". Above `max_points` rows a sample is drawn (each layer's 50
+    top `top_k` rows are numbered beside their points and listed by name (sites.neuron_name) and delta
+    in the legend, right of the axes with the sites, off the data. Above `max_points` rows a sample is drawn (each layer's 50
     largest kept); maxima and labels always use every row.
     """
-    fig = _figure(max(6.5, min(16.0, 0.18 * n_layers + 5.0)), 4.5)
+    fig = figure(max(6.5, min(16.0, 0.18 * n_layers + 5.0)), 4.5)
     ax = fig.add_subplot()
     notes: list[str] = []
     layer = _arr(scan, "layer")
@@ -283,7 +251,7 @@ def scan_distribution(scan: Sequence[Mapping[str, Any]], n_layers: int, title: s
         notes.append("no scan rows")
         ax.set_xlim(-0.5, max(n_layers, 1) - 0.5)
         ax.set_title(title)
-        _note(ax, notes)
+        note(ax, notes)
         return fig
 
     # ranking (for labels): +inf first, then finite descending; NaN last
@@ -337,46 +305,21 @@ def scan_distribution(scan: Sequence[Mapping[str, Any]], n_layers: int, title: s
         ax.set_ylim(1e-6, 1.0)
     _edge_markers(ax, layer[idx_all], delta[idx_all], "k", notes, "scan")
 
+    named = []   # the top rows: a rank number beside each point, its name and delta in the legend
     for rank, i in enumerate(top, 1):
         ch = scan[i].get("channel")
-        lab = f"L{int(layer[i])}.{sites[i]}[{ch if ch is not None else '?'}]"
-        y_fin = np.isfinite(delta[i])
-        if y_fin:
-            xy, coords = (layer[i] + jitter[i], delta[i]), "data"
-        else:
-            xy, coords = (layer[i], 0.985), ax.get_xaxis_transform()
-        right = layer[i] > 0.6 * max(n_layers - 1, 1)
-        ax.annotate(f"{rank}. {lab}", xy=xy, xycoords=coords, fontsize=7,
-                    xytext=(-8 if right else 8, -11 * rank + 4), textcoords="offset points",
-                    ha="right" if right else "left",
-                    arrowprops=dict(arrowstyle="-", color="0.4", lw=0.6),
-                    bbox=dict(boxstyle="round,pad=0.15", fc="lightyellow", ec="0.6", lw=0.5))
+        xy, coords = ((layer[i] + jitter[i], delta[i]), "data") if np.isfinite(delta[i]) else \
+            ((layer[i], 0.985), ax.get_xaxis_transform())
+        ax.annotate(str(rank), xy=xy, xycoords=coords, xytext=(4 if rank % 2 else -4, 2), textcoords="offset points",
+                    ha="left" if rank % 2 else "right", fontsize=7, fontweight="bold", color="0.15")
+        name = neuron_name(str(sites[i]), int(layer[i]), None if ch is None else int(ch))
+        named.append(ax.plot([], [], ls="none", label=f"{rank}. {name}  ({delta[i]:.3g})")[0])
 
     ax.set_xlim(-0.6, max(n_layers, int(np.nanmax(layer)) + 1) - 0.4)
     ax.set_xlabel("layer")
     ax.set_ylabel(r"single-neuron $\Delta$ (log$_{10}$ PPL ratio)")
     ax.set_title(title)
     ax.grid(True, axis="y", which="major", alpha=0.25)
-    ax.legend(fontsize=7, loc="upper center", ncol=min(5, len(uniq_sites) + 1), markerscale=2,
-              bbox_to_anchor=(0.5, -0.14), frameon=False)
-    _note(ax, notes)
-    return fig
-
-
-# ----------------------------------------------------------------------------- study overlaps
-
-def overlap_matrix(matrix: np.ndarray, labels: Sequence[str], title: str = "") -> Figure:
-    """A symmetric [n, n] matrix of overlaps in [0, 1] (e.g. Jaccard indices), annotated."""
-    n = len(labels)
-    fig = _figure(max(4.0, 0.55 * n + 2.0), max(3.5, 0.5 * n + 1.6))
-    ax = fig.add_subplot()
-    im = ax.imshow(matrix, cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
-    for (i, j), v in np.ndenumerate(matrix):
-        ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="white" if v < 0.6 else "black")
-    ax.set_xticks(range(n))
-    ax.set_xticklabels(labels, rotation=40, ha="right", fontsize=8)
-    ax.set_yticks(range(n))
-    ax.set_yticklabels(labels, fontsize=8)
-    fig.colorbar(im, ax=ax, shrink=0.8)
-    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, handlelength=1.5)
+    note(ax, notes)
     return fig

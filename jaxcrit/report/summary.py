@@ -8,6 +8,8 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping
 
+from jaxcrit.models.sites import neuron_name, parse_module_path
+
 LN10 = math.log(10.0)   # nats per log10 unit: delta = log10(PPL_masked / PPL_base) = (loss - base) / LN10
 
 
@@ -77,11 +79,11 @@ def _snippet(text: Any, width: int = 60) -> str:
 
 
 def neuron_path(nr: Mapping[str, Any]) -> str:
-    """'model.layers.0.mlp.down_proj[123]' (HF module path and channel)."""
-    name = nr.get("layer_name")
-    if not name:
-        name = f"L{nr.get('layer', '?')}.{nr.get('site', '?')}"
-    return f"{name}[{nr.get('channel', '?')}]"
+    """A result record's neuron as sites.neuron_name writes it, 'model.layers.11.mlp.down_proj[507]'
+    (from its site and layer, else its layer_name; no channel: the whole site)."""
+    site, layer = (nr["site"], int(nr["layer"])) if "site" in nr and "layer" in nr else \
+        parse_module_path(str(nr["layer_name"]))
+    return neuron_name(site, layer, None if nr.get("channel") is None else int(nr["channel"]))
 
 
 def _log10s(result: Mapping[str, Any]) -> tuple[float | None, float | None]:
@@ -137,11 +139,9 @@ def summary_markdown(result: Mapping[str, Any]) -> str:
     L.append("## Critical neurons")
     L.append("")
     if neurons:
-        rows = [[i, f"`{nr.get('layer_name') or neuron_path(nr).rsplit('[', 1)[0]}`",
-                 nr.get("channel", "?"), nr.get("site", "?"), nr.get("layer", "?"),
+        rows = [[i, f"`{neuron_path(nr)}`", nr.get("site", "?"), nr.get("layer", "?"),
                  _fmt(nr.get("score"), ".4g")] for i, nr in enumerate(neurons, 1)]
-        L += md_table(["#", "module (HF path)", "channel", "site", "layer", "score"], rows,
-                      "rlrlrr")
+        L += md_table(["#", "neuron", "site", "layer", "score"], rows, "rllrr")
     else:
         L.append("(none)")
     L.append("")
@@ -166,8 +166,7 @@ def summary_markdown(result: Mapping[str, Any]) -> str:
         top = list(scan.get("top") or [])
         if top:
             L.append("")
-            rows = [[i, f"L{t.get('layer', '?')}.{t.get('site', '?')}[{t.get('channel', '?')}]",
-                     _fmt(t.get("delta"), ".4g")] for i, t in enumerate(top, 1)]
+            rows = [[i, f"`{neuron_path(t)}`", _fmt(t.get("delta"), ".4g")] for i, t in enumerate(top, 1)]
             L += md_table(["#", "neuron", "Δ"], rows, "rlr")
         L.append("")
 
@@ -216,7 +215,7 @@ def _map_markdown(mp: Mapping[str, Any]) -> list[str]:
          ""]
     top = list(mp.get("top") or [])
     if top:
-        rows = [[i, f"L{t.get('layer', '?')}.{t.get('site', '?')}[{t.get('channel', '?')}]", _fmt(t.get("delta"), ".4g"),
+        rows = [[i, f"`{neuron_path(t)}`", _fmt(t.get("delta"), ".4g"),
                  *(_fmt(t.get(s), ".3g") for s in screens), t.get("verified", "?")] for i, t in enumerate(top, 1)]
         L += md_table(["#", "neuron", "Δ (exact)", *(f"{s} (screen)" for s in screens), "verified by"], rows,
                       "rlr" + "r" * len(screens) + "l")
@@ -287,7 +286,7 @@ def terminal_table(result: Mapping[str, Any], max_lines: int = 20, width: int = 
     if scan:
         top = list(scan.get("top") or [])[:3]
         tail.append(["scan", f"{scan.get('rows', '?')} rows; top " + ", ".join(
-            f"L{t.get('layer')}.{t.get('site')}[{t.get('channel')}] {_fmt(t.get('delta'), '.2f')}"
+            f"{neuron_path(t)} {_fmt(t.get('delta'), '.2f')}"
             for t in top)])
     ev = result.get("evaluation") or []
     if ev:

@@ -9,15 +9,17 @@ study texts, evaluation sets) are that module's own table.
 """
 from __future__ import annotations
 
+import difflib
 import textwrap
-from typing import Any, NamedTuple
+from typing import Any, Iterable, NamedTuple
 
 from ml_collections import ConfigDict
 
-from jaxcrit.convert.load import DTYPES
+from jaxcrit.convert.load import AUTO_DTYPE, DTYPES
 from jaxcrit.critical.baselines import BASELINES
 from jaxcrit.critical.screens import SCREENS
 from jaxcrit.data.texts import BOOKENDS, STUDY_TEXTS
+from jaxcrit.dist import compile_cache
 from jaxcrit.dist.sharding import LAYOUTS
 from jaxcrit.kernels.selection import CHOICES
 from jaxcrit.models.sites import SITE_NAMES
@@ -66,7 +68,10 @@ SECTIONS: tuple[Section, ...] = (
                                        "an embedded name, a checkpoint dir, a file or a Hub id"),
               "embedded name (smollm2), HF checkpoint dir, .gguf file, converted dir, or Hugging Face Hub id "
               "ORG/NAME[@REVISION] (an existing local path wins)"),
-        Field("dtype", "float32", Choice(DTYPES), "params and activations (norms, softmax and loss run in float32)"),
+        Field("dtype", AUTO_DTYPE, Choice((AUTO_DTYPE, *DTYPES)),
+              "params and activations (norms, softmax and loss run in float32); auto: the source's own "
+              "(jaxcrit/convert/checkpoints.py KINDS: float32 for GGUF files and the embedded model, bfloat16 "
+              "for HF checkpoint dirs, a converted dir's saved dtype)"),
         Field("text", BOOKENDS, ANY_STR, "the text Stage 1 perturbs and Stage 2 scores (at least 10 tokens)"),
         Field("max_tokens", 512, Int(10), "texts are cut to this many tokens"),
         Field("seed", 42, Int(0), "noise and random-baseline seed"),
@@ -75,6 +80,9 @@ SECTIONS: tuple[Section, ...] = (
         Field("dry_run", False, Flag(), "print the memory plan (compiled from shapes, no weight read) and stop"),
         Field("plan", "auto", Choice(WHEN),
               "memory plan before loading, refusing a run that would not fit (auto: on GPU and TPU)"),
+        Field("compile_cache", compile_cache.AUTO, ANY_STR,
+              "JAX's persistent compilation cache: a directory, '' (off) or auto ($JAX_COMPILATION_CACHE_DIR, "
+              "else $XDG_CACHE_HOME/jaxcrit/jax, else ~/.cache/jaxcrit/jax)", result=False),
     )),
     Section("stage1", "Stage 1: neurons ranked by how far their activation moves under noise on the input embeddings", (
         Field("alpha", 5.0, Num("> 0"), "noise scale on the input embeddings"),
@@ -232,9 +240,46 @@ def flat(c: ConfigDict) -> dict[str, Any]:
     return walk(c.to_dict(), "")
 
 
+def did_you_mean(name: str, choices: Iterable[str] | None = None) -> str:
+    """' (did you mean 'x'?)' for the choice closest to a misspelt name, or '' when none is close
+    (difflib's ratio >= 0.75, ml_collections' own measure). Without choices, name is a dotted
+    config key and each unknown part is replaced by the closest name at its level (a section, or
+    a field of the section before it)."""
+    def closest(part: str, names: Iterable[str]) -> str | None:
+        found = difflib.get_close_matches(part, list(names), 1, 0.75)
+        return found[0] if found else None
+
+    if choices is not None:
+        hint = closest(name, choices)
+    else:
+        levels = {"": {s.name for s in SECTIONS if s.name} | {f.name for s in SECTIONS if not s.name for f in s.fields},
+                  **{s.name: {f.name for f in s.fields} for s in SECTIONS if s.name}}
+        parts: list[str] = []
+        for part in name.split("."):
+            names = levels.get(".".join(parts), set())
+            part = part if part in names else closest(part, names)
+            if part is None:
+                break
+            parts.append(part)
+        hint = ".".join(parts) if ".".join(parts) in FIELDS else None
+    return f" (did you mean '{hint}'?)" if hint else ""
+
+
+def unknown_field(key: str) -> str:
+    """The error line for a config field that is not declared, naming the closest declared one."""
+    return f"unknown config field '{key}'{did_you_mean(key)}; `python -m jaxcrit.main --help` lists the fields"
+
+
 def _shown(v: Any, width: int = 60) -> str:
     r = repr(v)
     return r if len(r) <= width else r[:width - 3] + "..."
+
+
+def config_text(c: ConfigDict) -> str:
+    """Every field of a config as `key = value` lines, section by section (what --print_config prints;
+    each line is also a valid --config.<key>=<value> override in Python syntax)."""
+    given = flat(c)
+    return "\n\n".join("\n".join(f"{_key(s, f)} = {given[_key(s, f)]!r}" for f in s.fields) for s in SECTIONS)
 
 
 def help_text(width: int = 100) -> str:

@@ -149,6 +149,9 @@ class Run:
         self._ahead = None   # the engine being built by build_ahead's thread (a Future)
         if model is not None:
             self.model = model
+        else:
+            from jaxcrit.run.validate import settle
+            settle(config)
 
     def say(self, msg: str) -> None:
         import jax

@@ -13,7 +13,7 @@ from typing import Callable, Iterator
 from ml_collections import ConfigDict
 
 from jaxcrit.errors import JaxcritError
-from jaxcrit.run.fields import FIELDS, flat
+from jaxcrit.run.fields import FIELDS, flat, unknown_field
 
 # Fields that are fine alone but not together: (when the config is wrong, its error line; {c} is the config).
 RELATIONS: tuple[tuple[Callable[[ConfigDict], bool], str], ...] = (
@@ -36,7 +36,7 @@ def fields(c: ConfigDict) -> None:
     given = flat(c)
     for key in given:
         if key not in FIELDS:
-            raise JaxcritError(f"config field '{key}' is unknown; see jaxcrit/run/fields.py for the fields")
+            raise JaxcritError(unknown_field(key))
     for key, f in FIELDS.items():
         if key not in given:
             raise JaxcritError(f"config field '{key}' is missing; start configs from jaxcrit.configs.common.base")
@@ -45,6 +45,19 @@ def fields(c: ConfigDict) -> None:
     for wrong, line in RELATIONS:
         if wrong(c):
             raise JaxcritError(line.format(c=c))
+
+
+def settle(c: ConfigDict) -> ConfigDict:
+    """c with what its "auto" values mean here filled in: the dtype of its model source
+    (convert.load.default_dtype) and the compilation cache's directory, so the plan, the workdir's
+    identity and --print_config name what the run uses."""
+    from jaxcrit.convert.load import AUTO_DTYPE, default_dtype
+    from jaxcrit.dist import compile_cache
+    if c.dtype == AUTO_DTYPE:
+        c.dtype = default_dtype(c.model)
+    if c.compile_cache == compile_cache.AUTO:
+        c.compile_cache = str(compile_cache.directory(compile_cache.AUTO))
+    return c
 
 
 def _layers(c: ConfigDict, cfg) -> Iterator[str]:

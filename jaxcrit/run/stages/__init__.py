@@ -57,7 +57,7 @@ STAGES: dict[str, Stage] = {st.name: st for st in (
     _json_stage("tasks", evaluation.task_scores, enabled=lambda c: c.tasks.enabled),
     Stage("modes", ("modes.json", "modes.png"), study.modes, study.save_modes, _load_json("modes.json"),
           enabled=lambda c: c.study.other_ranking),
-    Stage("stability", ("stability.json", "texts.png"), study.stability, study.save_stability,
+    Stage("stability", ("stability.json",), study.stability, study.save_stability,
           _load_json("stability.json"), enabled=lambda c: any(c.study[f] for f in study.VARIANTS)),
     Stage("dtypes", ("dtypes.json", "dtypes.png"), study.dtypes, study.save_dtypes, _load_json("dtypes.json"),
           enabled=lambda c: bool(c.study.dtypes)),

@@ -8,7 +8,7 @@ from jaxcrit.critical.stage2 import Critical
 from jaxcrit.errors import JaxcritError
 from jaxcrit.models.neurons import NeuronSet
 from jaxcrit.models.sites import SITE_NAMES
-from jaxcrit.report import io, plots
+from jaxcrit.report import heatmaps, io
 from jaxcrit.run.runner import Run
 
 
@@ -41,8 +41,8 @@ def save_importance(run: Run, ranking: NeuronSet) -> None:
     io.write_json(run.workdir / "importance.json",
                   {"ranking": c.ranking, "alpha": c.alpha, "samples": c.samples, "tokens": int(len(run.tokens)),
                    "neurons": ranking.records(reference=True)})
-    io.write_png(run.workdir / "heatmap.png", plots.site_heatmap(
-        ranking[:100].records(), run.model.cfg.n_layers, SITE_NAMES, run.title("top-100 neurons")), close=True)
+    io.write_png(run.workdir / "heatmap.png", heatmaps.site_heatmap(
+        ranking[:100].records(), run.model.cfg.n_layers, SITE_NAMES, run.title("where Stage 1's top 100 neurons are, per layer and site")), close=True)
 
 
 def load_importance(run: Run) -> NeuronSet:

@@ -38,6 +38,7 @@ def report(run: Run) -> dict:
 
 def save_report(run: Run, result: dict) -> None:
     io.write_png(run.workdir / "curve.png", plots.phase_curve(
-        result["curve"], result["epsilon"], result["baseline_curves"], run.title("phase transition"),
+        result["curve"], result["epsilon"], result["baseline_curves"],
+        run.title(plots.curve_title(result["curve"], result["epsilon"])),
         result["critical"]["n"]), close=True)
     io.write_text(run.workdir / "summary.md", summary.summary_markdown(result))

@@ -31,7 +31,7 @@ def save_scan(run: Run, scanned: NeuronSet) -> None:
             for r in scanned.records()]
     io.write_csv(run.workdir / "scan.csv", rows, SCAN_COLUMNS)
     io.write_png(run.workdir / "scan.png", plots.scan_distribution(rows, run.model.cfg.n_layers,
-                                                                   run.title("single-neuron scan")), close=True)
+                                                                   run.title("delta of each neuron zeroed alone, by layer")), close=True)
 
 
 def load_scan(run: Run) -> NeuronSet:

@@ -3,6 +3,7 @@
     modes       Stage 1 ranked the other way (channel <-> position) and grown;        modes.json, modes.png
                 the steps where the main curve falls, analysed
     stability   Stage 1 + Stage 2 again per seed, alpha, K and text;                  stability.json, texts.png
+                                                                                  (unless constant)
                 overlaps of the rankings and critical sets
     dtypes      the ranking's first prefixes and the critical set in each dtype       dtypes.json, dtypes.png
     learned     gates over Stage 1's top neurons (critical/learned.py), verified      learned.json
@@ -22,7 +23,7 @@ import numpy as np
 from jaxcrit.critical import stage2
 from jaxcrit.critical import study as CS
 from jaxcrit.models.sites import SITE_NAMES
-from jaxcrit.report import io, plots
+from jaxcrit.report import heatmaps, io, plots
 from jaxcrit.run.engines import build_engine
 from jaxcrit.run.runner import Run, release_memory
 from jaxcrit.run.stages.ranking import importance
@@ -54,7 +55,8 @@ def save_modes(run: Run, v: dict) -> None:
     io.write_json(run.workdir / "modes.json", v)
     io.write_png(run.workdir / "modes.png", plots.phase_curve(
         v["curves"][v["main"]], run.c.stage2.epsilon, {f"{v['other']} ranking": v["curves"][v["other"]]},
-        run.title(f"{v['main']} ranking (red) vs {v['other']} ranking")), close=True)
+        run.title(f"delta vs number of neurons zeroed: Stage 1's scores ranked by {v['main']} and by {v['other']}"),
+        label=f"{v['main']} ranking (the run's)"), close=True)
 
 
 def _variant(run: Run, kind: str, value) -> dict[str, np.ndarray]:
@@ -109,10 +111,18 @@ def stability(run: Run) -> dict:
 
 
 def save_stability(run: Run, v: dict) -> None:
+    """stability.json, and texts.png unless every pair of texts has the same overlap (one colour
+    would say nothing: stability.json's texts.plot says why it is missing)."""
+    jaccard = np.array(v["texts"]["jaccard"], float)
+    same = heatmaps.constant(jaccard)
+    v["texts"]["plot"] = ("texts.png" if same is None else
+                          f"not drawn: every pair of the {len(jaccard)} texts' critical sets has Jaccard index {same:.2f}")
     io.write_json(run.workdir / "stability.json", v)
-    io.write_png(run.workdir / "texts.png", plots.overlap_matrix(
-        np.array(v["texts"]["jaccard"], float), v["texts"]["labels"],
-        run.title(f"Jaccard index of the texts' critical sets (epsilon {v['epsilon']:g})")), close=True)
+    (run.workdir / "texts.png").unlink(missing_ok=True)
+    if same is None:
+        io.write_png(run.workdir / "texts.png", heatmaps.overlap_matrix(
+            jaccard, v["texts"]["labels"],
+            run.title(f"Jaccard index of the texts' critical sets (epsilon {v['epsilon']:g})")), close=True)
 
 
 def dtypes(run: Run) -> dict:
@@ -139,7 +149,8 @@ def save_dtypes(run: Run, v: dict) -> None:
     first, *rest = v
     io.write_png(run.workdir / "dtypes.png", plots.phase_curve(
         v[first]["curve"], run.c.stage2.epsilon, {dt: v[dt]["curve"] for dt in rest},
-        run.title(f"the ranking's prefixes in {first} (red) and {', '.join(rest)}")), close=True)
+        run.title(f"delta vs number of neurons zeroed, the ranking's prefixes in {', '.join(v)}"), label=first),
+        close=True)
 
 
 def learned(run: Run) -> dict:

@@ -10,7 +10,7 @@ from jaxcrit.critical import maps
 from jaxcrit.critical import screens as SC
 from jaxcrit.models.neurons import NeuronSet
 from jaxcrit.models.sites import SITE_NAMES
-from jaxcrit.report import io, plots
+from jaxcrit.report import heatmaps, io
 from jaxcrit.run.runner import Run
 
 
@@ -43,7 +43,7 @@ def save_map(run: Run, mp: maps.Map) -> None:
     best = np.full((cfg.n_layers, len(SITE_NAMES)), np.nan)
     done = mp.how != maps.NOT
     np.fmax.at(best, (everyone.layer[done], everyone.site_index()[done]), mp.delta[done])
-    io.write_png(run.workdir / "map.png", plots.max_heatmap(best, SITE_NAMES, run.title("whole-model map")),
+    io.write_png(run.workdir / "map.png", heatmaps.max_heatmap(best, SITE_NAMES, run.title("whole-model map: largest exact delta of one neuron zeroed, per layer and site")),
                  close=True)
 
 
