@@ -169,13 +169,18 @@ def test_interventions(tmp_path):
     """Zeroing's losses are transformers' with each channel zeroed by a hook (the first 60 in
     layer-major order: past layer 0). Tracing's [L, T] grid: a patch in the last layer at any
     position but the last cannot reach the last position's log-prob (its MLP acts per position
-    and no attention follows), so that row is the corrupted run's; the last position moves it."""
+    and no attention follows), so that row is the corrupted run's; the last position moves it.
+    Its target and clean log-prob are transformers'."""
     prefix = tmp_path / "iv"
     r = bench(tmp_path, "interventions", *F32, "--tokens", str(SEQ), "--channels", "60", "--sets", "12",
               "--chunk", CHUNK, "--npy", str(prefix))
-    base, losses = torch_scan(torch_model(random_params(TINY)), random_tokens(TINY, SEQ), "mlp.down_proj",
-                              TINY.d_model)
+    model, tokens = torch_model(random_params(TINY)), random_tokens(TINY, SEQ)
+    base, losses = torch_scan(model, tokens, "mlp.down_proj", TINY.d_model)
     np.testing.assert_allclose(np.load(f"{prefix}_zero.npy"), losses[:60], rtol=1e-5, atol=1e-6)
+    with torch.no_grad():   # tracing's target: the clean run's top token at the last position
+        last = torch.log_softmax(model(torch.from_numpy(tokens.astype(np.int64))[None]).logits[0, -1], -1)
+    assert r["tracing"]["target"] == int(last.argmax())
+    assert r["tracing"]["clean"] == pytest.approx(last.max().item(), abs=1e-5)
     z = r["zeroing"]
     assert z["ablations"] == 60 and z["ablations_per_s"] > 0 and z["base_loss"] == pytest.approx(base, rel=1e-5)
     grid, t = np.load(f"{prefix}_tracing.npy"), r["tracing"]

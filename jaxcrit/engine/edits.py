@@ -126,9 +126,8 @@ def _check_one(cfg: ModelConfig, e: dict, T: int, source_ids, sources: dict) -> 
     value = _value(op_name, op, e.get("value"), channel, C)
     positions = None
     if not _missing(e.get("position")):
-        pos = e["position"]
-        pos = [pos] if np.ndim(pos) == 0 else list(np.asarray(pos).ravel())
-        if not pos or any(float(p) != int(p) for p in pos):
+        pos = np.asarray(e["position"]).ravel()
+        if not pos.size or pos.dtype.kind not in "iuf" or (pos != np.round(pos)).any():
             raise JaxcritError(f"position {e['position']!r}: give an int or a list of ints")
         bad = [int(p) for p in pos if not -T <= int(p) < T]
         if bad:
@@ -140,11 +139,16 @@ def _check_one(cfg: ModelConfig, e: dict, T: int, source_ids, sources: dict) -> 
         if _missing(e.get("source")):
             raise JaxcritError("patch needs a 'source': a text or token ids of the inputs' length")
         ids = np.asarray(source_ids(e["source"]))
-        key = (ids.shape, ids.tobytes())
+        key = source_key(ids)
         sources[key] = ids
     elif not _missing(e.get("source")):
         raise JaxcritError(f"'{op_name}' takes no 'source' (only patch does)")
     return Edit(site, layer, channel, op_name, value, positions, key)
+
+
+def source_key(ids: np.ndarray) -> Hashable:
+    """The key of a patch source's token ids (check's sources, parse's activations)."""
+    return ids.shape, ids.tobytes()
 
 
 def _value(name: str, op: Op, value: Any, channel: int | None, C: int) -> float | np.ndarray | None:

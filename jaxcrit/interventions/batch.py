@@ -18,7 +18,7 @@ from jaxcrit.convert.load import Model
 from jaxcrit.engine import edits as E
 from jaxcrit.engine.program import Readout
 from jaxcrit.errors import JaxcritError
-from jaxcrit.interventions.forward import checked_edits, forward, parsed, same_shape, token_ids
+from jaxcrit.interventions.forward import capture_all, checked_edits, parsed, same_shape, token_ids
 from jaxcrit.models.sites import neuron_name, site as site_info
 from jaxcrit.run.engines import OPTIONS, build_engine
 
@@ -34,13 +34,13 @@ def readout(model: Model, metric: str, shape: tuple[int, int], targets: Any, tok
     tokens (a, b): logit of a minus logit of b at the last position."""
     B, T = shape
     V = model.cfg.vocab_size
-    last = np.full((B, 1), T - 1, np.int32)
+    last = np.full((B, 2), T - 1, np.int32)   # two columns for both last-position metrics: they share a program
     if metric == "logprob":
         if targets is None:
             raise JaxcritError("metric 'logprob' needs targets: a token id (at the last position) or ids [T] / [B, T]")
         tg = np.asarray(targets)
         if tg.ndim == 0:
-            pos, tok = last, np.full((B, 1), int(tg), np.int32)
+            pos, tok = last, np.array([[int(tg), -1]] * B, np.int32)
         elif tg.shape in ((T,), (B, T)):
             pos, tok = np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)), np.broadcast_to(tg, (B, T))
         else:
@@ -53,7 +53,7 @@ def readout(model: Model, metric: str, shape: tuple[int, int], targets: Any, tok
     if tokens is None or np.shape(tokens) != (2,) or not all(0 <= int(t) < V for t in tokens):
         raise JaxcritError(f"metric 'logit_diff' needs tokens=(a, b): two token ids in 0..{V - 1}")
     w = np.tile(np.array([[1.0, -1.0]], np.float32) / B, (B, 1))
-    return Readout(np.tile(last, (1, 2)), np.tile(np.asarray(tokens, np.int32), (B, 1)), np.zeros_like(w), w)
+    return Readout(last, np.tile(np.asarray(tokens, np.int32), (B, 1)), np.zeros_like(w), w)
 
 
 def intervene(model: Model, inputs: Any, edit_sets: Any, metric: str | Callable = "loss", targets: Any = None,
@@ -94,15 +94,15 @@ def metric_readout(model: Model, metric: str | Callable, ids: np.ndarray, target
 
 
 def scores(model: Model, ids: np.ndarray, sets: list[list[dict]], metric: str | Callable, read: Readout | None,
-           reference: Any, engine: dict) -> tuple[np.ndarray, float]:
+           reference: Any, engine: dict, captured: dict | None = None) -> tuple[np.ndarray, float]:
     """([N] each set's metric, the clean run's) on token ids [B, T] (read: metric_readout's):
-    the engine options and edits checked, then the edits parsed, then one engine batch with the
-    clean run as its last row."""
+    the engine options and edits checked, then the edits parsed (captured: as forward.parsed
+    takes it), then one engine batch with the clean run as its last row."""
     bad = sorted(set(engine) - set(ENGINE_ARGS))
     if bad:
         raise JaxcritError(f"unknown argument '{bad[0]}': give an Engine option ({', '.join(ENGINE_ARGS)})")
     checked, sources = checked_edits(model, sets + [[]], ids)
-    abl, slots = parsed(model, checked, sources, ids, reference)
+    abl, slots = parsed(model, checked, sources, ids, reference, captured)
     eng = build_engine(model, list(ids), **engine)
     if metric == "loss":
         out = eng.losses(abl, edits=slots, desc="edit sets")
@@ -145,13 +145,13 @@ def patch(model: Model, clean: Any, corrupted: Any, sites: Sequence[str] = ("dow
     L, T = model.cfg.n_layers, ids.shape[1]
     layers = list(range(L)) if layers is None else [int(x) for x in layers]
     positions = list(range(T)) if positions is None else [int(p) for p in positions]
-    logits = forward(model, ids).logits
+    logits, acts = capture_all(model, ids, tuple(sorted(set(names))))   # the patches' source, and its logits
     if metric == "logprob" and target is None:
         target = int(logits[0, -1].argmax())
     read = metric_readout(model, metric, ids, target, tokens)
     cells = [(s, layer, p) for s in names for layer in layers for p in positions]
     sets = [[{"neuron": neuron_name(s, layer), "op": "patch", "source": ids, "position": p}] for s, layer, p in cells]
-    values, corrupted_value = scores(model, corr, sets, metric, read, None, engine)
+    values, corrupted_value = scores(model, corr, sets, metric, read, None, engine, {E.source_key(ids): acts})
     df = pd.DataFrame(cells, columns=["site", "layer", "position"]).assign(value=values)
     df.attrs.update(metric=metric_name(metric), target=target, clean=of_logits(logits, ids, metric, read),
                     corrupted=corrupted_value)

@@ -45,7 +45,10 @@ def token_ids(model: Model, inputs: Any) -> np.ndarray:
             raise JaxcritError(f"the texts have {', '.join(str(len(s)) for s in seqs)} tokens: give texts of one "
                                "token length (or token ids [B, T]), so positions line up")
         return np.stack(seqs).astype(np.int32)
-    ids = np.asarray(inputs)
+    try:
+        ids = np.asarray(inputs)
+    except ValueError:   # sequences of different lengths
+        ids = np.zeros(0)
     if ids.ndim not in (1, 2) or ids.size == 0 or ids.dtype.kind not in "iu":
         raise JaxcritError("inputs: give a text, a list of texts, or token ids as an int array [T] or [B, T]")
     if ids.min() < 0 or ids.max() >= model.cfg.vocab_size:
@@ -70,25 +73,27 @@ def checked_edits(model: Model, sets: list[list[dict]], ids: np.ndarray
 
 
 def parsed(model: Model, sets: list[list[E.Edit]], sources: Mapping[Hashable, np.ndarray], ids: np.ndarray,
-           reference: Any = None) -> tuple[Ablations, Slots | None]:
+           reference: Any = None, captured: Mapping[Hashable, Mapping[str, np.ndarray]] | None = None
+           ) -> tuple[Ablations, Slots | None]:
     """Checked edit sets as arrays (engine.edits.parse), running what they need first: each
-    patch source's forward and the sites' means over `reference` (texts or token ids; None: the
-    inputs' own positions), of every site the sets name."""
+    patch source's forward (unless `captured` holds its sites' outputs by source_key) and the
+    sites' means over `reference` (texts or token ids; None: the inputs' own positions), of
+    every site the sets name."""
     want, mean_sites = E.wanted(sets)
     named = tuple(sorted({e.site for s in sets for e in s}))   # captured whole: one program for all of them
-    acts = {k: capture_all(model, sources[k], named) for k in want}
+    captured = captured or {}
+    acts = {k: captured[k] if k in captured else capture_all(model, sources[k], named)[1] for k in want}
     means = site_means(model, ids if reference is None else reference, named if mean_sites else ())
     return E.parse(model.cfg, sets, ids.shape, acts, means)
 
 
-def capture_all(model: Model, ids: np.ndarray, sites: tuple[str, ...]) -> dict[str, np.ndarray]:
-    """The clean run's outputs of sites in every layer: {site: [L, B, T, C] f32}."""
-    if not sites:
-        return {}
+def capture_all(model: Model, ids: np.ndarray, sites: tuple[str, ...]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The clean run of ids [B, T]: its logits [B, T, V] f32 and its outputs of sites in every
+    layer, {site: [L, B, T, C] f32}."""
     with placed(model.mesh, model.params):
-        _, ys = _run(model.params, jnp.asarray(ids), {"site": jnp.zeros((1, 1), jnp.int32)}, None, None, cfg=model.cfg,
-                     sites=(), with_values=False, capture=sites)
-    return {k: np.asarray(v[0], np.float32) for k, v in ys.items()}
+        logits, ys = _run(model.params, jnp.asarray(ids), {"site": jnp.zeros((1, 1), jnp.int32)}, None, None,
+                          cfg=model.cfg, sites=(), with_values=False, capture=sites)
+    return np.asarray(logits[0]), {k: np.asarray(v[0], np.float32) for k, v in ys.items()}
 
 
 def site_means(model: Model, reference: Any, sites: tuple[str, ...]) -> dict[str, np.ndarray]:
@@ -102,7 +107,7 @@ def site_means(model: Model, reference: Any, sites: tuple[str, ...]) -> dict[str
     sums = {s: 0.0 for s in sites}
     n = 0
     for ids in seqs:
-        for s, a in capture_all(model, ids, sites).items():
+        for s, a in capture_all(model, ids, sites)[1].items():
             sums[s] = sums[s] + a.sum((1, 2), dtype=np.float64)
         n += ids.size
     return {s: (v / n).astype(np.float32) for s, v in sums.items()}

@@ -3,8 +3,8 @@
 Perturbations are data: `masks[site]` is a [layers, channels] array multiplied into that site's
 output at every position (0 ablates), `values[site]` is added after it (mean-ablation style);
 then `edits` (models/edits.py: slots at chosen positions, or adding vectors) apply. Absent sites
-cost nothing. The forward is a function of arrays only, so `jax.vmap` over a batch
-of masks runs thousands of ablations in one XLA program.
+cost nothing. The forward is a function of arrays only, so `jax.vmap` over a batch of masks
+runs thousands of ablations in one XLA program.
 
 A layer is assembled once (`layer`: the attention branch, then the MLP branch, each added to the
 residual); the full forward (`block`, `forward`), the engine's prefix sharing and generation's
@@ -308,9 +308,9 @@ def forward(cfg: ModelConfig, params: Params, embeds: Array, valid: Array | None
     """Runs the layers.
 
     embeds [B, T, D] are E(x) (noise is added to these); valid [B, T] marks real tokens (right
-    padding; None: no padding). masks/values: site -> [L, C]; edits: slots (models/edits.py), after
-    them. capture: site names (and RESID, the
-    residual entering each layer) whose per-layer values are returned stacked [L, B, T, C].
+    padding; None: no padding). masks/values: site -> [L, C]; edits: slots (models/edits.py),
+    applied after them. capture: site names (and RESID, the residual entering each layer) whose
+    per-layer values are returned stacked [L, B, T, C].
     observe: a function of one layer's site outputs {site: [B, T, C]} returning a pytree; its
     per-layer results come back stacked under "observed" ([L, ...]). It reduces inside the layer
     scan, so nothing of size [L, B, T, C] is kept (Stage 1's |clean - noisy| sums).
