@@ -209,10 +209,16 @@ def parse(cfg: ModelConfig, sets: list[list[Edit]], shape: tuple[int, int],
     for s in sets:
         dense, slots, slotted, held = [], [], set(), set()
         for n, e in enumerate(s):
-            scale, add, vec = 0.0, 0.0, -1
-            if e.op == "scale":
-                scale = e.value
-            elif e.op == "set" and np.ndim(e.value) == 0:
+            scale = e.value if e.op == "scale" else 0.0
+            ch = (e.site, e.layer, e.channel)
+            if (e.channel is not None and e.positions is None and e.op != "patch" and (e.site, e.layer) not in slotted
+                    and ch not in held):   # a mean of one channel at every position is a constant
+                held.add(ch)
+                value = e.value if e.op == "set" else means[e.site][e.layer][e.channel] if e.op == "mean" else 0.0
+                dense.append((SITE_INDEX[e.site], e.layer, e.channel, scale, float(value)))
+                continue
+            add, vec = 0.0, -1
+            if e.op == "set" and np.ndim(e.value) == 0:
                 add = e.value
             elif e.op == "set":
                 vec = vector(e.site, ("set", id(s), n), lambda: e.value)
@@ -220,15 +226,7 @@ def parse(cfg: ModelConfig, sets: list[list[Edit]], shape: tuple[int, int],
                 vec = vector(e.site, ("mean", e.layer), lambda: means[e.site][e.layer])
             elif e.op == "patch":
                 vec = vector(e.site, ("patch", e.source, e.layer), lambda: activations[e.source][e.site][e.layer])
-            ch = (e.site, e.layer, e.channel)
-            if (e.channel is not None and e.positions is None and e.op != "patch" and (e.site, e.layer) not in slotted
-                    and ch not in held):   # a mean of one channel at every position is a constant
-                held.add(ch)
-                value = float(tables[e.site][vec][0, 0, e.channel]) if e.op == "mean" else add
-                dense.append((SITE_INDEX[e.site], e.layer, e.channel, scale, value))
-                continue
             slotted.add((e.site, e.layer))
-            tables.setdefault(e.site, [])
             slots += [(SITE_INDEX[e.site], e.layer, -1 if e.channel is None else e.channel, p, scale, add, vec)
                       for p in (e.positions or (-1,))]
         dense_rows.append(dense)

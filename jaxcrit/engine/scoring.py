@@ -77,9 +77,13 @@ class Engine:
                 exact: bool = False, kernels: Kernels | None = None) -> ChunkProgram:
         """The chunk program holding masks for `sites` and the engine's (in SITE_NAMES order), with
         the engine's kernels unless others are given."""
+        return ChunkProgram(self.cfg, self.mesh, kernels or self.kernels, self.vocab_chunk, self._held(sites),
+                            with_values, per_token, exact)
+
+    def _held(self, sites: Sequence[str]) -> tuple[str, ...]:
+        """The sites a program holds masks for: these and the engine's, in SITE_NAMES order."""
         held = set(sites) | set(self.sites)
-        return ChunkProgram(self.cfg, self.mesh, kernels or self.kernels, self.vocab_chunk,
-                            tuple(n for n in SITE_NAMES if n in held), with_values, per_token, exact)
+        return tuple(n for n in SITE_NAMES if n in held)
 
     def plan(self, abl: Ablations, edits: slot_edits.Slots | None = None
              ) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
@@ -150,9 +154,8 @@ class Engine:
                desc: str = "edit sets") -> np.ndarray:
         """[R] each row's value of a MetricProgram: the `readout` of its logits, or fn(logits [T, V])
         averaged over the texts (fn: None reads the readout); rows and edits as in `losses`."""
-        held = set(abl.sites()) | set(self.sites)
-        program = MetricProgram(self.cfg, self.mesh, self.kernels, self.vocab_chunk,
-                                tuple(n for n in SITE_NAMES if n in held), bool((abl.value != 0).any()), fn)
+        program = MetricProgram(self.cfg, self.mesh, self.kernels, self.vocab_chunk, self._held(abl.sites()),
+                                bool((abl.value != 0).any()), fn)
         readout = Readout(*(jax.device_put(a, self.replicated) for a in readout))
         with placed(self.mesh, self.params):
             return self._run(abl, program, desc, edits, (self.params, self.cache, self.valid, readout))
