@@ -14,6 +14,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -230,6 +231,9 @@ def test_a_batch_equals_its_sets_one_by_one(qwen2):
     np.testing.assert_allclose(got["value"], one_by_one, rtol=1e-5, atol=1e-5)
     assert got.attrs["clean"] == pytest.approx(nll(jaxcrit.forward(m, ids).logits, ids), rel=1e-5)
     assert np.isfinite(one_by_one).all() and np.ptp(one_by_one) > 1e-2   # the sets differ
+    # the same sets as DataFrame rows grouped by a `set` column (empty cells: absent keys)
+    frame = pd.DataFrame([{"set": f"s{i}", **e} for i, s in enumerate(sets) for e in s])
+    np.testing.assert_array_equal(jaxcrit.intervene(m, ids, frame, chunk=16)["value"], got["value"])
     # the log-prob of a token at the last position, a logit difference (a function: the patch sweep's)
     lp = jaxcrit.intervene(m, ids, sets[:20], metric="logprob", targets=9, chunk=16)["value"]
     ld = jaxcrit.intervene(m, ids, sets[:20], metric="logit_diff", tokens=(9, 4), chunk=16)["value"]
