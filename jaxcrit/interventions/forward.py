@@ -1,5 +1,5 @@
-"""One forward with edits: inputs as token ids, edits parsed once (engine/edits.py), logits or
-log-probs and captured site activations back as numpy.
+"""The forward with edits: inputs as token ids, edit sets parsed once (engine/edits.py), logits
+or log-probs and captured site activations back as numpy; a batch of edit sets as one vmap.
 
 Inputs are one text, a list of texts of equal token length, or token ids [T] or [B, T]; texts of
 unequal length are refused (positions, patch sources and "the last position" then mean the same
@@ -40,6 +40,8 @@ def token_ids(model: Model, inputs: Any) -> np.ndarray:
     if isinstance(inputs, str):
         inputs = [inputs]
     if isinstance(inputs, Sequence) and inputs and all(isinstance(t, str) for t in inputs):
+        if model.tokenizer is None:
+            raise JaxcritError(f"{model.source} has no tokenizer: give token ids [T] or [B, T]")
         seqs = [model.tokens(t, model.cfg.max_position_embeddings, 1) for t in inputs]
         if len({len(s) for s in seqs}) > 1:
             raise JaxcritError(f"the texts have {', '.join(str(len(s)) for s in seqs)} tokens: give texts of one "
