@@ -13,6 +13,9 @@ evaluate, map: map, generate: generate), then the top level (seed, max_tokens), 
     jaxcrit.evaluate(m, ranking[:curve.attrs["critical_n"]], [text])
     jaxcrit.map(m, text, screens=("first_order", "magnitude"))  # every neuron; top ones verified
     jaxcrit.generate(m, "The capital of France is", neurons=ranking[:1])  # prompt, text, tokens, logprobs
+    critical, curve = jaxcrit.find_critical(m, text, epsilon=1.0)  # both stages; critical.neuron: names
+
+Interventions (jaxcrit.forward, intervene, patch: jaxcrit/interventions/) take edits as data.
 """
 from __future__ import annotations
 
@@ -141,6 +144,21 @@ def generate(model: Model, prompts: str | Sequence[str], neurons=None, **fields)
                                          max_tokens=r.c.max_tokens))
 
 
+def find_critical(model: Model, text: str, epsilon: float = 1.0, **fields):
+    """Stage 1 then Stage 2 in one call: (the critical set, Stage 1's rows of its neurons best first
+    with a `neuron` column of their names; Stage 2's curve, as `grow` gives it). fields: of stage1
+    or stage2 (each goes to its stage), the top level or engine (both)."""
+    from jaxcrit.models.sites import neuron_name
+    c = config(model.source)
+    ranking = importance(model, text, **{k: v for k, v in fields.items() if k not in c.stage2})
+    curve = grow(model, ranking, text, epsilon=epsilon, **{k: v for k, v in fields.items() if k not in c.stage1})
+    n = curve.attrs["critical_n"]
+    critical = ranking.iloc[:0 if n is None else n].copy()
+    critical.insert(0, "neuron", [neuron_name(s, int(l), int(c)) for s, l, c in
+                                  zip(critical["site"], critical["layer"], critical["channel"])])
+    return critical.reset_index(drop=True), curve
+
+
 def engine_for(model: Model, texts: Sequence[str] | str, max_tokens: int = 512, **kw) -> E.Engine:
     """An Engine scoring ablations on these texts (the low-level interface); kw: Engine's
     keyword arguments (chunk, progress, ...)."""
@@ -155,5 +173,5 @@ def run(c: ConfigDict, workdir: str | Path) -> dict:
     return run_cli(c, Path(workdir))
 
 
-__all__ = ["Model", "DTYPES", "load", "config", "importance", "grow", "scan", "map", "evaluate", "generate", "engine_for",
-           "run"]
+__all__ = ["Model", "DTYPES", "load", "config", "importance", "grow", "scan", "map", "evaluate", "generate",
+           "find_critical", "engine_for", "run"]

@@ -18,7 +18,7 @@ import jaxcrit
 from jaxcrit import engine as E
 from jaxcrit import main as M
 from jaxcrit.errors import JaxcritError
-from jaxcrit.models.sites import neuron_name
+from jaxcrit.models.sites import neuron_name, site
 from tiny_run import TEXT, build_model, tiny_config
 
 FIELDS = dict(samples=4, batch=2, top_n=50)      # tiny_config's stage1 fields
@@ -62,6 +62,24 @@ def test_grow_equals_the_cli_curve(model, cli):
     assert curve["delta"].max() < 1.0
     grown = jaxcrit.grow(model, ranking, TEXT, epsilon=1.0, max_steps=20, chunk=8, progress=False)
     assert grown.attrs["critical_n"] is None and list(grown["n"]) == list(range(1, 21))   # no n reaches 1
+
+
+def test_find_critical_is_importance_then_grow(model, monkeypatch):
+    """find_critical: Stage 2's curve along Stage 1's ranking, each field reaching its stage
+    (samples: Stage 1's, max_steps: Stage 2's, chunk and progress: both); the critical set is
+    the ranking's first critical_n neurons by name (none here: no prefix of the tiny model
+    reaches epsilon; then a curve that reaches it at n = 3 is handed in)."""
+    ranking = jaxcrit.importance(model, TEXT, **FIELDS, progress=False)
+    want = jaxcrit.grow(model, ranking, TEXT, epsilon=1.0, max_steps=20, chunk=8, progress=False)
+    critical, curve = jaxcrit.find_critical(model, TEXT, **FIELDS, max_steps=20, chunk=8, progress=False)
+    assert curve.attrs["critical_n"] is None and len(critical) == 0 and "neuron" in critical.columns
+    pd.testing.assert_frame_equal(curve, want)
+    reached = want.head(3).copy()
+    reached.attrs["critical_n"] = 3
+    monkeypatch.setattr(jaxcrit.api, "grow", lambda *a, **k: reached)
+    critical, _ = jaxcrit.find_critical(model, TEXT, **FIELDS, progress=False)
+    assert list(critical["neuron"]) == [f"model.layers.{r.layer}.{site(r.site).module}[{r.channel}]"
+                                        for r in ranking.head(3).itertuples()]
 
 
 def test_scan_equals_single_rows_through_the_engine(model, cli):

@@ -163,3 +163,28 @@ def test_convert(tmp_path):
     assert r["n_params"] == n and r["param_bytes"] == 2 * n and r["dtypes"] == ["bfloat16"]
     assert r["checkpoint_bytes"] >= 4 * n and r["wall_s"] > 0 and r["peak_over_checkpoint"] > 0
     assert (tmp_path / "ckpt").exists()   # a given --dir is kept
+
+
+def test_interventions(tmp_path):
+    """Zeroing's losses are transformers' with each channel zeroed by a hook (the first 60 in
+    layer-major order: past layer 0). Tracing's [L, T] grid: a patch in the last layer at any
+    position but the last cannot reach the last position's log-prob (its MLP acts per position
+    and no attention follows), so that row is the corrupted run's; the last position moves it.
+    Its target and clean log-prob are transformers'."""
+    prefix = tmp_path / "iv"
+    r = bench(tmp_path, "interventions", *F32, "--tokens", str(SEQ), "--channels", "60", "--sets", "12",
+              "--chunk", CHUNK, "--npy", str(prefix))
+    model, tokens = torch_model(random_params(TINY)), random_tokens(TINY, SEQ)
+    base, losses = torch_scan(model, tokens, "mlp.down_proj", TINY.d_model)
+    np.testing.assert_allclose(np.load(f"{prefix}_zero.npy"), losses[:60], rtol=1e-5, atol=1e-6)
+    with torch.no_grad():   # tracing's target: the clean run's top token at the last position
+        last = torch.log_softmax(model(torch.from_numpy(tokens.astype(np.int64))[None]).logits[0, -1], -1)
+    assert r["tracing"]["target"] == int(last.argmax())
+    assert r["tracing"]["clean"] == pytest.approx(last.max().item(), abs=1e-5)
+    z = r["zeroing"]
+    assert z["ablations"] == 60 and z["ablations_per_s"] > 0 and z["base_loss"] == pytest.approx(base, rel=1e-5)
+    grid, t = np.load(f"{prefix}_tracing.npy"), r["tracing"]
+    assert grid.shape == (TINY.n_layers, SEQ) and t["patches"] == grid.size and t["patches_per_s"] > 0
+    np.testing.assert_allclose(grid[-1, :-1], t["corrupted"], rtol=1e-6)
+    assert abs(grid[-1, -1] - t["corrupted"]) > 1e-4
+    assert r["mixed"]["sets"] == 12 and r["mixed"]["finite"]

@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jaxcrit.bench import convert, kernels, pipeline, scaling, scan, whole_map
+from jaxcrit.bench import convert, interventions, kernels, pipeline, scaling, scan, whole_map
 from jaxcrit.bench.measure import write
 
 BENCHMARKS = {"scan": scan, "pipeline": pipeline, "map": whole_map, "scaling": scaling, "kernels": kernels,
-              "convert": convert}
+              "convert": convert, "interventions": interventions}
 
 
 def parser() -> argparse.ArgumentParser:

@@ -3,7 +3,9 @@
 A batch of perturbations is data (`Ablations`, ablations.py): row r multiplies channel
 `channel[r, k]` of site `site[r, k]` in layer `layer[r, k]` by `scale[r, k]` and adds `value[r, k]`.
 Each chunk of rows becomes dense per-site masks inside the jitted program and runs as
-`vmap(forward)` (program.py); the loss is computed in vocabulary chunks (loss.py), so the
+`vmap(forward)` (program.py); rows may carry edit slots too (edits at chosen positions or adding
+vectors: edits.py parses edit dicts into both), and a metric program reads other numbers of the
+rows' logits than the loss. The loss is computed in vocabulary chunks (loss.py), so the
 [rows, batch, seq, vocab] logits never exist. A row starts inside its first perturbed layer, from
 the clean pass's cache (prefix.py); rows are sorted by start point so chunks share it, and results
 come back in the caller's order (`Engine`, scoring.py). The hot spots' implementations (XLA's or

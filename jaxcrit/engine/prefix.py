@@ -10,7 +10,8 @@ perturbed layer is S starts at the latest entry of S its edits there allow (each
   out:   layer S's output from the clean MLP: down_proj's output edited in place, plus the exact
          rank-1 change of one MLP hidden channel j (gate/up/act edits of that channel:
          (m'_j - m_j) * down_w[j], where m_j = act(gate_j) * up_j); nothing of layer S runs.
-A start point is data (`resume`'s traced `start`): one compiled program serves all.
+A start point is data (`resume`'s traced `start`): one compiled program serves all. Edit slots
+(models/edits.py) ride along: a slot at an MLP hidden site needs its layer's MLP run ("mlp").
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import numpy as np
 
 from jaxcrit.engine.ablations import Ablations
 from jaxcrit.models import decoder
+from jaxcrit.models.edits import Slots
 from jaxcrit.models.config import ModelConfig
 from jaxcrit.models.sites import SITES, SITE_NAMES
 
@@ -53,6 +55,19 @@ def start_points(abl: Ablations, n_layers: int) -> np.ndarray:
     entry = np.where(several, np.minimum(entry, MLP), entry)
     none = first == np.iinfo(np.int32).max
     return np.stack([np.where(none, n_layers - 1, first), np.where(none, OUT, entry)], 1).astype(np.int32)
+
+
+def edit_start_points(abl: Ablations, site: np.ndarray, layer: np.ndarray, n_layers: int) -> np.ndarray:
+    """start_points of rows that hold edit slots too (site, layer [R, K] of Slots; site -1 empty):
+    each row's earliest of its Ablations' start and its slots' (a slot's entry is its site's, but
+    "mlp" for an MLP hidden site: the rank-1 "out" start holds dense edits of one channel only)."""
+    E = len(ENTRIES)
+    starts = start_points(abl, n_layers)
+    key = starts[:, 0] * E + starts[:, 1]
+    s = np.maximum(site, 0)
+    entry = np.where(_HIDDEN[s], np.minimum(_SITE_ENTRY[s], MLP), _SITE_ENTRY[s])
+    slot_key = np.where(site >= 0, layer * E + entry, np.iinfo(np.int32).max).min(1, initial=np.iinfo(np.int32).max)
+    return np.stack(np.divmod(np.minimum(key, slot_key), E), 1).astype(np.int32)
 
 
 class Cache(NamedTuple):
@@ -92,7 +107,7 @@ def hidden_change(cfg: ModelConfig, p: decoder.Params, mid: Array, masks: decode
 
 def resume(cfg: ModelConfig, params: decoder.Params, cache: Cache, valid: Array | None, start: Array, *,
            masks: decoder.SiteArrays, values: decoder.SiteArrays | None = None, edited: Array | None = None,
-           kernels: decoder.LayerKernels = decoder.XLA) -> Array:
+           kernels: decoder.LayerKernels = decoder.XLA, edits: Slots | None = None) -> Array:
     """The perturbed forward of one row from a start point: the final-normed hidden state [B, T, D].
 
     start: int32 [2], (layer S, entry index into ENTRIES), traced: one compiled program serves
@@ -100,6 +115,7 @@ def resume(cfg: ModelConfig, params: decoder.Params, cache: Cache, valid: Array 
     long as start is not batched). masks/values: site -> [L, C]; the row's edits at layers below
     S must be none, and at S only of sites its entry allows (SITE_ENTRY; "out": one hidden channel).
     edited: [L] bool, unbatched, as in `tail` (the layers above S that any row edits).
+    edits: the row's edit slots (none below S; at S, as `edit_start_points` allows).
     """
     S, entry = start[0], start[1]
     at = lambda arrs: None if arrs is None else {k: v[S] for k, v in arrs.items()}
@@ -107,11 +123,11 @@ def resume(cfg: ModelConfig, params: decoder.Params, cache: Cache, valid: Array 
     p = decoder.layer_params(cfg, {k: take(v) for k, v in decoder.stacked_params(params).items()})
     h, o, d = take(cache.resid), take(cache.attn), take(cache.mlp)
     m, vals = at(masks), at(values)
-    site = decoder.editor(m, vals)
+    site = decoder.editor(m, vals, edits=edits, layer=S)
 
     def whole() -> Array:
         cos, sin = decoder.rope_tables(cfg, h.shape[1])
-        return decoder.block(cfg, p, h, valid, cos, sin, m, vals, kernels)[0]
+        return decoder.block(cfg, p, h, valid, cos, sin, m, vals, kernels, edits, S)[0]
 
     def mlp() -> Array:
         mid = h + site("o_proj", o)
@@ -125,32 +141,33 @@ def resume(cfg: ModelConfig, params: decoder.Params, cache: Cache, valid: Array 
         return mid + site("down_proj", d)
 
     h = jax.lax.switch(entry, (whole, mlp, out))
-    return tail(cfg, params, h, valid, S + 1, masks=masks, values=values, edited=edited, kernels=kernels)
+    return tail(cfg, params, h, valid, S + 1, masks=masks, values=values, edited=edited, kernels=kernels, edits=edits)
 
 
 def tail(cfg: ModelConfig, params: decoder.Params, h: Array, valid: Array | None, start: Array, *,
          masks: decoder.SiteArrays | None = None, values: decoder.SiteArrays | None = None,
-         edited: Array | None = None, kernels: decoder.LayerKernels = decoder.XLA) -> Array:
+         edited: Array | None = None, kernels: decoder.LayerKernels = decoder.XLA, edits: Slots | None = None) -> Array:
     """Layers start..L-1 of the residual h [B, T, D] entering layer `start` (may be traced: a loop
     with a traced lower bound, so one program serves every start); the final-normed hidden state.
 
-    edited: [L] bool, unbatched under vmap: the layers whose masks/values hold an edit in any
-    row. When none from `start` on does, the layers run without masks (a cond outside the loop),
+    edited: [L] bool, unbatched under vmap: the layers whose masks/values (or edit slots) hold an
+    edit in any row. When none from `start` on does, the layers run without masks (a cond outside the loop),
     as fast as the clean forward and on the kernels' fused paths: a mask product after down_proj
     keeps cuBLAS from adding the residual in its epilogue.
     """
     cos, sin = decoder.rope_tables(cfg, h.shape[1])
     layer_p = decoder.stacked_params(params)
 
-    def layers(m, vals):
+    def layers(m, vals, slots):
         def layer(i, h):
             at = lambda tree: {k: jax.lax.dynamic_index_in_dim(v, i, keepdims=False) for k, v in tree.items()}
-            return decoder.block(cfg, at(layer_p), h, valid, cos, sin, at(m) or None, at(vals) or None, kernels)[0]
+            return decoder.block(cfg, at(layer_p), h, valid, cos, sin, at(m) or None, at(vals) or None, kernels,
+                                 slots, i)[0]
         return lambda h: jax.lax.fori_loop(start, cfg.n_layers, layer, h)
 
-    edit = layers(masks or {}, values or {})
-    if edited is None or not (masks or values):
+    edit = layers(masks or {}, values or {}, edits)
+    if edited is None or not (masks or values or edits is not None):
         h = edit(h)
     else:
-        h = jax.lax.cond((edited & (jnp.arange(cfg.n_layers) >= start)).any(), edit, layers({}, {}), h)
+        h = jax.lax.cond((edited & (jnp.arange(cfg.n_layers) >= start)).any(), edit, layers({}, {}, None), h)
     return decoder.final_norm(cfg, params, h)

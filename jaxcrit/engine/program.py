@@ -4,6 +4,8 @@
 * `clean_pass`: the clean run's cache (what rows start from) and its max logits (the loss's shift).
 * `ChunkProgram`: the loss of each row of one chunk; its fields are the program's static
   arguments (one compile each), its `lower` takes shapes or arrays.
+* `MetricProgram`: another number of each row (log-probs and logits at chosen positions, or a
+  function of the logits), from the same rows and start points.
 * How many rows a chunk holds: `round_chunk` (whole rows per device), `fit_chunk` (the largest
   that fits MEMORY_SHARE of the free memory, from two compiled sizes) and `planned_chunk` (the
   same from a function giving a chunk size's bytes, which the memory plan passes).
@@ -15,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from functools import partial
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +29,7 @@ from jaxcrit.engine.prefix import Cache, clean_cache, resume
 from jaxcrit.errors import JaxcritError
 from jaxcrit.kernels.selection import Kernels
 from jaxcrit.models import decoder
+from jaxcrit.models import edits as slot_edits
 from jaxcrit.models.config import ModelConfig
 from jaxcrit.models.sites import SITE_NAMES
 
@@ -59,20 +62,21 @@ class ChunkProgram:
     per_token: bool = False
     exact: bool = False
 
-    def __call__(self, params, cache: Cache, valid, targets, tmask, shift, rows: dict, start) -> jax.Array:
+    def __call__(self, params, cache: Cache, valid, targets, tmask, shift, rows: dict, start,
+                 edits: slot_edits.Slots | None = None) -> jax.Array:
         """Loss of each row of one chunk: [R] mean NLL (or [R, B, T-1] per-token NLL).
 
         rows: {field: [R, K]} of Ablations (R a multiple of the mesh's 'data' rows); start [2]:
-        the chunk's start point (layer, entry), the earliest of its rows'. The rest: the clean
-        pass's cache and shift [B, T-1], the texts' valid [B, T] (or None), targets [B, T-1] and
-        their weights tmask [B, T-1] (f32)."""
-        return _chunk_nll(params, cache, valid, targets, tmask, shift, rows, start, program=self)
+        the chunk's start point (layer, entry), the earliest of its rows'; edits: the rows' edit
+        slots ([R, K2] fields) or None. The rest: the clean pass's cache and shift [B, T-1], the
+        texts' valid [B, T] (or None), targets [B, T-1] and their weights tmask [B, T-1] (f32)."""
+        return _chunk_nll(params, cache, valid, targets, tmask, shift, rows, start, edits, program=self)
 
     def lower(self, params, cache: Cache, valid, targets, tmask, shift, rows: int, k: int) -> jax.stages.Lowered:
         """The program for `rows` rows of k entries (padded to `entries(k)`, as the engine pads
         them), lowered for these arguments: arrays or shapes."""
         return _chunk_nll.lower(params, cache, valid, targets, tmask, shift, *chunk_shapes(self.mesh, rows, entries(k)),
-                                program=self)
+                                None, program=self)
 
 
 def chunk_shapes(mesh: Mesh, rows: int, width: int) -> tuple[dict[str, jax.ShapeDtypeStruct], jax.ShapeDtypeStruct]:
@@ -83,33 +87,87 @@ def chunk_shapes(mesh: Mesh, rows: int, width: int) -> tuple[dict[str, jax.Shape
     return spec, jax.ShapeDtypeStruct((2,), jnp.int32, sharding=NamedSharding(mesh, P()))
 
 
-@partial(jax.jit, static_argnames=("program",), compiler_options=decoder.COMPILER_OPTIONS)
-def _chunk_nll(params, cache: Cache, valid, targets, tmask, shift, rows, start, *, program: ChunkProgram):
-    """ChunkProgram's program.
+def chunk_hidden(params, cache: Cache, valid, rows, start, edits, program) -> jax.Array:
+    """The final-normed hidden states [R, B, T, D] of a chunk's rows (ChunkProgram's arguments;
+    program: a ChunkProgram or MetricProgram, for its cfg, sites, with_values and kernels).
 
     Tail layers that no row of the chunk edits run without masks (prefix.tail's `edited`): in an
-    exhaustive scan every row's edits sit at its start layer, so the whole tail runs clean. The
-    logsumexp takes one pass over the logits, shifted by the clean run's max logit; positions
+    exhaustive scan every row's edits sit at its start layer, so the whole tail runs clean."""
+    cfg = program.cfg
+    active = (rows["scale"] != 1) | (rows["value"] != 0)
+    edited = (active[..., None] & (rows["layer"][..., None] == jnp.arange(cfg.n_layers))).any((0, 1))  # [L]
+    if edits is not None:
+        edited = edited | slot_edits.layers_edited(edits, cfg.n_layers)
+
+    def hidden(row, slots):
+        masks, values = row_masks(cfg, program.sites, row, program.with_values)
+        return resume(cfg, params, cache, valid, start, masks=masks, values=values, edited=edited,
+                      kernels=program.kernels.layer, edits=slots)
+
+    axes = None if edits is None else slot_edits.batch_axes(edits)
+    return jax.vmap(hidden, in_axes=(0, axes))(rows, edits)
+
+
+@partial(jax.jit, static_argnames=("program",), compiler_options=decoder.COMPILER_OPTIONS)
+def _chunk_nll(params, cache: Cache, valid, targets, tmask, shift, rows, start, edits, *, program: ChunkProgram):
+    """ChunkProgram's program (the rows' hidden states: `chunk_hidden`).
+
+    The logsumexp takes one pass over the logits, shifted by the clean run's max logit; positions
     where that over- or underflows come back NaN and the engine redoes their rows with `exact`.
     No branch on the result inside the program: it would hold the exact form's [R, B, T,
     vocab_chunk] f32 temporaries (the bench's peak: 17.7 GiB with them, 7.6 without), and the
     host, which reads a cond's predicate, would wait for each chunk's end before launching the next.
     """
     cfg = program.cfg
-    active = (rows["scale"] != 1) | (rows["value"] != 0)
-    edited = (active[..., None] & (rows["layer"][..., None] == jnp.arange(cfg.n_layers))).any((0, 1))  # [L]
-
-    def hidden(row):
-        masks, values = row_masks(cfg, program.sites, row, program.with_values)
-        h = resume(cfg, params, cache, valid, start, masks=masks, values=values, edited=edited,
-                   kernels=program.kernels.layer)
-        return h[:, :-1]
-
-    hs = jax.vmap(hidden)(rows)
+    hs = chunk_hidden(params, cache, valid, rows, start, edits, program)[:, :, :-1]
     lse = rows_logsumexp(cfg, params, hs, shift, vocab_chunk=program.vocab_chunk, kernels=program.kernels,
                          mesh=program.mesh, exact=program.exact)
     nll = (lse - jax.vmap(lambda h: target_logit(cfg, params, h, targets))(hs)) * tmask
     return nll if program.per_token else nll.sum((1, 2)) / tmask.sum()
+
+
+class Readout(NamedTuple):
+    """What a MetricProgram reads of each row's logits: at position pos[b, p] of text b, the
+    log-prob (weight w_logprob) and the logit (weight w_logit) of token tokens[b, p]; a row's
+    value is the weighted sum. All [B, P]."""
+    pos: jax.Array        # int32
+    tokens: jax.Array     # int32
+    w_logprob: jax.Array  # f32
+    w_logit: jax.Array    # f32
+
+
+@dataclasses.dataclass(frozen=True)
+class MetricProgram:
+    """A chunk program scoring each row by its logits: the static arguments (one compile each).
+
+    fn: None reads a `Readout`; else a jittable fn(logits [T, V] f32) -> scalar applied to each
+    text's full logits, the row's value their mean over texts."""
+    cfg: ModelConfig
+    mesh: Mesh
+    kernels: Kernels
+    vocab_chunk: int
+    sites: tuple[str, ...] = SITE_NAMES
+    with_values: bool = False
+    fn: Callable | None = None
+
+    def __call__(self, params, cache: Cache, valid, readout: Readout, rows: dict, start,
+                 edits: slot_edits.Slots | None = None) -> jax.Array:
+        """[R] the value of each row of one chunk (arguments as ChunkProgram's)."""
+        return _chunk_metric(params, cache, valid, readout, rows, start, edits, program=self)
+
+
+@partial(jax.jit, static_argnames=("program",), compiler_options=decoder.COMPILER_OPTIONS)
+def _chunk_metric(params, cache: Cache, valid, readout: Readout, rows, start, edits, *, program: MetricProgram):
+    """MetricProgram's program."""
+    cfg = program.cfg
+    hs = chunk_hidden(params, cache, valid, rows, start, edits, program)        # [R, B, T, D]
+    if program.fn is not None:
+        logits = jax.vmap(lambda h: decoder.logits(cfg, params, h))(hs)          # [R, B, T, V]
+        return jax.vmap(jax.vmap(program.fn))(logits).mean(1)
+    at = jax.vmap(lambda h: jnp.take_along_axis(h, readout.pos[..., None], axis=1))(hs)   # [R, B, P, D]
+    logit = jax.vmap(lambda h: target_logit(cfg, params, h, readout.tokens))(at)
+    lse = jax.vmap(lambda h: logsumexp_vocab(cfg, params, h, program.vocab_chunk)[0])(at)
+    return (readout.w_logit * logit + readout.w_logprob * (logit - lse)).sum((1, 2))
 
 
 def round_chunk(chunk: int, data: int) -> int:

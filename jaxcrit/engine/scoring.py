@@ -14,15 +14,21 @@ from jaxcrit.dist import processes
 from jaxcrit.dist.sharding import make_mesh, placed
 from jaxcrit.engine.ablations import INACTIVE, Ablations, entries
 from jaxcrit.engine.loss import LN10
-from jaxcrit.engine.prefix import ENTRIES, LAYER, start_points
-from jaxcrit.engine.program import (MEMORY_SHARE, ChunkProgram, clean_pass, host_free, memory, planned_chunk,
-                                    round_chunk)
+from jaxcrit.engine.prefix import ENTRIES, LAYER, edit_start_points, start_points
+from jaxcrit.engine.program import (MEMORY_SHARE, ChunkProgram, MetricProgram, Readout, clean_pass, host_free, memory,
+                                    planned_chunk, round_chunk)
 from jaxcrit.engine.texts import Texts
 from jaxcrit.errors import JaxcritError
 from jaxcrit.kernels.selection import Kernels, select
+from jaxcrit.models import edits as slot_edits
 from jaxcrit.models.config import ModelConfig
 from jaxcrit.models.sites import SITE_NAMES
 from jaxcrit.progress import Progress
+
+
+def padded(a: np.ndarray, order: np.ndarray, chunk: int, fill) -> np.ndarray:
+    """Rows [R, K] of a batch in `order`, padded with `fill` to whole chunks and to `entries(K)` columns."""
+    return np.pad(a[order], ((0, (-len(order)) % chunk), (0, entries(a.shape[1]) - a.shape[1])), constant_values=fill)
 
 
 class Engine:
@@ -71,27 +77,31 @@ class Engine:
                 exact: bool = False, kernels: Kernels | None = None) -> ChunkProgram:
         """The chunk program holding masks for `sites` and the engine's (in SITE_NAMES order), with
         the engine's kernels unless others are given."""
-        held = set(sites) | set(self.sites)
-        return ChunkProgram(self.cfg, self.mesh, kernels or self.kernels, self.vocab_chunk,
-                            tuple(n for n in SITE_NAMES if n in held), with_values, per_token, exact)
+        return ChunkProgram(self.cfg, self.mesh, kernels or self.kernels, self.vocab_chunk, self._held(sites),
+                            with_values, per_token, exact)
 
-    def plan(self, abl: Ablations) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
+    def _held(self, sites: Sequence[str]) -> tuple[str, ...]:
+        """The sites a program holds masks for: these and the engine's, in SITE_NAMES order."""
+        held = set(sites) | set(self.sites)
+        return tuple(n for n in SITE_NAMES if n in held)
+
+    def plan(self, abl: Ablations, edits: slot_edits.Slots | None = None
+             ) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
         """How a batch runs: (order [R], its rows in that order padded to whole chunks and to
         `entries(K)` (Ablations' fields as [n * chunk, entries(K)] arrays), each chunk's start point
-        [n, 2] as (layer, entry)).
+        [n, 2] as (layer, entry)); edits: the rows' edit slots, whose start points count too.
 
         With prefix sharing, rows are sorted by start point, latest first, and a chunk starts at
         its rows' earliest; without, every chunk starts at (0, "layer").
         """
-        starts = start_points(abl, self.cfg.n_layers)
+        L = self.cfg.n_layers
+        starts = start_points(abl, L) if edits is None else edit_start_points(abl, edits.site, edits.layer, L)
         E = len(ENTRIES)
         key = starts[:, 0] * E + starts[:, 1]
         order = np.argsort(-key, kind="stable") if self.prefix_sharing else np.arange(abl.rows)
-        C, K = self.chunk, abl.site.shape[1]
-        pad = (-abl.rows) % C
-        cols = {f.name: np.pad(getattr(abl, f.name)[order], ((0, pad), (0, entries(K) - K)),
-                               constant_values=INACTIVE[f.name]) for f in dataclasses.fields(abl)}
-        key = np.concatenate([key[order], np.full(pad, key.max())]).reshape(-1, C).min(1)
+        C = self.chunk
+        cols = {f.name: padded(getattr(abl, f.name), order, C, INACTIVE[f.name]) for f in dataclasses.fields(abl)}
+        key = np.concatenate([key[order], np.full((-abl.rows) % C, key.max())]).reshape(-1, C).min(1)
         if not self.prefix_sharing:
             key = np.full_like(key, LAYER)
         return order, cols, np.stack(np.divmod(key, E), 1).astype(np.int32)
@@ -121,10 +131,11 @@ class Engine:
         self.compiled(self.chunk, k, sites)
 
     def losses(self, abl: Ablations | None, per_token: bool = False, desc: str = "ablations",
-               sites: Sequence[str] | None = None) -> np.ndarray:
+               sites: Sequence[str] | None = None, edits: slot_edits.Slots | None = None) -> np.ndarray:
         """[R] mean token NLL per row (f32), or [R, B, T-1] per-token NLL; abl None: the clean run.
 
-        sites: more sites for the compiled program's masks, beside the batch's and the engine's."""
+        sites: more sites for the compiled program's masks, beside the batch's and the engine's.
+        edits: the rows' edit slots beside their Ablations (numpy Slots, fields [R, K2])."""
         if abl is None:
             abl = Ablations(*(np.zeros((1, 1), dt) for dt in (np.int32,) * 3),
                             np.ones((1, 1), np.float32), np.zeros((1, 1), np.float32))
@@ -132,24 +143,42 @@ class Engine:
             raise JaxcritError("empty perturbation batch: give at least one row")
         program = self.program(set(abl.sites()) | set(sites or ()), bool((abl.value != 0).any()), per_token)
         with placed(self.mesh, self.params):   # FSDP's per-layer gathers (sharding.gathered) need it
-            out = self._run(abl, program, desc)
+            out = self._run(abl, program, desc, edits)
             redo = np.flatnonzero(np.isnan(out.reshape(abl.rows, -1)).any(1))
             if redo.size:   # the one-pass logsumexp over- or underflowed there (or the row is NaN itself)
                 out[redo] = self._run(abl.take(redo), dataclasses.replace(program, exact=True),
-                                      f"{desc} (exact logsumexp)")
+                                      f"{desc} (exact logsumexp)", None if edits is None else slot_edits.take(edits, redo))
         return out
 
-    def _run(self, abl: Ablations, program: ChunkProgram, desc: str) -> np.ndarray:
-        """The rows' losses by this chunk program, in the caller's order."""
-        order, cols, starts = self.plan(abl)
+    def metric(self, abl: Ablations, edits: slot_edits.Slots | None, readout: Readout, fn=None,
+               desc: str = "edit sets") -> np.ndarray:
+        """[R] each row's value of a MetricProgram: the `readout` of its logits, or fn(logits [T, V])
+        averaged over the texts (fn: None reads the readout); rows and edits as in `losses`."""
+        program = MetricProgram(self.cfg, self.mesh, self.kernels, self.vocab_chunk, self._held(abl.sites()),
+                                bool((abl.value != 0).any()), fn)
+        readout = Readout(*(jax.device_put(a, self.replicated) for a in readout))
+        with placed(self.mesh, self.params):
+            return self._run(abl, program, desc, edits, (self.params, self.cache, self.valid, readout))
+
+    def _run(self, abl: Ablations, program: ChunkProgram | MetricProgram, desc: str,
+             edits: slot_edits.Slots | None = None, args: tuple | None = None) -> np.ndarray:
+        """The rows' results by a chunk program, in the caller's order: program(*args, rows, start,
+        edits) per chunk; args default to ChunkProgram's (the engine's params, cache, valid,
+        targets, tmask and shift)."""
+        args = args or (self.params, self.cache, self.valid, self.targets, self.tmask, self.shift)
+        order, cols, starts = self.plan(abl, edits)
+        slots = None if edits is None else {k: padded(getattr(edits, k), order, self.chunk, v)
+                                             for k, v in slot_edits.EMPTY.items()}
+        tables = None if edits is None else jax.device_put(edits.tables, self.replicated)
         R, C = abl.rows, self.chunk
         bar = Progress(R, desc, enabled=self.progress and R > C)
         outs, pending = [], []
         for i, start in enumerate(starts):
             lo = i * C
             rows = {k: jax.device_put(v[lo:lo + C], self.rows_sharding) for k, v in cols.items()}
-            out = program(self.params, self.cache, self.valid, self.targets, self.tmask, self.shift, rows,
-                          jax.device_put(start, self.replicated))
+            chunk_edits = None if slots is None else slot_edits.Slots(
+                **{k: jax.device_put(v[lo:lo + C], self.rows_sharding) for k, v in slots.items()}, tables=tables)
+            out = program(*args, rows, jax.device_put(start, self.replicated), chunk_edits)
             outs.append(out)
             pending.append((out, min(C, R - lo)))
             if len(pending) > 2:  # keep two chunks in flight; wait (no transfer) to report progress

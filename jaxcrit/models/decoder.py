@@ -1,9 +1,10 @@
 """The decoder: one pure forward for every family (models/module.py holds params in a Flax NNX module).
 
 Perturbations are data: `masks[site]` is a [layers, channels] array multiplied into that site's
-output at every position (0 ablates), `values[site]` is added after it (mean-ablation style).
-Absent sites cost nothing. The forward is a function of arrays only, so `jax.vmap` over a batch
-of masks runs thousands of ablations in one XLA program.
+output at every position (0 ablates), `values[site]` is added after it (mean-ablation style);
+then `edits` (models/edits.py: slots at chosen positions, or adding vectors) apply. Absent sites
+cost nothing. The forward is a function of arrays only, so `jax.vmap` over a batch of masks
+runs thousands of ablations in one XLA program.
 
 A layer is assembled once (`layer`: the attention branch, then the MLP branch, each added to the
 residual); the full forward (`block`, `forward`), the engine's prefix sharing and generation's
@@ -18,6 +19,7 @@ from typing import Callable, Mapping, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jaxcrit.models import edits as slot_edits
 from jaxcrit.models.config import ModelConfig, rope_inv_freq
 from jaxcrit.models.params import param_table
 from jaxcrit.dist.sharding import gathered
@@ -148,10 +150,15 @@ def attend(cfg: ModelConfig, q: Array, k: Array, v: Array, valid: Array | None,
     return jnp.einsum("bkgts,bksd->bkgtd", a, v, precision=precision(v.dtype)).transpose(0, 3, 1, 2, 4)
 
 
-def editor(masks: SiteArrays | None, values: SiteArrays | None, record: dict[str, Array] | None = None):
-    """site(name, out): applies the site's edit to a module output (and records it in `record`)."""
+def editor(masks: SiteArrays | None, values: SiteArrays | None, record: dict[str, Array] | None = None,
+           edits: slot_edits.Slots | None = None, layer=None):
+    """site(name, out): applies the site's edit to a module output (and records it in `record`):
+    its masks and values (one layer's [C]), then the edit slots of `layer` (may be traced). The
+    one place an edit meets an activation: the forward, the engine's rows and generation use it."""
     def site(name: str, out: Array) -> Array:
         out = _edit(out, name, masks, values)
+        if edits is not None:
+            out = slot_edits.apply(edits, name, layer, out)
         if record is not None:
             record[name] = out
         return out
@@ -261,15 +268,16 @@ def layer_params(cfg: ModelConfig, p: Params) -> Params:
 
 
 def block(cfg: ModelConfig, p: Params, h: Array, valid: Array | None, cos: Array, sin: Array,
-          masks: SiteArrays | None, values: SiteArrays | None, kernels: LayerKernels = XLA
-          ) -> tuple[Array, dict[str, Array]]:
+          masks: SiteArrays | None, values: SiteArrays | None, kernels: LayerKernels = XLA,
+          edits: slot_edits.Slots | None = None, layer_index=None) -> tuple[Array, dict[str, Array]]:
     """One decoder layer of the stacked params' slice p and its edits: (its output [B, T, D], its
-    sites' outputs {site: [B, T, C]}). A layer without masks or values runs the kernels' fused MLP
-    and folded norms (an edited layer needs its pieces)."""
+    sites' outputs {site: [B, T, C]}). edits: slots, applied where their layer is layer_index.
+    A layer without masks, values or slots runs the kernels' fused MLP and folded norms (an
+    edited layer needs its pieces)."""
     p = layer_params(cfg, p)
     sites: dict[str, Array] = {}
-    site = editor(masks, values, sites)
-    unedited = masks is None and values is None
+    site = editor(masks, values, sites, edits, layer_index)
+    unedited = masks is None and values is None and edits is None
     out = layer(cfg, p, h, cos, sin, site, lambda q, k, v: kernels.attend(cfg, q, k, v, valid),
                 kernels.swiglu if unedited else None, unedited and kernels.fold_norms)
     return out, sites
@@ -295,13 +303,14 @@ def scale_embeds(cfg: ModelConfig, embeds: Array) -> Array:
 
 def forward(cfg: ModelConfig, params: Params, embeds: Array, valid: Array | None = None, *,
             masks: SiteArrays | None = None, values: SiteArrays | None = None,
-            capture: tuple[str, ...] = (), observe=None, kernels: LayerKernels = XLA, remat: bool = False
-            ) -> tuple[Array, dict[str, Array]]:
+            capture: tuple[str, ...] = (), observe=None, kernels: LayerKernels = XLA, remat: bool = False,
+            edits: slot_edits.Slots | None = None) -> tuple[Array, dict[str, Array]]:
     """Runs the layers.
 
     embeds [B, T, D] are E(x) (noise is added to these); valid [B, T] marks real tokens (right
-    padding; None: no padding). masks/values: site -> [L, C]. capture: site names (and RESID, the
-    residual entering each layer) whose per-layer values are returned stacked [L, B, T, C].
+    padding; None: no padding). masks/values: site -> [L, C]; edits: slots (models/edits.py),
+    applied after them. capture: site names (and RESID, the residual entering each layer) whose
+    per-layer values are returned stacked [L, B, T, C].
     observe: a function of one layer's site outputs {site: [B, T, C]} returning a pytree; its
     per-layer results come back stacked under "observed" ([L, ...]). It reduces inside the layer
     scan, so nothing of size [L, B, T, C] is kept (Stage 1's |clean - noisy| sums).
@@ -316,8 +325,8 @@ def forward(cfg: ModelConfig, params: Params, embeds: Array, valid: Array | None
     layer_p = stacked_params(params)
 
     def step(h, x):
-        p, m, vals = x
-        out, sites = block(cfg, p, h, valid, cos, sin, m or None, vals or None, kernels)
+        p, m, vals, i = x
+        out, sites = block(cfg, p, h, valid, cos, sin, m or None, vals or None, kernels, edits, i)
         ys = {n: sites[n] for n in capture if n != RESID}
         if observe is not None:
             ys["observed"] = observe(sites)
@@ -325,7 +334,8 @@ def forward(cfg: ModelConfig, params: Params, embeds: Array, valid: Array | None
             ys[RESID] = h
         return out, ys
 
-    h, ys = jax.lax.scan(jax.checkpoint(step) if remat else step, h, (layer_p, masks or {}, values or {}))
+    index = None if edits is None else jnp.arange(cfg.n_layers)   # the layer a slot's edit is in
+    h, ys = jax.lax.scan(jax.checkpoint(step) if remat else step, h, (layer_p, masks or {}, values or {}, index))
     if RESID in capture:
         ys[RESID] = jnp.concatenate([ys[RESID], h[None]])
     return final_norm(cfg, params, h), ys
