@@ -101,12 +101,12 @@ def test_hub_id_fetches_what_jaxcrit_reads_and_loads_the_model(model_dir, hub, c
     tokenizer_config), into the hub cache; the logits equal the same checkpoint's loaded from its
     directory, and transformers'."""
     before = len(hub.requests)
-    m = jaxcrit.load("org/tiny")
+    m = jaxcrit.load("org/tiny", "float32")
     fetched = {p.rsplit("/", 1)[1] for method, p in hub.requests[before:] if method == "GET" and "/resolve/" in p}
     assert fetched == FETCHED
     (snap,) = (cache / "models--org--tiny" / "snapshots").iterdir()
     assert {p.name for p in snap.iterdir()} == FETCHED
-    got, local = _logits(m), _logits(jaxcrit.load(str(model_dir)))
+    got, local = _logits(m), _logits(jaxcrit.load(str(model_dir), "float32"))
     np.testing.assert_array_equal(got, local)
     with one_thread(), torch.no_grad():
         ref = tf.AutoModelForCausalLM.from_pretrained(model_dir).eval()(torch.tensor(m.tokens(TEXT)[None])).logits[0]

@@ -39,7 +39,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     add_model_arguments(ap)
     ap.add_argument("--model", help="a HF checkpoint directory (default: random params of --shape)")
     ap.add_argument("--tokens", type=int, default=128, help="seeded random token ids of this length")
-    ap.add_argument("--ids", help="token ids [T] as a .npy file (instead of --tokens)")
+    ap.add_argument("--ids", help="token ids as a .npy file (instead of --tokens): [T], or [2, T] for the "
+                                   "clean and the corrupted run")
     ap.add_argument("--corrupt", type=int, default=3, help="tracing: the first N tokens replaced in the corrupted run")
     ap.add_argument("--channels", type=int, default=4096, help="zeroing: the first N down_proj channels, layer-major")
     ap.add_argument("--sets", type=int, default=100, help="memory: edit sets in the mixed batch")
@@ -85,7 +86,10 @@ def peak_bytes() -> int | None:
 def run(args: argparse.Namespace) -> dict:
     m = model_of(args)
     cfg = m.cfg
-    ids = np.load(args.ids).astype(np.int32).ravel() if args.ids else random_tokens(cfg, args.tokens)
+    given = np.atleast_2d(np.load(args.ids).astype(np.int32) if args.ids else random_tokens(cfg, args.tokens))
+    if given.ndim != 2 or len(given) > 2:
+        raise JaxcritError(f"--ids {args.ids}: give token ids [T] or [2, T] (clean, corrupted), not {given.shape}")
+    ids = given[0]
     T, L, D = len(ids), cfg.n_layers, cfg.d_model
     if not 0 < args.corrupt < T:
         raise JaxcritError(f"--corrupt {args.corrupt}: give 1..{T - 1} tokens to replace")
@@ -94,6 +98,8 @@ def run(args: argparse.Namespace) -> dict:
     corrupted = ids.copy()
     corrupted[:args.corrupt] = (ids[:args.corrupt] + 1 + np.random.default_rng(1).integers(
         0, cfg.vocab_size - 1, args.corrupt)) % cfg.vocab_size   # each one a different token
+    if len(given) == 2:
+        corrupted = given[1]
     engine = {"chunk": args.chunk, "progress": False}
     res = {**header(), "model": m.source, "dtype": args.dtype, "tokens": T, "layers": L}
 

@@ -111,11 +111,13 @@ def stand_in_tokenizer(vocab: int) -> transformers.PreTrainedTokenizerFast:
 def load_model(directory: Path, dtype: torch.dtype, device: str) -> transformers.PreTrainedModel:
     """The HF causal LM of a checkpoint directory, in eval mode with no gradients. A directory with
     only a config.json (tools/model_shape.py) first gets random float32 weights (torch seed 0,
-    transformers' own initialisation) saved into it, so every peer and jaxcrit read the same ones."""
+    transformers' own initialisation) and the stand-in tokenizer saved into it, so every peer and
+    jaxcrit read the same checkpoint."""
     if not any(directory.glob("*.safetensors")):
         torch.manual_seed(0)
         config = transformers.AutoConfig.from_pretrained(directory)
         transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(directory)
+        stand_in_tokenizer(config.vocab_size).save_pretrained(directory)
         print(f"wrote random weights into {directory}", flush=True)
     model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).to(device).eval()
     return model.requires_grad_(False)
