@@ -36,7 +36,7 @@ def build(arch: str, directory: Path):
     tok = Tokenizer(models.WordLevel({"[UNK]": 0, **{f"w{i}": i + 1 for i in range(60)}}, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.save(str(directory / "tokenizer.json"))
-    return torch_model, jaxcrit.load(str(directory))
+    return torch_model, jaxcrit.load(str(directory), "float32")
 
 
 @pytest.fixture(scope="module", autouse=True)
