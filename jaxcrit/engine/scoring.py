@@ -25,6 +25,11 @@ from jaxcrit.models.config import ModelConfig
 from jaxcrit.models.sites import SITE_NAMES
 from jaxcrit.progress import Progress
 
+# A chunk program's bytes (temporaries and outputs per device) by (program, rows, texts' shape, unpadded,
+# params' dtype): the plan of an engine over texts of a shape already planned compiles nothing, so a
+# notebook's repeated calls on one text pay the two compiles of `plan_chunk` once.
+CHUNK_BYTES: dict[tuple, int] = {}
+
 
 def padded(a: np.ndarray, order: np.ndarray, chunk: int, fill) -> np.ndarray:
     """Rows [R, K] of a batch in `order`, padded with `fill` to whole chunks and to `entries(K)` columns."""
@@ -118,8 +123,12 @@ class Engine:
         """The largest chunk (a multiple of 8 per device) whose program fits `fraction` of the free
         memory: XLA's plan of single-neuron rows over all nine sites."""
         def size(rows: int) -> int:
-            m = self.compiled(rows, 1, SITE_NAMES).memory_analysis()
-            return int(m.temp_size_in_bytes + m.output_size_in_bytes)
+            key = (self.program(SITE_NAMES), rows, self.texts.tokens.shape, self.valid is None,
+                   self.params["embed"].dtype)
+            if key not in CHUNK_BYTES:
+                m = self.compiled(rows, 1, SITE_NAMES).memory_analysis()
+                CHUNK_BYTES[key] = int(m.temp_size_in_bytes + m.output_size_in_bytes)
+            return CHUNK_BYTES[key]
         held = memory(self.mesh.devices.flat[0])
         free = held[0] - held[1] if held else host_free()
         return planned_chunk(size, self.mesh.shape["data"], free, fraction)
