@@ -191,10 +191,11 @@ def test_phase_curve_draws_every_series():
     np.testing.assert_array_equal(line(ax, "epsilon = 3").get_ydata(), [3.0, 3.0])
     crit = [ln for ln in ax.get_lines() if ln.get_linestyle() == ":" and ln.get_color() == "tab:red"]
     assert [tuple(ln.get_xdata()) for ln in crit] == [(4, 4)]   # first n with delta >= epsilon
-    assert any(t.get_text() == "n* = 4" for t in ax.texts)
+    assert all(t.get_text() != "n* = 4" for t in ax.texts)   # in the legend, not over the data
     assert "1 point(s) with n < 1 not shown" in notes(ax)
     assert [t.get_text() for t in ax.get_legend().get_texts()] == [
-        "ranked (critical)", "activation", "random (mean of 3; min-max band, 0.1 to 0.8)", "gradient", "epsilon = 3"]
+        "ranked (critical)", "activation", "random (mean of 3; min-max band, 0.1 to 0.8)", "gradient", "epsilon = 3",
+        "n* = 4"]
 
 
 def test_phase_curve_marks_the_given_critical_n():

@@ -183,10 +183,7 @@ def phase_curve(curve: Curve, epsilon: float,
     ax.axhline(epsilon, ls="--", color="k", lw=1.0, label=f"epsilon = {epsilon:g}")
     crit = critical_n if critical_n is not None else first_crossing(curve, epsilon)
     if crit is not None and crit >= 1:
-        ax.axvline(crit, ls=":", color="tab:red", lw=1.2)
-        ax.annotate(f"n* = {crit}", xy=(crit, 0.72), xycoords=ax.get_xaxis_transform(),
-                    xytext=(4, 0), textcoords="offset points", color="tab:red", fontsize=9,
-                    bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="none", alpha=0.8))
+        ax.axvline(crit, ls=":", color="tab:red", lw=1.2, label=f"n* = {crit}")   # named in the legend, off the data
     else:
         notes.append(f"no n reaches epsilon = {epsilon:g}")
 
