@@ -47,18 +47,22 @@ def clean_pass(cfg: ModelConfig, params, tokens, valid, vocab_chunk: int) -> tup
 
 
 @dataclasses.dataclass(frozen=True)
-class ChunkProgram:
-    """The chunk program's static arguments: one compiled program per distinct value.
-
-    sites: the sites it holds masks for (rows may edit only these); with_values: the rows add
-    values; per_token: it returns [R, B, T-1] per-token NLL, else [R] means; exact: the two-pass
-    logsumexp (the redo of rows the one pass flagged)."""
+class Program:
+    """What every program over a chunk of rows is compiled for (its static arguments, one compiled
+    program per distinct value): sites, the sites it holds masks for (rows may edit only these);
+    with_values, whether the rows add values."""
     cfg: ModelConfig
     mesh: Mesh
     kernels: Kernels
     vocab_chunk: int
     sites: tuple[str, ...] = SITE_NAMES
     with_values: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkProgram(Program):
+    """The chunk program, the loss of each row: per_token, it returns [R, B, T-1] per-token NLL,
+    else [R] means; exact, the two-pass logsumexp (the redo of rows the one pass flagged)."""
     per_token: bool = False
     exact: bool = False
 
@@ -137,17 +141,10 @@ class Readout(NamedTuple):
 
 
 @dataclasses.dataclass(frozen=True)
-class MetricProgram:
-    """A chunk program scoring each row by its logits: the static arguments (one compile each).
-
-    fn: None reads a `Readout`; else a jittable fn(logits [T, V] f32) -> scalar applied to each
-    text's full logits, the row's value their mean over texts."""
-    cfg: ModelConfig
-    mesh: Mesh
-    kernels: Kernels
-    vocab_chunk: int
-    sites: tuple[str, ...] = SITE_NAMES
-    with_values: bool = False
+class MetricProgram(Program):
+    """A chunk program scoring each row by its logits. fn: None reads a `Readout`; else a jittable
+    fn(logits [T, V] f32) -> scalar applied to each text's full logits, the row's value their mean
+    over texts."""
     fn: Callable | None = None
 
     def __call__(self, params, cache: Cache, valid, readout: Readout, rows: dict, start,
