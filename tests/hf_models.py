@@ -5,8 +5,11 @@ import contextlib
 from pathlib import Path
 from typing import Iterable, Iterator
 
+import numpy as np
 import torch
 import transformers as tf
+
+from jaxcrit.models.sites import SITE_NAMES, module_path
 
 COMMON = dict(vocab_size=211, hidden_size=64, intermediate_size=120, num_hidden_layers=3,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
@@ -96,3 +99,30 @@ def one_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def hooked_importance(model, ids: np.ndarray, noise: np.ndarray, alpha: float) -> dict[str, np.ndarray]:
+    """{hf module path: [T, C] mean_k |clean - noisy_k|}: one unbatched torch forward per sample,
+    inputs_embeds = (E(x) + alpha * noise_k) * the model's embedding scale (1 if it has none)."""
+    names = [module_path(s, i) for i in range(model.config.num_hidden_layers) for s in SITE_NAMES]
+    embed = model.model.embed_tokens
+    scale = getattr(embed, "embed_scale", torch.tensor(1.0))
+    raw = embed.weight[torch.tensor(ids[None], dtype=torch.long)]                        # E(x) [1, T, D]
+    cur: dict[str, np.ndarray] = {}
+
+    def keep(name: str):
+        return lambda mod, args, out: cur.__setitem__(name, out[0].detach().double().numpy())
+    hooks = [model.get_submodule(n).register_forward_hook(keep(n)) for n in names]
+    try:
+        with torch.no_grad():
+            model(inputs_embeds=raw * scale)
+            clean = dict(cur)
+            acc = {n: np.zeros_like(v) for n, v in clean.items()}
+            for eps in noise:
+                model(inputs_embeds=(raw + alpha * torch.from_numpy(eps)[None]) * scale)
+                for n in names:
+                    acc[n] += np.abs(clean[n] - cur[n])
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: v / len(noise) for n, v in acc.items()}

@@ -29,7 +29,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
 import hf_models
 from jaxcrit.convert.hf import load_hf
@@ -53,29 +52,6 @@ def build_llama(directory, layers: int = 2, seed: int = 0):
 
 
 # ----------------------------------------------------------------------------- references
-
-def ref_importance(model, ids: np.ndarray, noise: np.ndarray, alpha: float) -> dict[str, np.ndarray]:
-    """{hf module path: [T, C] mean |clean - noisy|}, one unbatched torch forward per sample."""
-    names = [module_path(s, i) for i in range(model.config.num_hidden_layers) for s in SITE_NAMES]
-    mods = dict(model.named_modules())
-    cur: dict[str, np.ndarray] = {}
-    hooks = [mods[n].register_forward_hook(
-        (lambda n: lambda m, a, out: cur.__setitem__(n, out[0].detach().double().numpy()))(n)) for n in names]
-    try:
-        with torch.no_grad():
-            emb = model.model.embed_tokens(torch.tensor(ids[None], dtype=torch.long))
-            model(inputs_embeds=emb)
-            clean = dict(cur)
-            acc = {n: np.zeros_like(v) for n, v in clean.items()}
-            for k in range(len(noise)):
-                model(inputs_embeds=emb + alpha * torch.tensor(noise[k][None]))
-                for n in names:
-                    acc[n] += np.abs(clean[n] - cur[n])
-    finally:
-        for h in hooks:
-            h.remove()
-    return {n: v / len(noise) for n, v in acc.items()}
-
 
 def ref_ranked(scores: dict[str, np.ndarray], threshold: float) -> list[tuple[str, int, int, float]]:
     """The reference's list: every (layer_name, seq_idx, hidden_idx, diff) with diff > threshold,
@@ -154,7 +130,7 @@ class Setup:
         self.noise = np.random.default_rng(4).standard_normal((K, T, self.cfg.d_model)).astype(np.float32)
         self.imp = stage1.importance(self.cfg, self.params, self.ids, alpha=ALPHA, samples=K, seed=0,
                                      chunk=CHUNK, noise_array=self.noise, progress=False)
-        self.ref = ref_importance(self.torch, self.ids, self.noise, ALPHA)
+        self.ref = hf_models.hooked_importance(self.torch, self.ids, self.noise, ALPHA)
 
 
 @pytest.fixture(scope="module")

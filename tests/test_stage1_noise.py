@@ -18,7 +18,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
 import hf_models
 from jaxcrit.convert.hf import load_hf
@@ -38,33 +37,6 @@ def reference_noise(seed: int, samples: int, shape: tuple[int, int]) -> np.ndarr
     key = jax.random.key(seed)
     return np.stack([np.asarray(jax.random.normal(jax.random.fold_in(key, k), shape, jnp.float32))
                      for k in range(samples)])
-
-
-def reference_importance(model, ids: np.ndarray, noise: np.ndarray, alpha: float) -> dict[str, np.ndarray]:
-    """{hf module path: [T, C] mean_k |clean - noisy_k|}: one unbatched torch forward per sample,
-    inputs_embeds = (E(x) + alpha * noise_k) * the model's embedding scale (1 if it has none)."""
-    names = [module_path(s, i) for i in range(model.config.num_hidden_layers) for s in SITE_NAMES]
-    embed = model.model.embed_tokens
-    scale = getattr(embed, "embed_scale", torch.tensor(1.0))
-    raw = embed.weight[torch.tensor(ids[None], dtype=torch.long)]                        # E(x) [1, T, D]
-    cur: dict[str, np.ndarray] = {}
-
-    def keep(name: str):
-        return lambda mod, args, out: cur.__setitem__(name, out[0].detach().double().numpy())
-    hooks = [model.get_submodule(n).register_forward_hook(keep(n)) for n in names]
-    try:
-        with torch.no_grad():
-            model(inputs_embeds=raw * scale)
-            clean = dict(cur)
-            acc = {n: np.zeros_like(v) for n, v in clean.items()}
-            for eps in noise:
-                model(inputs_embeds=(raw + alpha * torch.from_numpy(eps)[None]) * scale)
-                for n in names:
-                    acc[n] += np.abs(clean[n] - cur[n])
-    finally:
-        for h in hooks:
-            h.remove()
-    return {n: v / len(noise) for n, v in acc.items()}
 
 
 class Setup:
@@ -115,7 +87,7 @@ def test_seeded_noise_does_not_depend_on_chunking(setup, monkeypatch):
 def test_seeded_importance_matches_transformers(setup):
     """stage1.importance(seed=...) without noise_array equals the reference on the contract's draws."""
     s = setup
-    ref = reference_importance(s.torch, s.ids, reference_noise(SEED, K, (T, s.cfg.d_model)), ALPHA)
+    ref = hf_models.hooked_importance(s.torch, s.ids, reference_noise(SEED, K, (T, s.cfg.d_model)), ALPHA)
     scores = s.importance(3).scores()
     top = max(v.max() for v in ref.values())
     for site in SITE_NAMES:
