@@ -331,11 +331,14 @@ def test_start_points(cfg):
 def test_chunks_mix_sites_and_entries(m):
     """The singles run as chunks that start at every entry of every layer, and chunks mix rows of
     different sites and start points (a row later than its chunk's start runs from there)."""
-    order, cols, starts = m.engine.plan(m.singles)
+    plan = m.engine.plan(m.singles)
+    order, starts = plan.order, plan.starts
     L = m.cfg.n_layers
     assert {tuple(s) for s in starts} >= {(L - 1, OUT), (0, LAYER)}
     assert set(starts[:, 1].tolist()) == {LAYER, MLP, OUT}
-    padded = np.concatenate([start_points(m.singles, L)[order], np.full(((-m.singles.rows) % CHUNK, 2), -1)])
+    assert plan.chunk == CHUNK and (plan.firsts == 0).all()
+    assert sorted(order[order >= 0].tolist()) == list(range(m.singles.rows))
+    padded = np.where((order >= 0)[:, None], start_points(m.singles, L)[np.maximum(order, 0)], -1)
     per_chunk = padded.reshape(-1, CHUNK, 2)
     mixed = [len({tuple(x) for x in c if x[0] >= 0}) > 1 for c in per_chunk]
     assert sum(mixed) >= 3
@@ -344,8 +347,8 @@ def test_chunks_mix_sites_and_entries(m):
         assert tuple(s) == min(map(tuple, real))
     unshared = Engine(m.cfg, m.params, m.texts, chunk=CHUNK, prefix_sharing=False, vocab_chunk=VOCAB_CHUNK,
                       progress=False)
-    o, _, st = unshared.plan(m.singles)
-    assert (o == np.arange(m.singles.rows)).all() and (st == [0, LAYER]).all()
+    p = unshared.plan(m.singles)
+    assert (p.order[:m.singles.rows] == np.arange(m.singles.rows)).all() and (p.starts == [0, LAYER]).all()
 
 
 def test_per_token(m):

@@ -10,6 +10,8 @@ KV head). Logits are compared with test_parity's tolerance; every case must move
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import gc
 from pathlib import Path
 
 import jax
@@ -22,7 +24,9 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 import hf_models
 import jaxcrit
 from jaxcrit.errors import JaxcritError
+from jaxcrit.engine import prefix
 from jaxcrit.interventions import batch
+from jaxcrit.interventions.forward import checked_edits, parsed
 from jaxcrit.models.sites import parse_neuron_name, width
 from jaxcrit.report.patching import patch_heatmap
 from test_parity import TOL, rel_err, torch_logits
@@ -43,6 +47,13 @@ def build(arch: str, directory: Path):
 def torch_on_one_thread():
     with hf_models.one_thread():
         yield
+
+
+@pytest.fixture(autouse=True)
+def positions_shared(monkeypatch):
+    """Every batch here, however small, runs its rows from their first edited position (as large
+    batches do), so the references below check that path."""
+    monkeypatch.setattr(prefix, "POSITION_ROWS", 0)
 
 
 @pytest.fixture(scope="module")
@@ -275,6 +286,53 @@ def test_patch_sweep_equals_a_hook_loop(gemma):
     assert np.ptp(want) > 1e-2
     fig = patch_heatmap(got)
     assert "down_proj" in fig.axes[0].get_title()
+
+
+def test_rows_run_from_their_first_edited_position(qwen2):
+    """Single-position patches run in chunks of one position bucket each, from the bucket's first
+    position (the values they equal are checked against hooks above); every-position edits from 0."""
+    arch, tm, m = qwen2
+    ids, src = ids_of(10), ids_of(11)
+    sets = [[{"neuron": f"model.layers.{layer}.mlp.down_proj", "op": "patch", "source": src, "position": p}]
+            for layer in range(m.cfg.n_layers) for p in range(T)]
+    sets += [[{"neuron": "model.layers.2.mlp.down_proj[3]", "op": "zero"}]]
+    checked, sources = checked_edits(m, sets, ids)
+    abl, slots = parsed(m, checked, sources, ids)
+    plan = batch.engine_for(m, ids, {"chunk": 32, "progress": False}).plan(abl, slots)
+    g = -(-T // prefix.POSITION_BUCKETS)
+    assert sorted(set(plan.firsts.tolist())) == list(range(0, T, g))
+    assert sorted(plan.order[plan.order >= 0].tolist()) == list(range(len(sets)))
+    for rows, first in zip(plan.order.reshape(-1, plan.chunk), plan.firsts):
+        pos = [sets[i][0].get("position", 0) for i in rows if i >= 0]
+        assert min(pos) // g * g == first and max(pos) < first + g
+
+
+def test_small_batches_run_every_position(qwen2, monkeypatch):
+    monkeypatch.setattr(prefix, "POSITION_ROWS", 8)
+    arch, tm, m = qwen2
+    ids = ids_of(10)
+    sets = [[{"neuron": "model.layers.1.mlp.down_proj", "op": "zero", "position": p}] for p in range(T - 7, T)]
+    checked, sources = checked_edits(m, sets, ids)
+    abl, slots = parsed(m, checked, sources, ids)
+    assert (prefix.first_positions(abl, slots.site, slots.position, T) == 0).all()
+    checked, sources = checked_edits(m, sets + sets[:1], ids)
+    abl, slots = parsed(m, checked, sources, ids)
+    assert (prefix.first_positions(abl, slots.site, slots.position, T) > 0).all()
+
+
+def test_calls_on_one_text_share_an_engine(qwen2):
+    arch, tm, m = qwen2
+    ids = ids_of(12)
+    one = batch.engine_for(m, ids, {"chunk": 8})
+    assert batch.engine_for(m, ids.copy(), {"chunk": 8}) is one
+    assert batch.engine_for(m, ids, {"chunk": 16}) is not one
+    assert batch.engine_for(m, ids_of(13), {"chunk": 16}) is not batch.engine_for(m, ids, {"chunk": 16})
+    copy = dataclasses.replace(m)   # another model: its own engine, dropped with it
+    assert batch.engine_for(copy, ids, {"chunk": 16}) is not batch.engine_for(m, ids, {"chunk": 16})
+    batch.engine_for(copy, ids, {"chunk": 16})
+    del copy
+    gc.collect()
+    assert not batch.LAST
 
 
 BAD = [

@@ -94,20 +94,29 @@ def check(cfg: ModelConfig, sets: list[list[dict]], T: int, source_ids: Callable
     sources' token ids by key). source_ids(source) -> the source's ids in the inputs' shape (or
     raises). Raises JaxcritError naming the set and edit on the first bad one."""
     sources: dict[Hashable, np.ndarray] = {}
+    keys: dict[int, Hashable] = {}   # a source object's key by its id: a sweep's edits share one source
+
+    def key_of(source: Any) -> Hashable:
+        if id(source) not in keys:
+            ids = np.asarray(source_ids(source))
+            keys[id(source)] = source_key(ids)
+            sources[keys[id(source)]] = ids
+        return keys[id(source)]
+
     out = []
     for i, s in enumerate(sets):
         checked = []
         for j, e in enumerate(s):
-            where = f"edit set {i}, edit {j}" if len(sets) > 1 else f"edit {j}"
             try:
-                checked.append(_check_one(cfg, e, T, source_ids, sources))
+                checked.append(_check_one(cfg, e, T, key_of))
             except JaxcritError as err:
+                where = f"edit set {i}, edit {j}" if len(sets) > 1 else f"edit {j}"
                 raise JaxcritError(f"{where}: {err}") from None
         out.append(checked)
     return out, sources
 
 
-def _check_one(cfg: ModelConfig, e: dict, T: int, source_ids, sources: dict) -> Edit:
+def _check_one(cfg: ModelConfig, e: dict, T: int, key_of: Callable[[Any], Hashable]) -> Edit:
     unknown = sorted(set(e) - set(KEYS))
     if unknown:
         raise JaxcritError(f"unknown key '{unknown[0]}'; an edit has keys {', '.join(KEYS)}")
@@ -125,7 +134,10 @@ def _check_one(cfg: ModelConfig, e: dict, T: int, source_ids, sources: dict) -> 
     op = OPS[op_name]
     value = _value(op_name, op, e.get("value"), channel, C)
     positions = None
-    if not _missing(e.get("position")):
+    p = e.get("position")
+    if isinstance(p, (int, np.integer)) and not isinstance(p, bool) and -T <= p < T:
+        positions = (int(p) % T,)
+    elif not _missing(p):
         pos = np.asarray(e["position"]).ravel()
         if not pos.size or pos.dtype.kind not in "iuf" or (pos != np.round(pos)).any():
             raise JaxcritError(f"position {e['position']!r}: give an int or a list of ints")
@@ -138,9 +150,7 @@ def _check_one(cfg: ModelConfig, e: dict, T: int, source_ids, sources: dict) -> 
     if op.source:
         if _missing(e.get("source")):
             raise JaxcritError("patch needs a 'source': a text or token ids of the inputs' length")
-        ids = np.asarray(source_ids(e["source"]))
-        key = source_key(ids)
-        sources[key] = ids
+        key = key_of(e["source"])
     elif not _missing(e.get("source")):
         raise JaxcritError(f"'{op_name}' takes no 'source' (only patch does)")
     return Edit(site, layer, channel, op_name, value, positions, key)
@@ -247,5 +257,8 @@ def parse(cfg: ModelConfig, sets: list[list[Edit]], shape: tuple[int, int],
 def _stack(rows: list[list[tuple]], fill: tuple) -> list[np.ndarray]:
     """Rows of tuples as one [N, K] array per tuple field, K the longest row (at least 1), padded with fill."""
     K = max(1, max(len(r) for r in rows))
-    full = [r + [fill] * (K - len(r)) for r in rows]
-    return [np.array([[t[f] for t in r] for r in full]) for f in range(len(fill))]
+    if K == 1:   # one tuple per row (a sweep): no padding loop
+        full = np.array([r[0] if r else fill for r in rows], np.float64)
+        return [full[:, f:f + 1] for f in range(len(fill))]
+    full = np.array([r + [fill] * (K - len(r)) for r in rows], np.float64)   # [N, K, fields]
+    return [full[..., f] for f in range(len(fill))]

@@ -12,6 +12,12 @@ perturbed layer is S starts at the latest entry of S its edits there allow (each
          (m'_j - m_j) * down_w[j], where m_j = act(gate_j) * up_j); nothing of layer S runs.
 A start point is data (`resume`'s traced `start`): one compiled program serves all. Edit slots
 (models/edits.py) ride along: a slot at an MLP hidden site needs its layer's MLP run ("mlp").
+
+Positions share the same way: an edit at position t changes nothing before t, so a row whose
+earliest edit is at t runs positions t.. alone (`first_positions`, rounded down to one of
+POSITION_BUCKETS starts, one program each, in batches of POSITION_ROWS rows or more), attending
+over the clean keys and values of the positions before, which follow from the cached residual
+entering each layer.
 """
 from __future__ import annotations
 
@@ -70,6 +76,26 @@ def edit_start_points(abl: Ablations, site: np.ndarray, layer: np.ndarray, n_lay
     return np.stack(np.divmod(np.minimum(key, slot_key), E), 1).astype(np.int32)
 
 
+POSITION_BUCKETS = 4   # a batch's rows run from at most this many first positions (one compiled program each)
+POSITION_ROWS = 512    # batches of fewer rows run every position: the extra programs' compiles would cost more
+
+
+def first_positions(abl: Ablations, slot_site: np.ndarray | None, slot_position: np.ndarray | None, T: int
+                    ) -> np.ndarray:
+    """[R] the first position each row runs from (prefix.resume's `first`): its earliest edited
+    position rounded down to a multiple of ceil(T / POSITION_BUCKETS). Ablations edit every
+    position (0); a slot edits its position (-1: every one); a row without edits runs from the
+    last bucket. slot_site, slot_position: [R, K] of the rows' Slots, or None. A batch of fewer
+    than POSITION_ROWS rows runs every position (all 0)."""
+    if abl.rows < POSITION_ROWS:
+        return np.zeros(abl.rows, np.int32)
+    earliest = np.where(abl.active.any(1), 0, T - 1)
+    if slot_site is not None:
+        earliest = np.minimum(earliest, np.where(slot_site >= 0, np.maximum(slot_position, 0), T - 1).min(1))
+    g = -(-T // POSITION_BUCKETS)
+    return (earliest // g * g).astype(np.int32)
+
+
 class Cache(NamedTuple):
     """What the clean pass keeps for rows to start at any entry of any layer."""
     resid: Array   # [L + 1, B, T, D] the residual entering each layer, and the last layer's output
@@ -107,27 +133,33 @@ def hidden_change(cfg: ModelConfig, p: decoder.Params, mid: Array, masks: decode
 
 def resume(cfg: ModelConfig, params: decoder.Params, cache: Cache, valid: Array | None, start: Array, *,
            masks: decoder.SiteArrays, values: decoder.SiteArrays | None = None, edited: Array | None = None,
-           kernels: decoder.LayerKernels = decoder.XLA, edits: Slots | None = None) -> Array:
-    """The perturbed forward of one row from a start point: the final-normed hidden state [B, T, D].
+           kernels: decoder.LayerKernels = decoder.XLA, edits: Slots | None = None, first: int = 0) -> Array:
+    """The perturbed forward of one row from a start point: the final-normed hidden state [B, T', D]
+    of positions first..T-1 (T' = T - first).
 
     start: int32 [2], (layer S, entry index into ENTRIES), traced: one compiled program serves
     every start point (the entry is a `lax.switch` on it, which stays a real branch under vmap as
     long as start is not batched). masks/values: site -> [L, C]; the row's edits at layers below
     S must be none, and at S only of sites its entry allows (SITE_ENTRY; "out": one hidden channel).
     edited: [L] bool, unbatched, as in `tail` (the layers above S that any row edits).
-    edits: the row's edit slots (none below S; at S, as `edit_start_points` allows).
+    edits: the row's edit slots (none below S; at S, as `edit_start_points` allows), their
+    positions counted from `first` and their tables holding positions first.. alone.
+    first: static; the row edits no position before it, so those positions keep the clean run's
+    values in every layer: only positions first.. run, over the clean keys and values before them.
     """
     S, entry = start[0], start[1]
     at = lambda arrs: None if arrs is None else {k: v[S] for k, v in arrs.items()}
     take = lambda a: jax.lax.dynamic_index_in_dim(a, S, keepdims=False)
     p = decoder.layer_params(cfg, {k: take(v) for k, v in decoder.stacked_params(params).items()})
-    h, o, d = take(cache.resid), take(cache.attn), take(cache.mlp)
+    h, o, d = (take(a)[:, first:] for a in (cache.resid, cache.attn, cache.mlp))
+    earlier = cache.resid[:-1, :, :first] if first else None
     m, vals = at(masks), at(values)
     site = decoder.editor(m, vals, edits=edits, layer=S)
 
     def whole() -> Array:
-        cos, sin = decoder.rope_tables(cfg, h.shape[1])
-        return decoder.block(cfg, p, h, valid, cos, sin, m, vals, kernels, edits, S)[0]
+        cos, sin = decoder.rope_tables(cfg, first + h.shape[1])
+        before = None if earlier is None else decoder.Earlier(take(earlier), cos[:first], sin[:first])
+        return decoder.block(cfg, p, h, valid, cos[first:], sin[first:], m, vals, kernels, edits, S, before)[0]
 
     def mlp() -> Array:
         mid = h + site("o_proj", o)
@@ -141,33 +173,42 @@ def resume(cfg: ModelConfig, params: decoder.Params, cache: Cache, valid: Array 
         return mid + site("down_proj", d)
 
     h = jax.lax.switch(entry, (whole, mlp, out))
-    return tail(cfg, params, h, valid, S + 1, masks=masks, values=values, edited=edited, kernels=kernels, edits=edits)
+    return tail(cfg, params, h, valid, S + 1, masks=masks, values=values, edited=edited, kernels=kernels, edits=edits,
+                earlier=earlier)
 
 
 def tail(cfg: ModelConfig, params: decoder.Params, h: Array, valid: Array | None, start: Array, *,
          masks: decoder.SiteArrays | None = None, values: decoder.SiteArrays | None = None,
-         edited: Array | None = None, kernels: decoder.LayerKernels = decoder.XLA, edits: Slots | None = None) -> Array:
-    """Layers start..L-1 of the residual h [B, T, D] entering layer `start` (may be traced: a loop
+         edited: Array | None = None, kernels: decoder.LayerKernels = decoder.XLA, edits: Slots | None = None,
+         earlier: Array | None = None) -> Array:
+    """Layers start..L-1 of the residual h [B, T', D] entering layer `start` (may be traced: loops
     with a traced lower bound, so one program serves every start); the final-normed hidden state.
 
     edited: [L] bool, unbatched under vmap: the layers whose masks/values (or edit slots) hold an
-    edit in any row. When none from `start` on does, the layers run without masks (a cond outside the loop),
-    as fast as the clean forward and on the kernels' fused paths: a mask product after down_proj
-    keeps cuBLAS from adding the residual in its epilogue.
+    edit in any row. The layers up to the last of them run with the edits; the layers after it
+    run without masks, as fast as the clean forward and on the kernels' fused paths (a mask
+    product after down_proj keeps cuBLAS from adding the residual in its epilogue).
+    earlier: the residual entering each layer at the positions before h's, [L, B, P, D] (h holds
+    positions P..; decoder.Earlier), or None: h holds every position.
     """
-    cos, sin = decoder.rope_tables(cfg, h.shape[1])
+    P = 0 if earlier is None else earlier.shape[2]
+    cos, sin = decoder.rope_tables(cfg, P + h.shape[1])
     layer_p = decoder.stacked_params(params)
 
     def layers(m, vals, slots):
         def layer(i, h):
             at = lambda tree: {k: jax.lax.dynamic_index_in_dim(v, i, keepdims=False) for k, v in tree.items()}
-            return decoder.block(cfg, at(layer_p), h, valid, cos, sin, at(m) or None, at(vals) or None, kernels,
-                                 slots, i)[0]
-        return lambda h: jax.lax.fori_loop(start, cfg.n_layers, layer, h)
+            before = None if earlier is None else decoder.Earlier(
+                jax.lax.dynamic_index_in_dim(earlier, i, keepdims=False), cos[:P], sin[:P])
+            return decoder.block(cfg, at(layer_p), h, valid, cos[P:], sin[P:], at(m) or None, at(vals) or None, kernels,
+                                 slots, i, before)[0]
+        return layer
 
     edit = layers(masks or {}, values or {}, edits)
     if edited is None or not (masks or values or edits is not None):
-        h = edit(h)
+        h = jax.lax.fori_loop(start, cfg.n_layers, edit, h)
     else:
-        h = jax.lax.cond((edited & (jnp.arange(cfg.n_layers) >= start)).any(), edit, layers({}, {}, None), h)
+        end = jnp.maximum(start, jnp.max(jnp.where(edited, jnp.arange(cfg.n_layers) + 1, 0)))
+        h = jax.lax.fori_loop(start, end, edit, h)
+        h = jax.lax.fori_loop(end, cfg.n_layers, layers({}, {}, None), h)
     return decoder.final_norm(cfg, params, h)

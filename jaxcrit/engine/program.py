@@ -50,13 +50,15 @@ def clean_pass(cfg: ModelConfig, params, tokens, valid, vocab_chunk: int) -> tup
 class Program:
     """What every program over a chunk of rows is compiled for (its static arguments, one compiled
     program per distinct value): sites, the sites it holds masks for (rows may edit only these);
-    with_values, whether the rows add values."""
+    with_values, whether the rows add values; first, the earliest position any row edits
+    (rounded down to its bucket, `first_positions`): positions before it run in no row."""
     cfg: ModelConfig
     mesh: Mesh
     kernels: Kernels
     vocab_chunk: int
     sites: tuple[str, ...] = SITE_NAMES
     with_values: bool = False
+    first: int = dataclasses.field(default=0, kw_only=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,21 +97,28 @@ def chunk_hidden(params, cache: Cache, valid, rows, start, edits, program) -> ja
     """The final-normed hidden states [R, B, T, D] of a chunk's rows (ChunkProgram's arguments;
     program: a ChunkProgram or MetricProgram, for its cfg, sites, with_values and kernels).
 
-    Tail layers that no row of the chunk edits run without masks (prefix.tail's `edited`): in an
-    exhaustive scan every row's edits sit at its start layer, so the whole tail runs clean."""
+    Tail layers after the last one any row of the chunk edits run without masks (prefix.tail's
+    `edited`): in an exhaustive scan every row's edits sit at its start layer, so the tail runs
+    clean. Positions before program.first run in no row: they are the clean run's."""
     cfg = program.cfg
     active = (rows["scale"] != 1) | (rows["value"] != 0)
     edited = (active[..., None] & (rows["layer"][..., None] == jnp.arange(cfg.n_layers))).any((0, 1))  # [L]
+    P = program.first
     if edits is not None:
         edited = edited | slot_edits.layers_edited(edits, cfg.n_layers)
+        edits = slot_edits.from_position(edits, P)
 
     def hidden(row, slots):
         masks, values = row_masks(cfg, program.sites, row, program.with_values)
         return resume(cfg, params, cache, valid, start, masks=masks, values=values, edited=edited,
-                      kernels=program.kernels.layer, edits=slots)
+                      kernels=program.kernels.layer, edits=slots, first=P)
 
     axes = None if edits is None else slot_edits.batch_axes(edits)
-    return jax.vmap(hidden, in_axes=(0, axes))(rows, edits)
+    hs = jax.vmap(hidden, in_axes=(0, axes))(rows, edits)
+    if not P:
+        return hs
+    clean = decoder.final_norm(cfg, params, cache.resid[-1, :, :P])          # [B, P, D]
+    return jnp.concatenate([jnp.broadcast_to(clean, (hs.shape[0], *clean.shape)), hs], axis=2)
 
 
 @partial(jax.jit, static_argnames=("program",), compiler_options=decoder.COMPILER_OPTIONS)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +14,7 @@ from jaxcrit.dist import processes
 from jaxcrit.dist.sharding import make_mesh, placed
 from jaxcrit.engine.ablations import INACTIVE, Ablations, entries
 from jaxcrit.engine.loss import LN10
-from jaxcrit.engine.prefix import ENTRIES, LAYER, edit_start_points, start_points
+from jaxcrit.engine.prefix import ENTRIES, LAYER, edit_start_points, first_positions, start_points
 from jaxcrit.engine.program import (MEMORY_SHARE, ChunkProgram, MetricProgram, Readout, clean_pass, host_free, memory,
                                     planned_chunk, round_chunk)
 from jaxcrit.engine.texts import Texts
@@ -31,9 +31,44 @@ from jaxcrit.progress import Progress
 CHUNK_BYTES: dict[tuple, int] = {}
 
 
-def padded(a: np.ndarray, order: np.ndarray, chunk: int, fill) -> np.ndarray:
-    """Rows [R, K] of a batch in `order`, padded with `fill` to whole chunks and to `entries(K)` columns."""
-    return np.pad(a[order], ((0, (-len(order)) % chunk), (0, entries(a.shape[1]) - a.shape[1])), constant_values=fill)
+CHUNK_COST = 16   # a chunk's fixed cost (launches, the layer loops' bounds) in rows of a whole forward, for `cost`
+
+
+class Plan(NamedTuple):
+    """How a batch runs: its rows in chunks of `chunk`, each chunk one program call."""
+    order: np.ndarray    # [n * chunk] the batch row in each chunk slot, -1 a padding row
+    starts: np.ndarray   # [n, 2] each chunk's start point (layer, entry), its rows' earliest
+    firsts: np.ndarray   # [n] each chunk's first position (Program.first), its rows' (one) first position
+    chunk: int
+
+
+def chunked(key: np.ndarray, first: np.ndarray, chunk: int) -> Plan:
+    """The Plan of rows with start keys [R] (layer * len(ENTRIES) + entry) and first positions [R]
+    in chunks of `chunk`: grouped by first position, latest first, each group sorted by key,
+    latest first, and padded to whole chunks."""
+    groups = []
+    for f in np.unique(first)[::-1]:
+        rows = np.flatnonzero(first == f)
+        rows = rows[np.argsort(-key[rows], kind="stable")]
+        groups.append(np.concatenate([rows, np.full((-len(rows)) % chunk, -1)]))
+    order = np.concatenate(groups)
+    slots = order.reshape(-1, chunk)
+    keys = np.where(slots >= 0, key[slots], np.iinfo(np.int32).max).min(1)
+    return Plan(order, np.stack(np.divmod(keys, len(ENTRIES)), 1).astype(np.int32),
+                first[slots[:, 0]].astype(np.int32), chunk)
+
+
+def cost(plan: Plan, n_layers: int, T: int) -> float:
+    """A plan's work in row-layer-positions: each chunk's rows run the layers from its start and
+    the positions from its first, plus CHUNK_COST whole rows."""
+    layers = n_layers - plan.starts[:, 0]
+    return float((plan.chunk * layers * (T - plan.firsts)).sum() + len(plan.firsts) * CHUNK_COST * n_layers * T)
+
+
+def padded(a: np.ndarray, order: np.ndarray, fill) -> np.ndarray:
+    """Rows [R, K] of a batch in `order` (-1: a padding row of `fill`), padded with `fill` to `entries(K)` columns."""
+    rows = np.where((order >= 0)[:, None], a[np.maximum(order, 0)], np.asarray(fill, a.dtype))
+    return np.pad(rows, ((0, 0), (0, entries(a.shape[1]) - a.shape[1])), constant_values=fill)
 
 
 class Engine:
@@ -90,26 +125,30 @@ class Engine:
         held = set(sites) | set(self.sites)
         return tuple(n for n in SITE_NAMES if n in held)
 
-    def plan(self, abl: Ablations, edits: slot_edits.Slots | None = None
-             ) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
-        """How a batch runs: (order [R], its rows in that order padded to whole chunks and to
-        `entries(K)` (Ablations' fields as [n * chunk, entries(K)] arrays), each chunk's start point
-        [n, 2] as (layer, entry)); edits: the rows' edit slots, whose start points count too.
+    def plan(self, abl: Ablations, edits: slot_edits.Slots | None = None) -> Plan:
+        """How a batch runs (`Plan`); edits: the rows' edit slots, whose start points and
+        positions count too.
 
-        With prefix sharing, rows are sorted by start point, latest first, and a chunk starts at
-        its rows' earliest; without, every chunk starts at (0, "layer").
+        With prefix sharing, rows are grouped by first position (prefix.first_positions), latest
+        first, and sorted by start point within a group, latest first; a chunk holds rows of one
+        group and starts at its rows' earliest start point. Where rows have several first
+        positions, the chunk size is the one of the engine's chunk, its half, quarter, ... whose
+        plan costs least (`cost`). Without prefix sharing, chunks hold the rows in order and start
+        at (0, "layer") and position 0.
         """
-        L = self.cfg.n_layers
-        starts = start_points(abl, L) if edits is None else edit_start_points(abl, edits.site, edits.layer, L)
-        E = len(ENTRIES)
-        key = starts[:, 0] * E + starts[:, 1]
-        order = np.argsort(-key, kind="stable") if self.prefix_sharing else np.arange(abl.rows)
-        C = self.chunk
-        cols = {f.name: padded(getattr(abl, f.name), order, C, INACTIVE[f.name]) for f in dataclasses.fields(abl)}
-        key = np.concatenate([key[order], np.full((-abl.rows) % C, key.max())]).reshape(-1, C).min(1)
+        L, T = self.cfg.n_layers, self.texts.tokens.shape[1]
+        R, C = abl.rows, self.chunk
         if not self.prefix_sharing:
-            key = np.full_like(key, LAYER)
-        return order, cols, np.stack(np.divmod(key, E), 1).astype(np.int32)
+            order = np.concatenate([np.arange(R), np.full((-R) % C, -1)])
+            n = len(order) // C
+            return Plan(order, np.tile(np.array([0, LAYER], np.int32), (n, 1)), np.zeros(n, np.int32), C)
+        starts = start_points(abl, L) if edits is None else edit_start_points(abl, edits.site, edits.layer, L)
+        key = starts[:, 0] * len(ENTRIES) + starts[:, 1]
+        first = first_positions(abl, *((None, None) if edits is None else (edits.site, edits.position)), T)
+        data = self.mesh.shape["data"]
+        sizes = {C} if len(np.unique(first)) == 1 else {round_chunk(C >> i, data) for i in range(C.bit_length())
+                                                         if C >> i >= data}
+        return min((chunked(key, first, c) for c in sorted(sizes, reverse=True)), key=lambda p: cost(p, L, T))
 
     def compiled(self, rows: int, k: int, sites: Sequence[str] = (), kernels: Kernels | None = None):
         """The chunk program (`program(sites, kernels=kernels)`, no values) for `rows` rows of k
@@ -175,21 +214,22 @@ class Engine:
         edits) per chunk; args default to ChunkProgram's (the engine's params, cache, valid,
         targets, tmask and shift)."""
         args = args or (self.params, self.cache, self.valid, self.targets, self.tmask, self.shift)
-        order, cols, starts = self.plan(abl, edits)
-        slots = None if edits is None else {k: padded(getattr(edits, k), order, self.chunk, v)
-                                             for k, v in slot_edits.EMPTY.items()}
+        plan = self.plan(abl, edits)
+        order, C = plan.order, plan.chunk
+        cols = {f.name: padded(getattr(abl, f.name), order, INACTIVE[f.name]) for f in dataclasses.fields(abl)}
+        slots = None if edits is None else {k: padded(getattr(edits, k), order, v) for k, v in slot_edits.EMPTY.items()}
         tables = None if edits is None else jax.device_put(edits.tables, self.replicated)
-        R, C = abl.rows, self.chunk
-        bar = Progress(R, desc, enabled=self.progress and R > C)
+        bar = Progress(abl.rows, desc, enabled=self.progress and abl.rows > C)
         outs, pending = [], []
-        for i, start in enumerate(starts):
+        for i, (start, first) in enumerate(zip(plan.starts, plan.firsts)):
             lo = i * C
             rows = {k: jax.device_put(v[lo:lo + C], self.rows_sharding) for k, v in cols.items()}
             chunk_edits = None if slots is None else slot_edits.Slots(
                 **{k: jax.device_put(v[lo:lo + C], self.rows_sharding) for k, v in slots.items()}, tables=tables)
-            out = program(*args, rows, jax.device_put(start, self.replicated), chunk_edits)
+            call = dataclasses.replace(program, first=int(first)) if first else program
+            out = call(*args, rows, jax.device_put(start, self.replicated), chunk_edits)
             outs.append(out)
-            pending.append((out, min(C, R - lo)))
+            pending.append((out, int((order[lo:lo + C] >= 0).sum())))
             if len(pending) > 2:  # keep two chunks in flight; wait (no transfer) to report progress
                 done, n = pending.pop(0)
                 done.block_until_ready()
@@ -197,9 +237,9 @@ class Engine:
         for done, n in pending:
             done.block_until_ready()
             bar.update(n)
-        res = processes.to_host(jnp.concatenate(outs))[:R]
-        out = np.empty_like(res)
-        out[order] = res
+        res = processes.to_host(jnp.concatenate(outs))
+        out = np.empty((abl.rows, *res.shape[1:]), res.dtype)
+        out[order[order >= 0]] = res[order >= 0]
         return out
 
     def deltas(self, abl: Ablations, desc: str = "ablations", sites: Sequence[str] | None = None) -> np.ndarray:

@@ -9,6 +9,7 @@ positions, or a function of the full logits, by its metric program.
 """
 from __future__ import annotations
 
+import weakref
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -17,6 +18,7 @@ import pandas as pd
 from jaxcrit.convert.load import Model
 from jaxcrit.engine import edits as E
 from jaxcrit.engine.program import Readout
+from jaxcrit.engine.scoring import Engine
 from jaxcrit.errors import JaxcritError
 from jaxcrit.interventions.forward import capture_all, checked_edits, parsed, same_shape, token_ids
 from jaxcrit.models.sites import neuron_name, site as site_info
@@ -103,7 +105,7 @@ def scores(model: Model, ids: np.ndarray, sets: list[list[dict]], metric: str | 
         raise JaxcritError(f"unknown argument '{bad[0]}': give an Engine option ({', '.join(ENGINE_ARGS)})")
     checked, sources = checked_edits(model, sets + [[]], ids)
     abl, slots = parsed(model, checked, sources, ids, reference, captured)
-    eng = build_engine(model, list(ids), **engine)
+    eng = engine_for(model, ids, engine)
     if metric == "loss":
         out = eng.losses(abl, edits=slots, desc="edit sets")
     elif read is not None:
@@ -114,16 +116,39 @@ def scores(model: Model, ids: np.ndarray, sets: list[list[dict]], metric: str | 
     return out[:-1], float(out[-1])
 
 
+# The last engine built: {"engine": (model's weak reference, key, Engine)}. A notebook's calls on
+# one text and options reuse its clean pass and chunk plan; it goes with its model.
+LAST: dict[str, tuple[weakref.ref, tuple, Engine]] = {}
+
+
+def engine_for(model: Model, ids: np.ndarray, options: dict) -> Engine:
+    """The Engine of the model on token ids [B, T] with these options: the last one built if it is
+    for the same, else a new one (which replaces it)."""
+    key = (ids.shape, ids.tobytes(), tuple(sorted(options.items())))
+    last = LAST.get("engine")
+    if last is None or last[0]() is not model or last[1] != key:
+        LAST.clear()   # the old engine's device arrays go before the new one's are made
+        LAST["engine"] = (weakref.ref(model, forget), key, build_engine(model, list(ids), **options))
+    return LAST["engine"][2]
+
+
+def forget(ref: weakref.ref) -> None:
+    """Drops the last engine when its model is collected (a weakref callback)."""
+    if LAST.get("engine", (None,))[0] is ref:
+        LAST.clear()
+
+
 def of_logits(logits: np.ndarray, ids: np.ndarray, metric: str | Callable, read: Readout | None) -> float:
     """A metric of one run's logits [B, T, V] (what the engine computes of a row's hidden states)."""
     if callable(metric):
         return float(np.mean([metric(z) for z in logits]))
-    z = logits.astype(np.float64)
-    logp = z - np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1, keepdims=True)) - z.max(-1, keepdims=True)
+    log_softmax = lambda z: z - z.max(-1, keepdims=True) - np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1, keepdims=True))
     if metric == "loss":
-        return float(-np.take_along_axis(logp[:, :-1], ids[:, 1:, None], -1).mean())
-    at = lambda a: np.take_along_axis(np.take_along_axis(a, read.pos[..., None], 1), read.tokens[..., None], 2)[..., 0]
-    return float((read.w_logit * at(z) + read.w_logprob * at(logp)).sum())
+        logp = log_softmax(logits[:, :-1].astype(np.float64))
+        return float(-np.take_along_axis(logp, ids[:, 1:, None], -1).mean())
+    z = np.take_along_axis(logits, read.pos[..., None], 1).astype(np.float64)   # [B, P, V]: the read positions only
+    at = lambda a: np.take_along_axis(a, read.tokens[..., None], 2)[..., 0]
+    return float((read.w_logit * at(z) + read.w_logprob * at(log_softmax(z))).sum())
 
 
 def patch(model: Model, clean: Any, corrupted: Any, sites: Sequence[str] = ("down_proj",),

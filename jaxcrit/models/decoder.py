@@ -267,19 +267,37 @@ def layer_params(cfg: ModelConfig, p: Params) -> Params:
     return gathered(p, {k: table[k][1][1:] for k in p})
 
 
+class Earlier(NamedTuple):
+    """The positions before a layer's own, for a layer run over the later positions alone: the
+    residual entering the layer there, h [B, P, D], and their rope tables cos, sin [P, hd]. Their
+    keys and values are computed from h unedited (nothing edits a position before the first
+    edited one) and prepended to the layer's own; the queries sit at positions P.. ."""
+    h: Array
+    cos: Array
+    sin: Array
+
+
 def block(cfg: ModelConfig, p: Params, h: Array, valid: Array | None, cos: Array, sin: Array,
           masks: SiteArrays | None, values: SiteArrays | None, kernels: LayerKernels = XLA,
-          edits: slot_edits.Slots | None = None, layer_index=None) -> tuple[Array, dict[str, Array]]:
+          edits: slot_edits.Slots | None = None, layer_index=None, earlier: Earlier | None = None
+          ) -> tuple[Array, dict[str, Array]]:
     """One decoder layer of the stacked params' slice p and its edits: (its output [B, T, D], its
     sites' outputs {site: [B, T, C]}). edits: slots, applied where their layer is layer_index.
     A layer without masks, values or slots runs the kernels' fused MLP and folded norms (an
-    edited layer needs its pieces)."""
+    edited layer needs its pieces). earlier: h holds positions P.. alone, and these the positions
+    before them (`Earlier`; valid [B, P + T] then marks all keys); attention is XLA's there."""
     p = layer_params(cfg, p)
     sites: dict[str, Array] = {}
     site = editor(masks, values, sites, edits, layer_index)
     unedited = masks is None and values is None and edits is None
-    out = layer(cfg, p, h, cos, sin, site, lambda q, k, v: kernels.attend(cfg, q, k, v, valid),
-                kernels.swiglu if unedited else None, unedited and kernels.fold_norms)
+    attend_qkv = lambda q, k, v: kernels.attend(cfg, q, k, v, valid)
+    if earlier is not None:
+        _, k0, v0 = qkv(cfg, p, earlier.h, earlier.cos, earlier.sin, editor(None, None))
+        P = earlier.h.shape[1]
+        attend_qkv = lambda q, k, v: attend(cfg, q, jnp.concatenate([k0, k], 1), jnp.concatenate([v0, v], 1), valid,
+                                            P + jnp.arange(q.shape[1]))
+    out = layer(cfg, p, h, cos, sin, site, attend_qkv, kernels.swiglu if unedited else None,
+                unedited and kernels.fold_norms)
     return out, sites
 
 

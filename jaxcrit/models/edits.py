@@ -72,6 +72,15 @@ def apply(slots: Slots, name: str, layer, out: Array) -> Array:
     return out * scale.astype(out.dtype) + add.astype(out.dtype)
 
 
+def from_position(slots: Slots, first: int) -> Slots:
+    """The slots of rows that run positions first.. alone (no slot edits an earlier one): their
+    positions counted from first (every position stays -1) and their tables cut to those positions."""
+    if not first:
+        return slots
+    return slots._replace(position=jnp.where(slots.position < 0, slots.position, slots.position - first),
+                          tables={k: v[:, :, first:] for k, v in slots.tables.items()})
+
+
 def take(slots: Slots, idx) -> Slots:
     """The slots of the rows idx of a batch (fields [N, K]; the tables stay whole)."""
     return slots._replace(**{k: getattr(slots, k)[idx] for k in FIELDS})
