@@ -118,10 +118,13 @@ def test_run_writes_every_result_file(model_dir, texts_file, reference):
 
 def test_scan_top_takes_stage1s_best_channels(model_dir, reference, texts_file, tmp_path):
     """scan.top = 5: the 5 channels of each scanned layer that Stage 1 ranks highest, with the
-    deltas the exhaustive scan measured for them."""
+    deltas the exhaustive scan measured for them; the core stages' files are the reference's
+    (the optional stages change none of them)."""
     wd = tmp_path / "run"
     scan_only = dict(CORE, scan__sites=("down_proj",), scan__greedy_steps=0)
     M.run(full_config(model_dir, texts_file, scan__top=5, **scan_only), wd)
+    core = ("importance.json", "curve.csv", "critical.json", "evaluation.json")
+    assert files(wd, core) == files(reference, core) and len(files(wd, core)) == 4
     ranking = json.loads((reference / "importance.json").read_text())["neurons"]
     full = {tuple(r.split(",")[:3]): float(r.split(",")[3]) for r in (reference / "scan.csv").read_text().split()[1:]}
     got = [r.split(",") for r in (wd / "scan.csv").read_text().split()[1:]]
