@@ -1,8 +1,12 @@
 """The tests' compilation cache, and mutation-testing glue for pytest-gremlins (docs/mutation.md).
 
 JAX's persistent compilation cache (jaxcrit/dist/compile_cache.py) goes to a directory of the
-session's own, never the user's ~/.cache: JAX_COMPILATION_CACHE_DIR, which the cache's "auto"
-setting honours and subprocesses inherit, is set before any test runs.
+session's own, never the user's ~/.cache: JAX_COMPILATION_CACHE_DIR, which jax itself and the
+cache's "auto" setting honour and subprocesses inherit, is set before any test runs. Every program
+is kept (JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0, jaxcrit's own floor), and pytest-xdist's
+workers share the directory their controller made: most test files compile the same programs of
+the same tiny models, so a program one worker compiled the other reads. The cache is keyed on the
+compiled program itself, so a changed program is compiled anew.
 
 The mutation-testing glue is inert in ordinary test runs.
 
@@ -27,9 +31,12 @@ _CACHE = pytest.StashKey[str]()
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """The session's compilation cache directory; in a mutant's process (ACTIVE_GREMLIN set),
-    collect every test of each selected file."""
-    config.stash[_CACHE] = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxcrit-jax-cache-")
+    """The session's compilation cache directory (an xdist worker keeps its controller's, which
+    the controller removes); in a mutant's process (ACTIVE_GREMLIN set), collect every test of
+    each selected file."""
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    if not hasattr(config, "workerinput"):
+        config.stash[_CACHE] = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxcrit-jax-cache-")
     if os.environ.get("ACTIVE_GREMLIN"):
         config.stash[_SELECTED] = [a for a in config.args if "::" in a]
         config.args = list(dict.fromkeys(a.split("::")[0] for a in config.args))

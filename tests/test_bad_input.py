@@ -202,14 +202,22 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     (["--config=hf:/nonexistent/ckpt"], "model '/nonexistent/ckpt': no such file or directory"),
     (["--config=smollm2", "--config.stage3.x=1"], "unknown config field 'stage3.x'; `python -m jaxcrit.main --help`"),
 ], ids=["missing_config_file", "family_config_without_checkpoint", "missing_checkpoint", "unknown_key"])
-def test_as_a_user_sees_it(tmp_path, args, expected):
-    """The real command from an empty directory: the repo's configs/ resolve from REPO only when
-    named by path, so the relative path is given from the repo root."""
-    cwd = REPO if any(a.startswith("--config=configs/") for a in args) else tmp_path
-    p = _cli(*args, f"--workdir={tmp_path / 'run'}", cwd=cwd)
+def test_bad_config_name(tmp_path, capsys, monkeypatch, args, expected):
+    """From an empty directory: the repo's configs/ resolve from REPO only when named by path, so
+    the relative path is given from the repo root."""
+    monkeypatch.chdir(REPO if any(a.startswith("--config=configs/") for a in args) else tmp_path)
+    code, lines = _main([*args, f"--workdir={tmp_path / 'run'}"], capsys)
+    _assert_refused(code, lines, expected, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_as_a_user_sees_it(tmp_path):
+    """The real command from an empty directory: exit code 2, one line on stderr, no traceback,
+    no workdir (every refusal's line: in-process above)."""
+    p = _cli("--config=hf:/nonexistent/ckpt", f"--workdir={tmp_path / 'run'}", cwd=tmp_path)
     lines = [l for l in p.stderr.splitlines() if l.strip()]
     assert p.returncode == 2 and "Traceback" not in p.stderr
-    assert len(lines) == 1 and lines[0].startswith("jaxcrit: error: ") and expected in lines[0], p.stderr
+    assert len(lines) == 1 and lines[0].startswith("jaxcrit: error: model '/nonexistent/ckpt': no such file"), p.stderr
     assert not (tmp_path / "run").exists()
 
 

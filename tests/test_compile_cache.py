@@ -67,9 +67,11 @@ def test_a_second_process_reads_the_first_ones_programs_and_empty_turns_the_cach
 
 
 def test_the_cli_field_names_the_directory(model_dir, tmp_path):
-    """A dry run compiles the plan's programs from shapes: they land where compile_cache says."""
+    """A dry run compiles the plan's programs from shapes: they land where compile_cache says
+    (the core stages only: their programs are enough to see where entries go)."""
     d = tmp_path / "cli-cache"
-    cfg = config_file(tmp_path / "cfg.py", model_dir)
+    cfg = config_file(tmp_path / "cfg.py", model_dir, baselines__names=(), scan__sites=(), map__enabled=False,
+                      generate__enabled=False)
     r = subprocess.run([sys.executable, "-m", "jaxcrit.main", f"--config={cfg}", "--config.dry_run=True",
                         f"--config.compile_cache={d}", f"--workdir={tmp_path / 'run'}"], cwd=REPO,
                        capture_output=True, text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})

@@ -37,34 +37,36 @@ SCRIPT = textwrap.dedent("""
     import sys, numpy as np, jax, jax.numpy as jnp
     from jaxcrit.kernels.fused_loss import Tiles, expsum_sharded
     from jaxcrit.dist.sharding import make_mesh
-    mesh = make_mesh(tuple(int(x) for x in sys.argv[2].split("x")))
     k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
     hs = jax.random.normal(k1, (8, 2, 5, 64)).astype(jnp.bfloat16)          # [R, B, T, D]
     w = (0.2 * jax.random.normal(k2, (320, 64))).astype(jnp.bfloat16)     # V = 320 = 2 x 160
     shift = jax.random.uniform(k3, (2, 5), minval=-1.0, maxval=1.0)
-    f = jax.jit(lambda h, w, s: expsum_sharded(h, w, s, mesh, Tiles(16, 64, 32, 4, 1), interpret=True))
-    out = f(hs, w, shift)
-    np.save(sys.argv[1], np.asarray(out))
-    print("rows", out.sharding.spec[0], "psum", "psum" in str(jax.make_jaxpr(f)(hs, w, shift)))
+    for shape in sys.argv[2:]:
+        mesh = make_mesh(tuple(int(x) for x in shape.split("x")))
+        f = jax.jit(lambda h, w, s: expsum_sharded(h, w, s, mesh, Tiles(16, 64, 32, 4, 1), interpret=True))
+        out = f(hs, w, shift)
+        np.save(f"{sys.argv[1]}/{shape}.npy", np.asarray(out))
+        print(shape, "rows", out.sharding.spec[0], "psum", "psum" in str(jax.make_jaxpr(f)(hs, w, shift)))
 """)
 
 
-@pytest.mark.parametrize("shape", ["4x2", "8x1"])
-def test_sharded_expsum_on_8_devices(tmp_path, shape):
-    out = tmp_path / "out.npy"
+def test_sharded_expsum_on_8_devices(tmp_path):
+    """Both meshes in one process of eight CPU devices."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(out), shape], env=env, capture_output=True,
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path), "4x2", "8x1"], env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    # rows stay split over 'data'; on 4x2 the vocabulary is split over 'model' and the partial sums psum'd
-    assert proc.stdout.split()[:2] == ["rows", "data"], proc.stdout
-    assert shape != "4x2" or proc.stdout.split()[3] == "True", proc.stdout
+    printed = {line.split()[0]: line.split()[1:] for line in proc.stdout.splitlines()}
     k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
     hs = jax.random.normal(k1, (8, 2, 5, 64)).astype(jnp.bfloat16)
     w = (0.2 * jax.random.normal(k2, (320, 64))).astype(jnp.bfloat16)
     shift = jax.random.uniform(k3, (2, 5), minval=-1.0, maxval=1.0)
     want = plain(hs.reshape(-1, 64), w, jnp.broadcast_to(shift, (8, 2, 5)).reshape(-1)).reshape(8, 2, 5)
-    np.testing.assert_allclose(np.load(out), want, rtol=1e-5)
+    for shape in ("4x2", "8x1"):
+        # rows stay split over 'data'; on 4x2 the vocabulary is split over 'model' and the partial sums psum'd
+        assert printed[shape][:2] == ["rows", "data"], proc.stdout
+        assert shape != "4x2" or printed[shape][3] == "True", proc.stdout
+        np.testing.assert_allclose(np.load(tmp_path / f"{shape}.npy"), want, rtol=1e-5, err_msg=shape)
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="the compiled kernel needs a GPU (run in the GPU benchmark call)")

@@ -147,8 +147,10 @@ def test_corpus_from_a_dataset_repository(hub, cache):
 
 
 def _untimed(summary: bytes) -> list[bytes]:
-    """summary.md without its table of stage times (`| load | 0.47 s |`)."""
-    return [row for row in summary.splitlines() if not re.fullmatch(rb"\| [*\w]+ \| [\d.]+ s \|", row)]
+    """summary.md without its table of stage times (`| load | 0.47 s |`, `| **total** | 1 min 4 s |`:
+    every form of report.summary.fmt_seconds)."""
+    time = rb"([\d.]+ s|\d+ min \d+ s|\d+ h \d+ min)"
+    return [row for row in summary.splitlines() if not re.fullmatch(rb"\| [*\w]+ \| " + time + rb" \|", row)]
 
 
 def test_cli_run_from_a_hub_id_equals_the_run_from_its_directory(model_dir, cache, tmp_path):
@@ -177,33 +179,47 @@ def _cli(args: list[str], home: Path, **env: str) -> subprocess.Popen:
                             env={**base, "JAX_PLATFORMS": "cpu", "HF_HOME": str(home), "PYTHONPATH": str(REPO), **env})
 
 
-def test_each_hub_failure_is_one_line_before_any_work(model_dir, hub, tmp_path):
-    """Through the real command (all cases at once): one `jaxcrit: error:` line, exit code 2, no
-    traceback, no workdir. (HF_HUB_OFFLINE=1 with nothing cached: test_offline_loads_from_the_cache...)"""
-    cases = {   # case -> (arguments, environment, what the line says)
-        "missing_repo": (["--config=hf:org/none"], {}, "org/none: no such local path, and no such repository on the Hub"),
-        "gated_without_token": (["--config=hf:org/gated"], {}, "org/gated: a gated repository; accept its terms"),
-        "no_network_nothing_cached": (["--config=hf:org/tiny"], {"HF_ENDPOINT": _dead_url()},
-                                      "org/tiny: not in the hub cache"),
-        "pickled_weights_only": (["--config=hf:org/pickled"], {}, "org/pickled: the repository has no .safetensors "
-                                 "weights, and jaxcrit reads no pickled .bin/.pt weights; convert it once with "
-                                 "transformers: AutoModelForCausalLM.from_pretrained('org/pickled')"
-                                 ".save_pretrained(DIR, safe_serialization=True)"),
-        "missing_revision": (["--config=hf:org/tiny@v9"], {}, "org/tiny@v9: org/tiny has no revision 'v9'"),
-        "missing_corpus_file": ([f"--config=hf:{model_dir}", "--config.evaluate.file=hf-dataset:org/wiki/none.raw"], {},
-                                "hf-dataset:org/wiki/none.raw: the repository has no such file"),
-    }
-    runs = {}
-    for case, (args, env, _) in cases.items():
-        (tmp_path / case).mkdir()
-        runs[case] = _cli([*args, f"--workdir={tmp_path / case / 'run'}"], tmp_path / case / "hf",
-                          **{"HF_ENDPOINT": hub.url, **env})
-    for case, p in runs.items():
-        out, err = p.communicate(timeout=300)
-        lines = [line for line in err.splitlines() if line.strip()]
-        assert p.returncode == 2 and "Traceback" not in err, (case, err[-2000:])
-        assert len(lines) == 1 and lines[0].startswith("jaxcrit: error: ") and cases[case][2] in lines[0], (case, lines)
-        assert not (tmp_path / case / "run").exists(), case
+# case -> (arguments, what the error line says); {model_dir}: the checkpoint's directory
+FAILURES = {
+    "missing_repo": (["--config=hf:org/none"], "org/none: no such local path, and no such repository on the Hub"),
+    "gated_without_token": (["--config=hf:org/gated"], "org/gated: a gated repository; accept its terms"),
+    "no_network_nothing_cached": (["--config=hf:org/tiny"], "org/tiny: not in the hub cache"),
+    "pickled_weights_only": (["--config=hf:org/pickled"], "org/pickled: the repository has no .safetensors weights, "
+                             "and jaxcrit reads no pickled .bin/.pt weights; convert it once with transformers: "
+                             "AutoModelForCausalLM.from_pretrained('org/pickled')"
+                             ".save_pretrained(DIR, safe_serialization=True)"),
+    "missing_revision": (["--config=hf:org/tiny@v9"], "org/tiny@v9: org/tiny has no revision 'v9'"),
+    "missing_corpus_file": (["--config=hf:{model_dir}", "--config.evaluate.file=hf-dataset:org/wiki/none.raw"],
+                            "hf-dataset:org/wiki/none.raw: the repository has no such file"),
+}
+
+
+@pytest.mark.parametrize("case", list(FAILURES))
+def test_each_hub_failure_is_one_line_before_any_work(case, model_dir, cache, tmp_path, monkeypatch, capsys):
+    """Through the CLI's main, with no token: one `jaxcrit: error:` line, exit code 2, no traceback,
+    no workdir. (HF_HUB_OFFLINE=1 with nothing cached: test_offline_loads_from_the_cache...)"""
+    args, said = FAILURES[case]
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    if case == "no_network_nothing_cached":
+        _point(monkeypatch, _dead_url(), cache)
+    wd = tmp_path / "run"
+    code = M.main(["jaxcrit", *(a.format(model_dir=model_dir) for a in args), f"--workdir={wd}"])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and "Traceback" not in err, err[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("jaxcrit: error: ") and said in lines[0], lines
+    assert not wd.exists()
+
+
+def test_a_hub_failure_as_a_user_sees_it(hub, tmp_path):
+    """The real command, given the Hub and its cache as a user gives them (HF_ENDPOINT, HF_HOME) and
+    no token: a gated repository is one line, exit code 2, no traceback, no workdir."""
+    p = _cli(["--config=hf:org/gated", f"--workdir={tmp_path / 'run'}"], tmp_path / "hf", HF_ENDPOINT=hub.url)
+    out, err = p.communicate(timeout=300)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert p.returncode == 2 and "Traceback" not in err, err[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("jaxcrit: error: ") and FAILURES["gated_without_token"][1] in lines[0]
+    assert not (tmp_path / "run").exists()
 
 
 def test_the_processes_of_one_host_fetch_once(repos, tmp_path):

@@ -41,15 +41,20 @@ def _state(pid: int) -> tuple[str, int]:
     return state, int(parent)
 
 
+@pytest.fixture(scope="module")
+def cfg(tmp_path_factory) -> Path:
+    """The tiny model and its config, shared by the three cases."""
+    d = tmp_path_factory.mktemp("tiny")
+    return config_file(d / "cfg.py", build_model(d / "model"), stage1__batch=4, baselines__names=(), scan__sites=(),
+                       map__enabled=False, engine__chunk=8)
+
+
 @pytest.mark.parametrize("dies, death, said", [
     (1, "SIGKILL", "process 1/2 sent no sign of life"),
     (0, "SIGKILL", "process 0/2 (the coordinator, localhost:{port}) sent no sign of life"),
     (0, "SIGSTOP", "the coordinator at localhost:{port} did not answer"),
 ], ids=["worker", "coordinator", "coordinator_host"])
-def test_survivor_ends_with_one_line(tmp_path, dies, death, said):
-    model = build_model(tmp_path / "model")
-    cfg = config_file(tmp_path / "cfg.py", model, stage1__batch=4, baselines__names=(), scan__sites=(),
-                      map__enabled=False, engine__chunk=8)
+def test_survivor_ends_with_one_line(cfg, tmp_path, dies, death, said):
     port = _port()
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "2"}
     procs = []
