@@ -269,6 +269,33 @@ def test_grow_matches_reference(setup, engine, per_position):
     np.testing.assert_allclose(g.deltas, ref[[0, 2, 6, N_GROW - 1]], rtol=0, atol=1e-5)
 
 
+class PrefixEngine:
+    """A stand-in engine: the delta of a prefix row is its number of zeroed neurons / 8."""
+    chunk = 4
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def deltas(self, abl, desc, sites):
+        return abl.active.sum(1) / 8
+
+
+def test_grow_blocks_by_hand():
+    """Blocks of 4 prefixes (1-4, 5-8, ...) up to the ranking's 14 neurons (max_steps 20): without
+    full_curve the growth ends with the block holding the first n whose delta reaches epsilon
+    (n = 7 for epsilon 7/8, a delta equal to it), which is not the first block; memo sees one key
+    per block."""
+    ranking = NeuronSet.make(["gate_proj"] * 14, [0] * 14, range(14))
+    eng = PrefixEngine(hf_models.shapes_config())
+    g = stage2.grow(eng, ranking, epsilon=0.875, max_steps=20, full_curve=False)
+    assert (g.critical_n, g.ns.tolist(), g.deltas.tolist()) == (7, list(range(1, 9)), [n / 8 for n in range(1, 9)])
+    keys = []
+    g = stage2.grow(eng, ranking, epsilon=0.875, max_steps=20, full_curve=True,
+                    memo=lambda key, compute: keys.append(key) or compute())
+    assert (g.critical_n, g.ns.tolist()) == (7, list(range(1, 15)))
+    assert keys == ["block-0", "block-4", "block-8", "block-12"]
+
+
 def test_growth_and_critical_by_hand():
     """Growth.of on a hand-made curve: critical n is the first n whose delta reaches epsilon (a
     delta equal to epsilon counts), None when none does; last_n, delta(n) and the table follow.
