@@ -14,9 +14,11 @@ def _tokens(n: int) -> list[str]:
 
 
 def write_llama(path: Path, *, arch: str = "llama", kernel_type=gguf.GGMLQuantizationType.Q8_0,
-                tokenizer_model: str = "gpt2", seed: int = 0) -> Path:
+                tokenizer_model: str = "gpt2", seed: int = 0, vocab_size: bool = True,
+                rope_scaling: gguf.RopeScalingType | None = None, rope_freqs: bool = False) -> Path:
     """A random, untied llama model; kernels quantized to kernel_type (Q8_1: raw zero blocks,
-    which the gguf package cannot dequantize)."""
+    which the gguf package cannot dequantize). vocab_size False leaves out {arch}.vocab_size (the
+    token list then gives it); rope_scaling writes rope.scaling.type, rope_freqs a rope_freqs tensor."""
     c = TINY
     rng = np.random.default_rng(seed)
     w = gguf.GGUFWriter(path, arch)
@@ -29,7 +31,10 @@ def write_llama(path: Path, *, arch: str = "llama", kernel_type=gguf.GGMLQuantiz
     w.add_head_count_kv(c["kv_heads"])
     w.add_layer_norm_rms_eps(1e-5)
     w.add_rope_freq_base(50000.0)
-    w.add_vocab_size(c["vocab"])
+    if vocab_size:
+        w.add_vocab_size(c["vocab"])
+    if rope_scaling is not None:
+        w.add_rope_scaling_type(rope_scaling)
     w.add_tokenizer_model(tokenizer_model)
     w.add_token_list(_tokens(c["vocab"]))
     w.add_token_types([3, 3, 3] + [1] * (c["vocab"] - 3))
@@ -45,6 +50,8 @@ def write_llama(path: Path, *, arch: str = "llama", kernel_type=gguf.GGMLQuantiz
     def norm(name: str) -> None:
         w.add_tensor(name, (1.0 + 0.1 * rng.standard_normal(c["d"])).astype(np.float32))
 
+    if rope_freqs:
+        w.add_tensor("rope_freqs.weight", np.ones(c["d"] // c["heads"] // 2, np.float32))
     w.add_tensor("token_embd.weight", rng.standard_normal((c["vocab"], c["d"])).astype(np.float32))
     norm("output_norm.weight")
     kernel("output.weight", c["vocab"], c["d"])

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 import transformers as tf
 
+from jaxcrit.models.config import ModelConfig
 from jaxcrit.models.sites import SITE_NAMES, module_path
 
 COMMON = dict(vocab_size=211, hidden_size=64, intermediate_size=120, num_hidden_layers=3,
@@ -49,6 +50,14 @@ def build(arch: str, directory: Path, seed: int = 0, *, layers: int | None = Non
                 p.add_(0.1 * torch.randn_like(p))
     model.save_pretrained(directory)
     return model
+
+
+def shapes_config() -> ModelConfig:
+    """A llama ModelConfig with no weights behind it, for host-side logic that reads only shapes:
+    3 layers and site widths that all differ (q_proj 24 = 4 heads x 6, k/v_proj 12, d_model 10,
+    d_ff 14)."""
+    return ModelConfig(model_type="llama", vocab_size=50, d_model=10, n_layers=3, n_heads=4, n_kv_heads=2,
+                       head_dim=6, d_ff=14, norm_eps=1e-6, rope_theta=1e4, tie_embeddings=True)
 
 
 def hf_site(model, arch: str, cfg, name: str, layer: int) -> tuple[torch.nn.Module, int]:

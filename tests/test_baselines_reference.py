@@ -24,6 +24,7 @@ import pytest
 import torch
 
 import hf_models
+from jaxcrit import engine as E
 from jaxcrit.convert.hf import load_hf
 from jaxcrit.critical import baselines
 from jaxcrit.models.sites import SITE_NAMES, module_path, width
@@ -168,3 +169,40 @@ def test_random_is_uniform_over_neurons(setup):
     # channels within a site: the lower and upper halves equally often
     low = sum(((got.site == s) & (got.channel < width(cfg, s) // 2)).sum() for s in SITE_NAMES)
     assert abs(low - k / 2) <= 5 * np.sqrt(k / 4)
+
+
+class RowEngine:
+    """An engine whose delta of a row is its first entry's channel (so each row is known by its
+    number); it keeps every batch it scores."""
+    chunk = 5
+
+    def __init__(self):
+        self.batches = []
+
+    def deltas(self, abl: E.Ablations, desc: str) -> np.ndarray:
+        self.batches.append((abl, desc))
+        return abl.channel[:, 0].astype(np.float32)
+
+
+def test_units_are_packed_into_chunks_in_order():
+    """Units of 2, 3, 1, 6 and 2 rows with chunk 5: batches [2 + 3], [1], [6] (larger than a
+    chunk: alone), [2]; shorter rows padded with inactive entries; each unit gets its own rows'
+    deltas back; memo sees one key per batch."""
+    cfg = hf_models.shapes_config()   # gate_proj: 14 channels, one per row below
+    sizes, widths = (2, 3, 1, 6, 2), (1, 2, 1, 3, 1)
+    units, first = {}, 0
+    for i, (n, k) in enumerate(zip(sizes, widths)):
+        units[f"u{i}"] = E.make(np.full((n, k), "gate_proj"), np.zeros((n, k), int),
+                                first + np.arange(n)[:, None] + np.zeros(k, int), cfg=cfg)
+        first += n
+    eng, keys = RowEngine(), []
+    out = baselines.score_packed(eng, units, desc="baselines", memo=lambda key, compute: keys.append(key) or compute())
+    assert [(a.rows, a.site.shape[1]) for a, _ in eng.batches] == [(5, 2), (1, 1), (6, 3), (2, 1)]
+    assert [d for _, d in eng.batches] == ["baselines u0, u1", "baselines u2", "baselines u3", "baselines u4"]
+    assert keys == ["batch-0", "batch-1", "batch-2", "batch-3"]
+    padded = eng.batches[0][0]
+    assert padded.active.tolist() == [[True, False]] * 2 + [[True, True]] * 3
+    assert (padded.scale[:2, 1] == 1).all() and (padded.value[:2, 1] == 0).all()
+    starts = np.cumsum((0,) + sizes)
+    assert {k: v.tolist() for k, v in out.items()} == {
+        f"u{i}": list(range(starts[i], starts[i + 1])) for i in range(len(sizes))}

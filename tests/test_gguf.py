@@ -123,6 +123,22 @@ def test_refuses_other_architecture(tmp_path):
         load_gguf(path)
 
 
+def test_vocab_size_from_the_token_list(tmp_path):
+    """Without {arch}.vocab_size the vocabulary is the token list's length."""
+    cfg, _ = load_gguf(write_llama(tmp_path / "novocab.gguf", vocab_size=False))
+    assert cfg.vocab_size == 96
+
+
+@pytest.mark.parametrize("scaling,freqs", [(gguf.RopeScalingType.LINEAR, False), (None, True)],
+                         ids=["scaling_type", "rope_freqs_tensor"])
+def test_refuses_rope_scaling(tmp_path, scaling, freqs):
+    """Either sign of RoPE scaling alone (a rope.scaling.type other than none, or a rope_freqs tensor)
+    is refused."""
+    path = write_llama(tmp_path / "scaled.gguf", rope_scaling=scaling, rope_freqs=freqs)
+    with pytest.raises(JaxcritError, match="GGUF RoPE scaling is not supported"):
+        load_gguf(path)
+
+
 def test_refuses_undequantizable_type(tmp_path):
     path = write_llama(tmp_path / "q81.gguf", kernel_type=gguf.GGMLQuantizationType.Q8_1)
     with pytest.raises(JaxcritError, match=r"quantization type Q8_1 cannot be dequantized"):

@@ -23,6 +23,7 @@ import hf_models
 from jaxcrit.convert.hf import load_hf
 from jaxcrit.critical import scan as S
 from jaxcrit.engine import Engine, Texts
+from jaxcrit.models.neurons import NeuronSet
 
 T = 37
 POOL = 6
@@ -124,3 +125,21 @@ def test_greedy_stops_at_epsilon(setup):
     path = S.greedy(setup.engine, setup.pool, steps=POOL, epsilon=eps)
     assert picks(path) == [s.key for s in ref]
     assert path[-1]["delta"] >= eps > max(p["delta"] for p in path[:-1])
+    # epsilon equal to that step's own delta (the same numbers in every call): reached there
+    whole = S.greedy(setup.engine, setup.pool, steps=POOL, epsilon=math.inf)
+    assert picks(S.greedy(setup.engine, setup.pool, steps=POOL, epsilon=whole[j]["delta"])) == picks(whole)[:j + 1]
+
+
+def test_scan_targets_by_hand():
+    """The neurons a scan covers: per site, deepest layer first, channels in the order given (all
+    when None); with `top`, the first `top` distinct channels of each site and layer in the
+    ranking (a channel met again at another position counts once)."""
+    cfg = hf_models.shapes_config()   # 3 layers, o_proj 10 channels
+    assert S.neurons(cfg, ["v_proj", "down_proj"], [0, 2], [3, 1]).keys() == [
+        ("v_proj", 2, 3), ("v_proj", 2, 1), ("v_proj", 0, 3), ("v_proj", 0, 1),
+        ("down_proj", 2, 3), ("down_proj", 2, 1), ("down_proj", 0, 3), ("down_proj", 0, 1)]
+    assert S.targets(cfg, ["o_proj"], [1, 2]).keys() == [("o_proj", l, c) for l in (2, 1) for c in range(10)]
+    ranking = NeuronSet.make(["down_proj", "q_proj", "down_proj", "down_proj", "down_proj", "down_proj", "up_proj"],
+                             [1, 1, 0, 1, 1, 1, 2], [7, 2, 4, 7, 3, 5, 0], position=[0, 0, 0, 1, 0, 0, 0])
+    got = S.targets(cfg, ["down_proj", "q_proj"], [0, 1], top=2, ranking=ranking)
+    assert got.keys() == [("down_proj", 1, 7), ("down_proj", 1, 3), ("down_proj", 0, 4), ("q_proj", 1, 2)]

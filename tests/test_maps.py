@@ -138,6 +138,35 @@ def test_rule_stops_when_screens_run_out_or_at_max_rounds():
     assert mp.stopped == "exhausted" and mp.rounds == 2 and (mp.how == maps.ROUND).sum() == 120   # 50, then 100
     mp = _build({"first_order": exact}, measure, top_k=200, max_rounds=2, audit=0)
     assert mp.stopped == "max_rounds" and mp.rounds == 2 and (mp.how == maps.ROUND).sum() == 150
+    partial_screen[:150] = exact[:150]                # used up exactly at round 2's first rank
+    mp = _build({"importance": partial_screen}, measure, top_k=200, audit=0)
+    assert mp.stopped == "exhausted" and mp.rounds == 2 and (mp.how == maps.ROUND).sum() == 150
+    assert [key for key, _ in calls] == ["round-0", "round-1"] * 3   # audit 0: no audit call
+
+
+def test_audit_counts_by_hand():
+    """One round of 2 (top_k 2, so the k-th verified delta is the second one, 0.25), then the 10
+    others audited: only a delta above it counts as missed (0.75 does, the tie 0.25 does not);
+    the missed estimate scales 1 of 10 audited to the 10 unverified. Spearman needs 3 audited
+    pairs: with 2 it is None."""
+    exact = np.array([0.5, 0.25, 0.125, 0.25, 0.125, 0.75, 0.125, 0.125, 0.0625, 0.125, 0.125, 0.125], np.float32)
+    screen = -np.arange(12, dtype=np.float32)        # ranks the neurons in index order by |value|: 11 first
+    screen[:2] = [100.0, 50.0]                       # ... but these two before all
+    measure = lambda key, idx: exact[idx]
+    mp = _build({"first_order": screen}, measure, top_k=2, block=2, max_rounds=1, audit=10)
+    assert (mp.how == maps.ROUND).tolist() == [True, True] + [False] * 10 and (mp.how == maps.AUDIT).sum() == 10
+    a = mp.audit()
+    assert (a["kth_delta"], a["missed"], a["missed_estimate"]) == (0.25, 1, 1.0)
+    assert a["screens"]["first_order"]["spearman"] is not None
+    t = mp.table()
+    assert list(t.columns) == ["site", "layer", "channel", "first_order", "delta", "verified"]
+    assert t.verified.tolist() == ["screen"] * 2 + ["audit"] * 10 and t.delta.tolist() == exact.tolist()
+    s = mp.summary()
+    assert (s["verified"], s["audited"], s["rounds"], s["stopped"]) == (2, 10, 1, "max_rounds")
+    assert [(r["channel"], r["delta"], r["verified"]) for r in s["top"]] == [(5, 0.75, "audit"), (0, 0.5, "screen")]
+    for n, spearman in ((3, True), (2, False)):
+        a = _build({"first_order": screen}, measure, top_k=2, block=2, max_rounds=1, audit=n).audit()
+        assert (a["screens"]["first_order"]["spearman"] is not None) == spearman, n
 
 
 # ----------------------------------------------------------------------------- against the engine

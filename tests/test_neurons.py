@@ -1,9 +1,12 @@
 """NeuronSet: one record schema, round trips through records, DataFrames and tuples."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
+import hf_models
 from jaxcrit.errors import JaxcritError
 from jaxcrit.models.neurons import NeuronSet
 
@@ -57,3 +60,24 @@ def test_neuron_names_round_trip_and_bad_names_are_refused():
             parse_neuron_name(bad)
     with pytest.raises(JaxcritError, match="whole site"):
         NeuronSet.of(["model.layers.1.mlp.down_proj"])
+
+
+def test_site_table_and_widths():
+    """Each site's channel count, by hand for a config whose widths all differ; the table is frozen."""
+    from jaxcrit.models.sites import SITE_NAMES, site, width
+    cfg = hf_models.shapes_config()
+    want = {"q_proj": 24, "k_proj": 12, "v_proj": 12, "o_proj": 10, "gate_proj": 14, "up_proj": 14, "act_fn": 14,
+            "down_proj": 10, "post_attention_layernorm": 10}
+    assert {s: width(cfg, s) for s in SITE_NAMES} == want
+    with pytest.raises(JaxcritError, match="unknown site 'mlp'"):
+        width(cfg, "mlp")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        site("q_proj").width = "d_ff"
+
+
+@pytest.mark.parametrize("path", ["model.layers.1", "model.blocks.1.mlp.down_proj", "layers.1.mlp.down_proj.x",
+                                  "model.layers.x.mlp.down_proj", "model.layers.-1.mlp.down_proj"])
+def test_paths_that_are_not_site_paths(path):
+    from jaxcrit.models.sites import parse_module_path
+    with pytest.raises(JaxcritError, match="is not a site path"):
+        parse_module_path(path)

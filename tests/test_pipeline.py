@@ -196,6 +196,25 @@ def test_channel_ranking_is_reference_max_over_positions(setup, top_n, threshold
     assert_same_ranking(got, ref, top_n)
 
 
+def test_rank_by_hand():
+    """Hand-made channel scores: only scores strictly above the threshold are kept; ties keep
+    layer-major, then site (SITE_NAMES order), then channel order; per position, each position is
+    an entry."""
+    scores = {"down_proj": np.array([[[0.5, 0.25, 0.5]], [[0.75, 0.5, 0.125]]], np.float32),
+              "q_proj": np.array([[[0.5, 0.0]], [[0.0, 0.875]]], np.float32)}
+    got = stage1.rank(scores, 10, 0.25, per_position=False)
+    assert got.keys() == [("q_proj", 1, 1), ("down_proj", 1, 0), ("q_proj", 0, 0), ("down_proj", 0, 0),
+                          ("down_proj", 0, 2), ("down_proj", 1, 1)]
+    assert got.score.tolist() == [0.875, 0.75, 0.5, 0.5, 0.5, 0.5] and (got.position == -1).all()
+    assert stage1.rank(scores, 10, 0.5, per_position=False).keys() == [("q_proj", 1, 1), ("down_proj", 1, 0)]
+    assert stage1.rank(scores, 3, 0.0, per_position=False).keys() == [("q_proj", 1, 1), ("down_proj", 1, 0),
+                                                                       ("q_proj", 0, 0)]
+    two = {"act_fn": np.array([[[0.25, 1.0], [0.5, 0.125], [0.75, 0.0]]], np.float32)}   # [L 1, T 3, C 2]
+    got = stage1.rank(two, 10, 0.2, per_position=True)
+    assert list(zip(got.keys(), got.position.tolist())) == [
+        (("act_fn", 0, 1), 0), (("act_fn", 0, 0), 2), (("act_fn", 0, 0), 1), (("act_fn", 0, 0), 0)]
+
+
 # ----------------------------------------------------------------------------- Stage 2
 
 @pytest.fixture(scope="module")
@@ -226,7 +245,8 @@ def test_grow_matches_reference(setup, engine, per_position):
     first = int(np.flatnonzero(ref >= eps)[0]) + 1
     g = stage2.grow(engine, rk, epsilon=eps, max_steps=N_GROW, full_curve=False)
     assert g.critical_n == first
-    stop = min(-(-first // engine.chunk) * engine.chunk, N_GROW)   # the end of the block holding n*
+    block_end = lambda n: min(-(-n // engine.chunk) * engine.chunk, N_GROW)   # the end of n's block
+    stop = block_end(first)
     np.testing.assert_array_equal(g.ns, np.arange(1, stop + 1))
     np.testing.assert_allclose(g.deltas, ref[:stop], rtol=0, atol=1e-5)
 
@@ -234,7 +254,60 @@ def test_grow_matches_reference(setup, engine, per_position):
     np.testing.assert_array_equal(g.ns, np.arange(1, N_GROW + 1))
     assert g.critical_n == first
 
-    # given ns (the baselines' way), out-of-range ones dropped
-    g = stage2.grow(engine, rk, epsilon=1e9, max_steps=N_GROW, full_curve=True, ns=np.array([1, 3, 7, N_GROW + 5]))
-    np.testing.assert_array_equal(g.ns, [1, 3, 7])
-    np.testing.assert_allclose(g.deltas, ref[[0, 2, 6]], rtol=0, atol=1e-5)
+    # epsilon equal to a delta that beats every earlier one: reached there, and the growth ends
+    # with that n's block (the deltas of the same blocks are the same numbers in every call)
+    d = full.deltas
+    n = max(n for n in range(2, N_GROW + 1) if d[n - 1] > d[:n - 1].max() and block_end(n) < N_GROW)
+    g = stage2.grow(engine, rk, epsilon=float(d[n - 1]), max_steps=N_GROW, full_curve=False)
+    assert g.critical_n == n
+    np.testing.assert_array_equal(g.ns, np.arange(1, block_end(n) + 1))
+
+    # given ns (the baselines' way), out-of-range ones (0, above max_steps) dropped, both ends kept
+    g = stage2.grow(engine, rk, epsilon=1e9, max_steps=N_GROW, full_curve=True,
+                    ns=np.array([0, 1, 3, 7, N_GROW, N_GROW + 5]))
+    np.testing.assert_array_equal(g.ns, [1, 3, 7, N_GROW])
+    np.testing.assert_allclose(g.deltas, ref[[0, 2, 6, N_GROW - 1]], rtol=0, atol=1e-5)
+
+
+class PrefixEngine:
+    """A stand-in engine: the delta of a prefix row is its number of zeroed neurons / 8."""
+    chunk = 4
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def deltas(self, abl, desc, sites):
+        return abl.active.sum(1) / 8
+
+
+def test_grow_blocks_by_hand():
+    """Blocks of 4 prefixes (1-4, 5-8, ...) up to the ranking's 14 neurons (max_steps 20): without
+    full_curve the growth ends with the block holding the first n whose delta reaches epsilon
+    (n = 7 for epsilon 7/8, a delta equal to it), which is not the first block; memo sees one key
+    per block."""
+    ranking = NeuronSet.make(["gate_proj"] * 14, [0] * 14, range(14))
+    eng = PrefixEngine(hf_models.shapes_config())
+    g = stage2.grow(eng, ranking, epsilon=0.875, max_steps=20, full_curve=False)
+    assert (g.critical_n, g.ns.tolist(), g.deltas.tolist()) == (7, list(range(1, 9)), [n / 8 for n in range(1, 9)])
+    keys = []
+    g = stage2.grow(eng, ranking, epsilon=0.875, max_steps=20, full_curve=True,
+                    memo=lambda key, compute: keys.append(key) or compute())
+    assert (g.critical_n, g.ns.tolist()) == (7, list(range(1, 15)))
+    assert keys == ["block-0", "block-4", "block-8", "block-12"]
+
+
+def test_growth_and_critical_by_hand():
+    """Growth.of on a hand-made curve: critical n is the first n whose delta reaches epsilon (a
+    delta equal to epsilon counts), None when none does; last_n, delta(n) and the table follow.
+    Critical's loss is base_loss + delta * ln 10 (delta is in log10 units, the loss in nats)."""
+    ns, deltas = np.array([2, 4, 6, 8]), np.array([0.125, 0.5, 0.25, 0.75], np.float32)
+    g = stage2.Growth.of(ns, deltas, 0.5)
+    assert (g.critical_n, g.last_n, g.delta(6)) == (4, 4, 0.25)
+    never = stage2.Growth.of(ns, deltas, 0.875)
+    assert (never.critical_n, never.last_n) == (None, 8)
+    df = g.to_pandas()
+    assert df.n.tolist() == [2, 4, 6, 8] and df.delta.tolist() == [0.125, 0.5, 0.25, 0.75]
+    crit = stage2.Critical(NeuronSet.make(["down_proj", "q_proj"], [1, 0], [5, 2]), 2, 0.5, 0.75, 2.0)
+    assert crit.loss == pytest.approx(2.0 + 0.75 * math.log(10), rel=1e-12)
+    assert crit.to_json() == {"n": 2, "epsilon": 0.5, "delta": 0.75, "base_loss": 2.0, "loss": crit.loss,
+                              "neurons": crit.neurons.records()}

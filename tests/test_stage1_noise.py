@@ -22,7 +22,7 @@ import pytest
 import hf_models
 from jaxcrit.convert.hf import load_hf
 from jaxcrit.critical import stage1
-from jaxcrit.models.sites import SITE_NAMES, module_path
+from jaxcrit.models.sites import SITE_NAMES, module_path, width
 
 ALPHA = 0.5
 SEED = 7
@@ -94,3 +94,27 @@ def test_seeded_importance_matches_transformers(setup):
         for layer in range(s.cfg.n_layers):
             np.testing.assert_allclose(scores[site][layer], ref[module_path(site, layer)], rtol=1e-4,
                                        atol=1e-6 * top, err_msg=f"{site} layer {layer}")
+
+
+def test_partial_chunk_is_padded_with_zero_noise_and_weight(monkeypatch):
+    """K = 5 samples in chunks of 3: batches of exactly 3 rows, samples 0-2 then 3-4 and a padding
+    row of zero noise with weight 0, so each sample counts once. `differences` is replaced by
+    one that returns, at every entry, the sum of the weights it gets: the scores are then exactly 1."""
+    cfg = hf_models.shapes_config()
+    noise = np.random.default_rng(0).standard_normal((K, T, cfg.d_model)).astype(np.float32)
+    calls = []
+
+    def differences(cfg_, params, tokens, eps, alpha, weight):
+        calls.append((np.asarray(eps), np.asarray(weight)))
+        assert len(calls) <= 2, "more batches than ceil(5 / 3)"
+        return {s: jnp.full((cfg.n_layers, T, width(cfg, s)), weight.sum()) for s in SITE_NAMES}
+    monkeypatch.setattr(stage1, "differences", differences)
+    imp = stage1.importance(cfg, {}, np.arange(T) % cfg.vocab_size, alpha=ALPHA, samples=K, seed=SEED, chunk=3,
+                            noise_array=noise, progress=False)
+    assert imp.k == K and [w.tolist() for _, w in calls] == [[1, 1, 1], [1, 1, 0]]
+    np.testing.assert_array_equal(calls[0][0], noise[:3])
+    np.testing.assert_array_equal(calls[1][0], np.concatenate([noise[3:], np.zeros((1, T, cfg.d_model))]))
+    assert all((v == 1).all() for v in imp.scores().values())
+    eps, alpha, weight = stage1.batch_shapes(cfg, T, 3, None)   # what the memory plan compiles for
+    assert (eps.shape, alpha.shape, weight.shape) == (calls[0][0].shape, (), calls[0][1].shape)
+    assert eps.dtype == alpha.dtype == weight.dtype == jnp.float32
