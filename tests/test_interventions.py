@@ -24,6 +24,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 import hf_models
 import jaxcrit
 from jaxcrit.errors import JaxcritError
+from jaxcrit.bench.interventions import random_edit
 from jaxcrit.engine import prefix
 from jaxcrit.interventions import batch
 from jaxcrit.interventions.forward import checked_edits, parsed
@@ -199,30 +200,15 @@ def test_activations_and_logprobs_are_the_edited_runs(family):
     np.testing.assert_allclose(lp, np.take_along_axis(logp, targets[None, :, None], -1)[..., 0], rtol=1e-5, atol=1e-5)
 
 
-SITES = [("down_proj", "mlp.down_proj"), ("o_proj", "self_attn.o_proj"), ("act_fn", "mlp.act_fn")]
+SITES = ("down_proj", "o_proj", "act_fn")
 
 
 def mixed_sets(cfg, n: int, seed: int, source: np.ndarray) -> list[list[dict]]:
-    """n random edit sets, each an edit of each of three sites in a random order: every op, random
-    layers, channels or whole sites, every position or one or two (one set of sites: the sets
-    run one by one share a compiled program)."""
+    """n random edit sets, each a random edit (the bench's `random_edit`: every op, random layers,
+    channels or whole sites, every position or one or two) of each of three sites in a random
+    order (one set of sites: the sets run one by one share a compiled program)."""
     rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        edits = []
-        for site, module in (SITES[i] for i in rng.permutation(len(SITES))):
-            layer = int(rng.integers(cfg.n_layers))
-            name = f"model.layers.{layer}.{module}" + (f"[{rng.integers(width(cfg, site))}]" if rng.random() < 0.5 else "")
-            e = {"neuron": name, "op": ["zero", "scale", "set", "mean", "patch"][rng.integers(5)]}
-            if e["op"] in ("scale", "set"):
-                e["value"] = float(rng.normal())
-            if e["op"] == "patch":
-                e["source"] = source
-            if rng.random() < 0.5:
-                e["position"] = [int(p) for p in rng.choice(T, rng.integers(1, 3), replace=False)]
-            edits.append(e)
-        out.append(edits)
-    return out
+    return [[random_edit(rng, cfg, SITES[i], T, source) for i in rng.permutation(len(SITES))] for _ in range(n)]
 
 
 def nll(logits: np.ndarray, ids: np.ndarray) -> float:

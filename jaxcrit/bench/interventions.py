@@ -27,11 +27,12 @@ from jaxcrit.bench.model import SHAPES, add_model_arguments, random_params, rand
 from jaxcrit.convert.load import Model, load
 from jaxcrit.dist.sharding import make_mesh
 from jaxcrit.errors import JaxcritError
+from jaxcrit.engine import edits as E
 from jaxcrit.interventions import intervene, patch
 from jaxcrit.models.config import ModelConfig
 from jaxcrit.models.sites import neuron_name, width
 
-OPS = ("zero", "scale", "set", "mean", "patch")
+OPS = tuple(E.OPS)   # every op an edit can name
 MIXED_SITES = ("down_proj", "o_proj", "act_fn", "q_proj")
 
 
@@ -48,26 +49,25 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--npy", default="interventions", help="prefix of the saved .npy results")
 
 
+def random_edit(rng: np.random.Generator, cfg: ModelConfig, site: str, T: int, source: np.ndarray) -> dict:
+    """One random edit of a site: a random layer, the whole site or one channel, a random op
+    (`value` for scale and set, `source` for patch), at every position or at one or two of T."""
+    channel = int(rng.integers(width(cfg, site))) if rng.random() < 0.5 else None
+    e = {"neuron": neuron_name(site, int(rng.integers(cfg.n_layers)), channel), "op": OPS[rng.integers(len(OPS))]}
+    if e["op"] in ("scale", "set"):
+        e["value"] = float(rng.normal())
+    if e["op"] == "patch":
+        e["source"] = source
+    if rng.random() < 0.5:
+        e["position"] = [int(p) for p in rng.choice(T, rng.integers(1, 3), replace=False)]
+    return e
+
+
 def mixed_sets(cfg: ModelConfig, n: int, T: int, source: np.ndarray, seed: int = 0) -> list[list[dict]]:
-    """n seeded edit sets of 1-3 edits: each a random op on a random layer of MIXED_SITES, a whole
-    site or one channel, at every position or at one or two."""
+    """n seeded edit sets of 1-3 edits, each a `random_edit` of one of MIXED_SITES."""
     rng = np.random.default_rng(seed)
-    sets = []
-    for _ in range(n):
-        edits = []
-        for _ in range(rng.integers(1, 4)):
-            site = MIXED_SITES[rng.integers(len(MIXED_SITES))]
-            channel = int(rng.integers(width(cfg, site))) if rng.random() < 0.5 else None
-            e = {"neuron": neuron_name(site, int(rng.integers(cfg.n_layers)), channel), "op": OPS[rng.integers(len(OPS))]}
-            if e["op"] in ("scale", "set"):
-                e["value"] = float(rng.normal())
-            if e["op"] == "patch":
-                e["source"] = source
-            if rng.random() < 0.5:
-                e["position"] = [int(p) for p in rng.choice(T, rng.integers(1, 3), replace=False)]
-            edits.append(e)
-        sets.append(edits)
-    return sets
+    return [[random_edit(rng, cfg, MIXED_SITES[rng.integers(len(MIXED_SITES))], T, source)
+             for _ in range(rng.integers(1, 4))] for _ in range(n)]
 
 
 def model_of(args: argparse.Namespace) -> Model:
