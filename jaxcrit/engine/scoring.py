@@ -138,10 +138,8 @@ class Engine:
         """
         L, T = self.cfg.n_layers, self.texts.tokens.shape[1]
         R, C = abl.rows, self.chunk
-        if not self.prefix_sharing:
-            order = np.concatenate([np.arange(R), np.full((-R) % C, -1)])
-            n = len(order) // C
-            return Plan(order, np.tile(np.array([0, LAYER], np.int32), (n, 1)), np.zeros(n, np.int32), C)
+        if not self.prefix_sharing:   # every row at (0, "layer") and position 0: in order, from the start
+            return chunked(np.full(R, LAYER), np.zeros(R, np.int32), C)
         starts = start_points(abl, L) if edits is None else edit_start_points(abl, edits.site, edits.layer, L)
         key = starts[:, 0] * len(ENTRIES) + starts[:, 1]
         first = first_positions(abl, *((None, None) if edits is None else (edits.site, edits.position)), T)
