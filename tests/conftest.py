@@ -8,6 +8,12 @@ workers share the directory their controller made: most test files compile the s
 the same tiny models, so a program one worker compiled the other reads. The cache is keyed on the
 compiled program itself, so a changed program is compiled anew.
 
+XLA compiles the tests' many small programs with its cheap settings (XLA_FLAGS gains
+--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true, appended to any flags
+already set, and inherited by subprocesses; a test that needs more CPU devices sets
+JAX_NUM_CPU_DEVICES, not XLA_FLAGS): compiling is most of a tiny model's run, and the tests compare
+results, never speed.
+
 The mutation-testing glue is inert in ordinary test runs.
 
 pytest-gremlins picks, for each mutant, the tests that covered its line in one in-process run of the
@@ -28,13 +34,16 @@ _SELECTED = pytest.StashKey[list]()
 
 
 _CACHE = pytest.StashKey[str]()
+CHEAP_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """The session's compilation cache directory (an xdist worker keeps its controller's, which
-    the controller removes); in a mutant's process (ACTIVE_GREMLIN set), collect every test of
+    """XLA's cheap compile settings; the session's compilation cache directory (an xdist worker
+    keeps its controller's, which the controller removes); in a mutant's process (ACTIVE_GREMLIN set), collect every test of
     each selected file."""
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    if CHEAP_XLA not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + CHEAP_XLA).strip()
     if not hasattr(config, "workerinput"):
         config.stash[_CACHE] = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxcrit-jax-cache-")
     if os.environ.get("ACTIVE_GREMLIN"):
