@@ -221,10 +221,14 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           text=True, timeout=300)
 
 
-def test_cli_from_an_empty_directory_with_an_absolute_config(model_dir, tmp_path):
+def test_cli_from_an_empty_directory_with_an_absolute_config(model_dir, texts_file, tmp_path):
     """The config file named by absolute path, run from an empty directory: every result file of
-    its config (the core stages; every stage's files: test_run_writes_every_result_file)."""
-    cfg = config_file(tmp_path / "cfg.py", model_dir, stage1__batch=2, stage2__max_steps=8, engine__chunk=8, **CORE)
+    its config (the core stages; every stage's files: test_run_writes_every_result_file). Its
+    sizes are full_config's, so the programs the in-process runs compiled come from the session's
+    compilation cache."""
+    sizes = dict(stage1__batch=2, stage1__top_n=50, stage2__max_steps=20, stage2__full_curve=True, engine__chunk=8,
+                 evaluate__file=str(texts_file), evaluate__batch=2)
+    cfg = config_file(tmp_path / "cfg.py", model_dir, **sizes, **CORE)
     empty = tmp_path / "empty"
     empty.mkdir()
     p = _cli(f"--config={cfg}", "--workdir=out", cwd=empty)

@@ -1,9 +1,10 @@
 """Engine results on one CPU device equal those on eight, rows over 'data' and params over 'model',
 and with params split over 'data' too (FSDP: mesh.params = "fsdp") on 2x4 and 8x1 meshes.
 
-The eight-device runs are a subprocess (XLA_FLAGS must be set before jax starts); all build the
-same random params from a seed, so no checkpoint is needed. Each run also reports the param bytes
-every device holds, checked against a hand count of what each layout splits.
+Every run is in one subprocess of eight CPU devices (the device count is fixed when jax starts),
+the one-device run on a 1x1 mesh of the first; all build the same random params from a seed, so
+no checkpoint is needed. Each run also reports the param bytes every device holds, checked
+against a hand count of what each layout splits.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ SCRIPT = textwrap.dedent("""
                       head_dim=16, d_ff=96, norm_eps=1e-6, rope_theta=1e4, tie_embeddings=True)
     for run in sys.argv[2:]:
         shape, layout = run.split(":")
-        mesh = make_mesh(tuple(int(x) for x in shape.split("x")))
+        mesh = make_mesh(tuple(int(x) for x in shape.split("x")), subset=True)
         params = random_params(cfg, mesh=mesh, layout=layout)
         rng = np.random.default_rng(0)
         texts = E.Texts.from_ids([rng.integers(0, 256, 33).tolist(), rng.integers(0, 256, 29).tolist()])
@@ -42,9 +43,9 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def run(tmp_path, devices: int, *runs: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Losses and the printed line of each run ('DxM:layout') in one subprocess of `devices` devices."""
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+def run(tmp_path, *runs: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Losses and the printed line of each run ('DxM:layout') in one subprocess of eight devices."""
+    env = dict(os.environ, JAX_NUM_CPU_DEVICES="8", JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path), *runs], env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -61,8 +62,9 @@ NORMS = 4 * (D + 2 * L * D)
 
 
 def test_engine_same_on_1_and_8_devices(tmp_path):
-    one, _ = run(tmp_path, 1, "1x1:replicated")
-    eight, lines = run(tmp_path, 8, "4x2:replicated", "2x4:fsdp", "8x1:fsdp")
+    eight, lines = run(tmp_path, "1x1:replicated", "4x2:replicated", "2x4:fsdp", "8x1:fsdp")
+    one = {"1x1:replicated": eight.pop("1x1:replicated")}
+    assert lines["1x1:replicated"].startswith("RUN 1x1:replicated [" + str(MATRICES + BIASES + NORMS) + "]")
     assert "'model'" in lines["4x2:replicated"]  # params really split over the model axis
     assert "'data'" in lines["8x1:fsdp"] and "'data'" not in lines["4x2:replicated"]
     for r, losses in eight.items():

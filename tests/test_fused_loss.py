@@ -52,7 +52,7 @@ SCRIPT = textwrap.dedent("""
 
 def test_sharded_expsum_on_8_devices(tmp_path):
     """Both meshes in one process of eight CPU devices."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, JAX_NUM_CPU_DEVICES="8", JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path), "4x2", "8x1"], env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -69,14 +69,19 @@ def smollm2(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def tokenizer(smollm2):
+    """jaxcrit's tokenizer of the embedded GGUF (read once: its 49k-token vocabulary is slow to parse)."""
+    return load_tokenizer(smollm2)
+
+
+@pytest.fixture(scope="module")
 def hf_tokenizer(smollm2):
     return transformers.AutoTokenizer.from_pretrained(smollm2.parent, gguf_file=smollm2.name)
 
 
 @needs_smollm2
-def test_smollm2_logits_match_transformers(smollm2):
-    tok = load_tokenizer(smollm2)
-    rows = [encode(tok, p) for p in PARAGRAPHS]
+def test_smollm2_logits_match_transformers(smollm2, tokenizer):
+    rows = [encode(tokenizer, p) for p in PARAGRAPHS]
     T = min(map(len, rows))
     assert T >= 40
     ids = np.array([r[:T] for r in rows])
@@ -88,11 +93,10 @@ def test_smollm2_logits_match_transformers(smollm2):
 
 
 @needs_smollm2
-def test_smollm2_tokenizer_matches_transformers(smollm2, hf_tokenizer):
-    tok = load_tokenizer(smollm2)
-    assert json.loads(tok.to_str()) == json.loads(hf_tokenizer.backend_tokenizer.to_str())
+def test_smollm2_tokenizer_matches_transformers(smollm2, tokenizer, hf_tokenizer):
+    assert json.loads(tokenizer.to_str()) == json.loads(hf_tokenizer.backend_tokenizer.to_str())
     for text in PARAGRAPHS + ["<|im_start|>user\nHi  there!\t$1,000.00<|im_end|>\n", " leading space, déjà vu 🙂"]:
-        assert encode(tok, text) == hf_tokenizer(text)["input_ids"]
+        assert encode(tokenizer, text) == hf_tokenizer(text)["input_ids"]
     assert special_ids(smollm2) == (hf_tokenizer.bos_token_id, (hf_tokenizer.eos_token_id,))
 
 

@@ -31,12 +31,15 @@ from jaxcrit.run.runner import result_files
 from jaxcrit.run.stages import STAGES
 from fake_hub import Hub, Repo
 from hf_models import one_thread
-from tiny_run import TEXT, build_model, files, tiny_config
+from tiny_run import TEXT, build_model, files, paragraphs, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO / "tests" / "data" / "wikitext" / "wiki.test.raw"
 FETCHED = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json"}   # what jaxcrit reads
-CORE = dict(baselines__names=(), scan__sites=(), map__enabled=False, generate__enabled=False, stage2__max_steps=8)
+# the core stages at the sizes of test_cli.py's runs (a full curve, tiny_run.paragraphs evaluated in
+# blocks of 2): programs one of them compiled come from the session's compilation cache
+CORE = dict(baselines__names=(), scan__sites=(), map__enabled=False, generate__enabled=False, stage2__full_curve=True,
+            evaluate__batch=2)
 
 
 @pytest.fixture(scope="module")
@@ -157,9 +160,10 @@ def test_cli_run_from_a_hub_id_equals_the_run_from_its_directory(model_dir, cach
     """The same result files, byte for byte, but for the model's name where a file records it
     (config.json, the manifest's config, summary.md's title) and the times (manifest.json,
     summary.md)."""
-    M.run(tiny_config(str(model_dir), **CORE), tmp_path / "from_dir")
-    M.run(tiny_config("org/tiny", **CORE), tmp_path / "from_hub")
-    names = result_files(STAGES, tiny_config("org/tiny", **CORE))
+    core = dict(CORE, evaluate__file=str(paragraphs(tmp_path / "paragraphs.txt")))
+    M.run(tiny_config(str(model_dir), **core), tmp_path / "from_dir")
+    M.run(tiny_config("org/tiny", **core), tmp_path / "from_hub")
+    names = result_files(STAGES, tiny_config("org/tiny", **core))
     local, remote = files(tmp_path / "from_dir", names), files(tmp_path / "from_hub", names)
     assert set(local) == set(remote) == set(names)
     local = {n: data.replace(str(model_dir).encode(), b"org/tiny") for n, data in local.items()}

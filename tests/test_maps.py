@@ -182,7 +182,8 @@ def test_map_deltas_equal_the_exhaustive_scan(tmp_path):
     done = df[df.verified != "no"]
     assert len(done) == summary["verified"] + summary["audited"] and summary["audited"] == 16
     assert df[df.verified == "no"].delta.isna().all() and done.delta.notna().all()
-    ref = S.scan(jaxcrit.engine_for(m, TEXT, chunk=8, progress=False), NeuronSet.of(done), block=64)
+    todo = NeuronSet.of(done)    # one block: one program for every site
+    ref = S.scan(jaxcrit.engine_for(m, TEXT, chunk=8, progress=False), todo, block=len(todo))
     np.testing.assert_allclose(done.delta.to_numpy(), ref.score, atol=1e-6)
     assert [(t["site"], t["layer"], t["channel"]) for t in summary["top"]] == S.top(ref, 3).keys()
     first = SC.flat(SC.gradient_screens(m.cfg, m.params, m.tokens(TEXT, 512))["first_order"])

@@ -1,6 +1,7 @@
-"""Two processes of four CPU devices each run the pipeline on one 2x4 mesh (gloo collectives).
+"""Two processes of two CPU devices each run the pipeline on one 2x2 mesh (gloo collectives): each
+process holds one row of 'data' and the 'model' axis within it.
 
-Process 0 must write exactly the files a single process with eight devices writes on the same
+Process 0 must write exactly the files a single process with four devices writes on the same
 mesh, byte for byte (the single process also uses gloo, so every all-reduce sums in the same
 order), and process 1 must write nothing: it is given a workdir of its own, which must not
 even be created.
@@ -41,7 +42,7 @@ def _port() -> int:
 def _start(cfg: Path, workdir: Path, devices: int, processes: int, index: int, port: int) -> subprocess.Popen:
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": str(devices)}
     return subprocess.Popen(
-        [sys.executable, "-m", "jaxcrit.main", f"--config={cfg}", f"--workdir={workdir}", "--config.mesh.shape=(2,4)",
+        [sys.executable, "-m", "jaxcrit.main", f"--config={cfg}", f"--workdir={workdir}", "--config.mesh.shape=(2,2)",
          f"--config.mesh.coordinator=localhost:{port}", f"--config.mesh.num_processes={processes}",
          f"--config.mesh.process_id={index}"],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -53,8 +54,8 @@ def test_two_processes_write_what_one_writes(tmp_path):
                       baselines__names=("random", "gradient"), baselines__random_repeats=1, scan__layers=(1,),
                       scan__top=4, scan__greedy_steps=2, map__enabled=False, engine__chunk=8)
     single, pair = _ports(2)   # the single process and the pair run side by side: each is mostly one thread
-    one = _start(cfg, tmp_path / "one", 8, 1, 0, single)
-    procs = [_start(cfg, tmp_path / f"p{i}", 4, 2, i, pair) for i in range(2)]
+    one = _start(cfg, tmp_path / "one", 4, 1, 0, single)
+    procs = [_start(cfg, tmp_path / f"p{i}", 2, 2, i, pair) for i in range(2)]
     out, err = one.communicate(timeout=400)
     assert one.returncode == 0, err[-3000:]
     logs = [p.communicate(timeout=400) for p in procs]

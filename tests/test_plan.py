@@ -57,7 +57,7 @@ def test_72b_plan_on_8_cpu_devices(tmp_path):
             [f"--config=hf:{with_tok}", "--config.plan=always", "--config.mesh.shape=(8,1)", *common,
              "--config.mesh.device_memory_gib=80", f"--workdir={tmp_path / 'run'}",
              "--config.text=" + " ".join(["a"] * 200)]]
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "JAX_NUM_CPU_DEVICES": "8", "JAX_PLATFORMS": "cpu"}
     r = subprocess.run([sys.executable, "-c", RUNS, json.dumps(runs)], cwd=REPO, env=env, capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -186,7 +186,8 @@ def test_study_stages_and_findings(model_dir, tmp_path):
     """Every study stage on the tiny llama, checked against the main run's own files: a variant
     equal to the main run is the main run, float32's dtype curve is curve.csv, the main mode's
     curve in modes.json is curve.csv; the evaluation's prefix@E is the curve's first prefix
-    reaching E; findings.md answers every question from these files."""
+    reaching E; findings.md answers every question from these files. The other text is cut to the
+    main text's 40 tokens (max_tokens), so its engine runs the programs the main run compiled."""
     from jaxcrit.run.runner import result_files
     from jaxcrit.run.stages import STAGES
     corpus = tmp_path / "corpus"
@@ -197,7 +198,7 @@ def test_study_stages_and_findings(model_dir, tmp_path):
                     evaluate__file=str(corpus), evaluate__sets=("prefix@0.01", "greedy", "learned"),
                     baselines__names=(), map__enabled=False, scan__greedy_steps=1,
                     study__other_ranking=True, study__seeds=(42, 7),
-                    study__texts=("en_story",), study__dtypes=("float32", "bfloat16"), study__massive=5,
+                    study__texts=("en_story",), max_tokens=40, study__dtypes=("float32", "bfloat16"), study__massive=5,
                     learned__candidates=8, learned__steps=2)
     wd = tmp_path / "study"
     M.run(c, wd)
