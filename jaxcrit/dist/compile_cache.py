@@ -11,21 +11,11 @@ Several processes: in a jax.distributed run only process 0 writes entries (jax's
 others read. Separate runs sharing the directory may write the same entry at once; jax writes
 entries whole but not atomically, and a reader that meets a torn entry warns and compiles
 instead (jax's _cache_read), so a race costs a compile, never a wrong program.
-
-Beside the programs, `remembered` keeps small facts about them that cost a compile to learn (the
-engine's memory plan: XLA's bytes for a chunk program), so a second process learns them without
-compiling. A fact is keyed on what determines it plus jax's version and a hash of jaxcrit's own
-source, so an upgrade or an edited decoder learns it afresh.
 """
 from __future__ import annotations
 
-import functools
-import hashlib
-import json
 import os
-import tempfile
 from pathlib import Path
-from typing import Callable
 
 import jax
 from jax.experimental.compilation_cache import compilation_cache as jax_cache
@@ -68,38 +58,3 @@ def use_default() -> None:
     """The default cache ("auto"), unless `use` already chose one in this process."""
     if not _current:
         use(AUTO)
-
-
-@functools.cache
-def _source_hash() -> str:
-    """A hash of every jaxcrit source file (the programs whose facts `remembered` keeps)."""
-    h = hashlib.sha256()
-    for path in sorted(Path(__file__).resolve().parents[1].rglob("*.py")):
-        h.update(path.read_bytes())
-    return h.hexdigest()
-
-
-def remembered(name: str, key: str, compute: Callable[[], int]) -> int:
-    """compute(), kept in the cache directory's `jaxcrit-{name}.json` under `key` (with jax's
-    version and jaxcrit's source hash): a later process with the same cache reads it instead of
-    computing. With the cache off, or an unreadable file, it computes; only process 0 writes, by
-    a whole-file rename, so a reader never meets half a file."""
-    where = _current[0] if _current else None
-    if where is None:
-        return compute()
-    path = Path(where) / f"jaxcrit-{name}.json"
-    full = hashlib.sha256(f"{key}|{jax.__version__}|{_source_hash()}".encode()).hexdigest()
-    try:
-        known = json.loads(path.read_text())
-        if isinstance(known, dict) and isinstance(known.get(full), int):
-            return known[full]
-    except (OSError, ValueError):
-        known = {}
-    value = compute()
-    if jax.process_index() == 0:
-        known = {**(known if isinstance(known, dict) else {}), full: int(value)}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
-            json.dump(known, f)
-        os.replace(f.name, path)
-    return value

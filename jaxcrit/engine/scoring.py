@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxcrit.dist import compile_cache, processes
+from jaxcrit.dist import processes
 from jaxcrit.dist.sharding import make_mesh, placed
 from jaxcrit.engine.ablations import INACTIVE, Ablations, entries
 from jaxcrit.engine.loss import LN10
@@ -26,9 +26,8 @@ from jaxcrit.models.sites import SITE_NAMES
 from jaxcrit.progress import Progress
 
 # A chunk program's bytes (temporaries and outputs per device) by (program, rows, texts' shape, unpadded,
-# params' dtype, device kind): the plan of an engine over texts of a shape already planned compiles
-# nothing, so a notebook's repeated calls on one text pay the two compiles of `plan_chunk` once; the
-# compilation cache keeps them for later processes too (compile_cache.remembered).
+# params' dtype): the plan of an engine over texts of a shape already planned compiles nothing, so a
+# notebook's repeated calls on one text pay the two compiles of `plan_chunk` once.
 CHUNK_BYTES: dict[tuple, int] = {}
 
 
@@ -162,14 +161,11 @@ class Engine:
         memory: XLA's plan of single-neuron rows over all nine sites."""
         def size(rows: int) -> int:
             key = (self.program(SITE_NAMES), rows, self.texts.tokens.shape, self.valid is None,
-                   self.params["embed"].dtype, self.mesh.devices.flat[0].device_kind)
+                   self.params["embed"].dtype)
             if key not in CHUNK_BYTES:
-                CHUNK_BYTES[key] = compile_cache.remembered("chunk-bytes", repr(key), lambda: compiled_bytes(rows))
+                m = self.compiled(rows, 1, SITE_NAMES).memory_analysis()
+                CHUNK_BYTES[key] = int(m.temp_size_in_bytes + m.output_size_in_bytes)
             return CHUNK_BYTES[key]
-
-        def compiled_bytes(rows: int) -> int:
-            m = self.compiled(rows, 1, SITE_NAMES).memory_analysis()
-            return int(m.temp_size_in_bytes + m.output_size_in_bytes)
         held = memory(self.mesh.devices.flat[0])
         free = held[0] - held[1] if held else host_free()
         return planned_chunk(size, self.mesh.shape["data"], free, fraction)
