@@ -123,3 +123,16 @@ def test_index_names_missing_shard(ckpt):
     weight_map = {k: f"model-0000{1 + (i % 2)}-of-00002.safetensors" for i, k in enumerate(sorted(names))}
     (ckpt / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     fails(ckpt, "model-00002-of-00002.safetensors", "missing")
+
+
+def test_rotary_tables_and_a_tied_head_are_not_extra(ckpt):
+    """Tensors jaxcrit recomputes or shares load without complaint: rotary inv_freq tables, and
+    lm_head.weight beside tied embeddings (each alone would be refused if either were taken for
+    the other's exemption)."""
+    tensors = load_file(ckpt / ST)
+    tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = np.ones(4, np.float32)
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
+    save_file(tensors, ckpt / ST)
+    edit_config(ckpt, tie_word_embeddings=True)
+    cfg, params = load_hf(ckpt)
+    assert cfg.tie_embeddings and "lm_head" not in params
