@@ -18,7 +18,7 @@ SLICES = [slice(None), slice(0, 3), slice(2, None), slice(1, 5)]
 def checkpoint(request, tmp_path_factory):
     d = tmp_path_factory.mktemp(request.param)
     hf_models.build(request.param, d)
-    return d, read_config(d), Checkpoint(d), load_file(d / "model.safetensors")
+    return read_config(d), Checkpoint(d), load_file(d / "model.safetensors")
 
 
 def by_hand(tensors: dict, cfg, name: str, layer: int) -> np.ndarray:
@@ -37,7 +37,7 @@ def by_hand(tensors: dict, cfg, name: str, layer: int) -> np.ndarray:
 
 @pytest.mark.parametrize("name", ["q_w", "k_w", "v_w", "gate_w", "up_w", "o_w", "down_w", "input_norm", "embed"])
 def test_parts_equal_the_parts_cut_by_hand(checkpoint, name):
-    d, cfg, ckpt, tensors = checkpoint
+    cfg, ckpt, tensors = checkpoint
     src = name_map(cfg)[name]
     layer = None if name == "embed" else 1
     whole = by_hand(tensors, cfg, name, layer)

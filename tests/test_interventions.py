@@ -221,10 +221,10 @@ def nll(logits: np.ndarray, ids: np.ndarray) -> float:
 def test_a_batch_equals_its_sets_one_by_one(qwen2):
     arch, tm, m = qwen2
     ids, src = ids_of(6), ids_of(7)
-    sets = mixed_sets(m.cfg, 32, 0, src)   # two chunks; every op, channel or whole site, at every position or some
+    sets = mixed_sets(m.cfg, 100, 0, src)   # every op, channel or whole site, at every position or some
     assert len({(e["op"], "[" in e["neuron"], "position" in e) for s in sets for e in s}) == len(OPS) * 2 * 2
     got = jaxcrit.intervene(m, ids, sets, chunk=16, progress=False)
-    assert list(got.columns) == ["set", "edits", "value"] and len(got) == 32
+    assert list(got.columns) == ["set", "edits", "value"] and len(got) == 100
     logits = [jaxcrit.forward(m, ids, s).logits for s in sets]
     one_by_one = np.array([nll(z, ids) for z in logits])
     np.testing.assert_allclose(got["value"], one_by_one, rtol=1e-5, atol=1e-5)
